@@ -1,0 +1,500 @@
+//! The filter JSON: parsed strictly, then compiled into immutable runtime structures.
+//!
+//! Every error names the JSON path of the offending field (`rules[0].limit.capacity: ...`). The
+//! full message is logged by the wasm glue, which then makes Envoy refuse the plugin.
+
+use std::fmt;
+use std::num::NonZeroU32;
+
+use serde::Deserialize;
+
+use crate::duration::Duration;
+use crate::token_bucket::TokenBucket;
+
+pub const DEFAULT_KEY_PREFIX: &str = "ratelimit-wasm";
+pub const DEFAULT_TABLE_SIZE: u32 = 65_536;
+pub const MIN_TABLE_SIZE: u32 = 8;
+pub const MAX_TABLE_SIZE: u32 = 1 << 24;
+const MAX_NAME_LEN: usize = 64;
+
+/// A configuration error: where in the JSON, and what is wrong there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError { path: path.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runtime structures (what the limiter uses).
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableFullPolicy {
+    /// Let the request through without tracking that key (counted in `table_full`).
+    Allow,
+    /// Refuse the request with the deny response.
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum HeaderFormat {
+    #[serde(rename = "ietf")]
+    Ietf,
+    #[serde(rename = "x-ratelimit")]
+    XRateLimit,
+    #[serde(rename = "both")]
+    Both,
+    #[serde(rename = "none")]
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKeyPolicy {
+    /// The rule does not apply to a request that lacks a key part.
+    Skip,
+    /// A missing part counts as the empty string: all such requests share one bucket.
+    Empty,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyPart {
+    ClientAddress,
+    XForwardedFor { trusted_hops: u32 },
+    Header(String),
+    Query(String),
+    Method,
+    Path,
+    Constant(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderCondition {
+    Present(bool),
+    Equals(Vec<u8>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub condition: HeaderCondition,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Matcher {
+    pub path: Option<PathMatch>,
+    pub methods: Vec<String>,
+    pub headers: Vec<HeaderMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub matcher: Matcher,
+    pub key: Vec<KeyPart>,
+    pub when_key_missing: MissingKeyPolicy,
+    pub bucket: TokenBucket,
+    pub cost: u64,
+    /// The `RateLimit-Policy` item for this rule, rendered once: `"name";q=100;w=60`.
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DenyResponse {
+    pub status: u32,
+    pub body: String,
+    pub content_type: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub key_prefix: String,
+    pub table_size: u32,
+    pub when_table_full: TableFullPolicy,
+    pub headers: HeaderFormat,
+    pub deny: DenyResponse,
+    pub rules: Vec<Rule>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The JSON as written by users.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    key_prefix: Option<String>,
+    #[serde(default)]
+    table_size: Option<u32>,
+    #[serde(default)]
+    when_table_full: Option<TableFullPolicy>,
+    #[serde(default)]
+    headers: Option<HeaderFormat>,
+    #[serde(default)]
+    deny_response: Option<RawDenyResponse>,
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDenyResponse {
+    #[serde(default)]
+    status: Option<u32>,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    #[serde(default, rename = "match")]
+    matcher: Option<RawMatch>,
+    key: Vec<RawKeyPart>,
+    #[serde(default)]
+    when_key_missing: Option<MissingKeyPolicy>,
+    limit: RawLimit,
+    #[serde(default)]
+    cost: Option<NonZeroU32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    headers: Vec<RawHeaderMatch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderMatch {
+    name: String,
+    #[serde(default)]
+    present: Option<bool>,
+    #[serde(default)]
+    equals: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
+enum RawKeyPart {
+    ClientAddress,
+    XForwardedFor {
+        #[serde(default)]
+        trusted_hops: u32,
+    },
+    Header {
+        name: String,
+    },
+    Query {
+        name: String,
+    },
+    Method,
+    Path,
+    Constant {
+        value: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    capacity: NonZeroU32,
+    #[serde(default)]
+    refill_tokens: Option<NonZeroU32>,
+    refill_period: Duration,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+impl Config {
+    /// Parses and validates the plugin configuration bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ConfigError::at("", "configuration is empty: expected a JSON object with \"rules\""));
+        }
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::at("", format!("invalid JSON: {e}")))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            ConfigError::at(path, e.into_inner().to_string())
+        })?;
+        compile(raw)
+    }
+}
+
+fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
+    if !is_name(&key_prefix, ":") {
+        return Err(ConfigError::at(
+            "key_prefix",
+            format!("must be 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . - :, got {key_prefix:?}"),
+        ));
+    }
+    let table_size = raw.table_size.unwrap_or(DEFAULT_TABLE_SIZE);
+    if !(MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&table_size) {
+        return Err(ConfigError::at(
+            "table_size",
+            format!("must be between {MIN_TABLE_SIZE} and {MAX_TABLE_SIZE}, got {table_size}"),
+        ));
+    }
+    let deny = compile_deny(raw.deny_response)?;
+    if raw.rules.is_empty() {
+        return Err(ConfigError::at("rules", "at least one rule is required"));
+    }
+    let mut rules: Vec<Rule> = Vec::with_capacity(raw.rules.len());
+    for (i, raw_rule) in raw.rules.into_iter().enumerate() {
+        let rule = compile_rule(&format!("rules[{i}]"), raw_rule)?;
+        if let Some(j) = rules.iter().position(|r| r.name == rule.name) {
+            return Err(ConfigError::at(
+                format!("rules[{i}].name"),
+                format!("duplicate rule name {:?} (also rules[{j}])", rule.name),
+            ));
+        }
+        rules.push(rule);
+    }
+    Ok(Config {
+        key_prefix,
+        table_size,
+        when_table_full: raw.when_table_full.unwrap_or(TableFullPolicy::Allow),
+        headers: raw.headers.unwrap_or(HeaderFormat::Both),
+        deny,
+        rules,
+    })
+}
+
+fn compile_deny(raw: Option<RawDenyResponse>) -> Result<DenyResponse, ConfigError> {
+    let raw = raw.unwrap_or(RawDenyResponse { status: None, body: None, content_type: None });
+    let status = raw.status.unwrap_or(429);
+    if !(200..=599).contains(&status) {
+        return Err(ConfigError::at(
+            "deny_response.status",
+            format!("must be an HTTP status between 200 and 599, got {status}"),
+        ));
+    }
+    let content_type = raw.content_type.unwrap_or_else(|| "text/plain".to_owned());
+    if content_type.is_empty() || !is_header_value(&content_type) {
+        return Err(ConfigError::at(
+            "deny_response.content_type",
+            format!("must be a non-empty header value without control characters, got {content_type:?}"),
+        ));
+    }
+    Ok(DenyResponse { status, body: raw.body.unwrap_or_else(|| "rate limited\n".to_owned()), content_type })
+}
+
+fn compile_rule(path: &str, raw: RawRule) -> Result<Rule, ConfigError> {
+    if !is_name(&raw.name, "") {
+        return Err(ConfigError::at(
+            format!("{path}.name"),
+            format!("must be 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -, got {:?}", raw.name),
+        ));
+    }
+    let matcher = match raw.matcher {
+        Some(m) => compile_match(&format!("{path}.match"), m)?,
+        None => Matcher::default(),
+    };
+    if raw.key.is_empty() {
+        return Err(ConfigError::at(
+            format!("{path}.key"),
+            "at least one key part is required (use {\"source\": \"constant\", \"value\": \"all\"} for one shared bucket)",
+        ));
+    }
+    let mut key = Vec::with_capacity(raw.key.len());
+    for (j, part) in raw.key.into_iter().enumerate() {
+        key.push(compile_key_part(&format!("{path}.key[{j}]"), part)?);
+    }
+    let capacity = raw.limit.capacity.get();
+    let refill_tokens = raw.limit.refill_tokens.map_or(capacity, NonZeroU32::get);
+    let period = raw.limit.refill_period.as_nanos();
+    let bucket = TokenBucket::new(capacity, refill_tokens, period).ok_or_else(|| {
+        ConfigError::at(
+            format!("{path}.limit"),
+            format!(
+                "a refill of {refill_tokens} per {period} ns is finer than one token per nanosecond, or a bucket of {capacity} takes longer than 146 years to refill"
+            ),
+        )
+    })?;
+    let cost = u64::from(raw.cost.map_or(1, NonZeroU32::get));
+    if cost > bucket.capacity() {
+        return Err(ConfigError::at(
+            format!("{path}.cost"),
+            format!("cost {cost} exceeds the limit's capacity {capacity}, so every request would be denied"),
+        ));
+    }
+    let policy = format!("\"{}\";q={};w={}", raw.name, bucket.capacity(), bucket.window_seconds());
+    Ok(Rule {
+        name: raw.name,
+        matcher,
+        key,
+        when_key_missing: raw.when_key_missing.unwrap_or(MissingKeyPolicy::Skip),
+        bucket,
+        cost,
+        policy,
+    })
+}
+
+fn compile_match(path: &str, raw: RawMatch) -> Result<Matcher, ConfigError> {
+    let path_match = match (raw.path, raw.path_prefix) {
+        (Some(_), Some(_)) => return Err(ConfigError::at(path, "give either path or path_prefix, not both")),
+        (Some(p), None) => Some((p, "path")),
+        (None, Some(p)) => Some((p, "path_prefix")),
+        (None, None) => None,
+    };
+    let path_match = match path_match {
+        Some((p, field)) if !p.starts_with('/') => {
+            return Err(ConfigError::at(
+                format!("{path}.{field}"),
+                format!("must start with \"/\", got {p:?}"),
+            ))
+        }
+        Some((p, "path")) => Some(PathMatch::Exact(p)),
+        Some((p, _)) => Some(PathMatch::Prefix(p)),
+        None => None,
+    };
+    for (j, method) in raw.methods.iter().enumerate() {
+        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(ConfigError::at(
+                format!("{path}.methods[{j}]"),
+                format!("must be an HTTP method such as \"GET\", got {method:?}"),
+            ));
+        }
+    }
+    let mut headers = Vec::with_capacity(raw.headers.len());
+    for (j, h) in raw.headers.into_iter().enumerate() {
+        let here = format!("{path}.headers[{j}]");
+        let name = header_name(&format!("{here}.name"), &h.name)?;
+        let condition = match (h.present, h.equals) {
+            (Some(present), None) => HeaderCondition::Present(present),
+            (None, Some(value)) => HeaderCondition::Equals(value.into_bytes()),
+            _ => return Err(ConfigError::at(here, "give exactly one of present or equals")),
+        };
+        headers.push(HeaderMatch { name, condition });
+    }
+    Ok(Matcher {
+        path: path_match,
+        methods: raw.methods.into_iter().map(|m| m.to_ascii_uppercase()).collect(),
+        headers,
+    })
+}
+
+fn compile_key_part(path: &str, raw: RawKeyPart) -> Result<KeyPart, ConfigError> {
+    Ok(match raw {
+        RawKeyPart::ClientAddress => KeyPart::ClientAddress,
+        RawKeyPart::XForwardedFor { trusted_hops } => KeyPart::XForwardedFor { trusted_hops },
+        RawKeyPart::Header { name } => KeyPart::Header(header_name(&format!("{path}.name"), &name)?),
+        RawKeyPart::Query { name } => {
+            if name.is_empty() {
+                return Err(ConfigError::at(format!("{path}.name"), "must not be empty"));
+            }
+            KeyPart::Query(name)
+        }
+        RawKeyPart::Method => KeyPart::Method,
+        RawKeyPart::Path => KeyPart::Path,
+        RawKeyPart::Constant { value } => KeyPart::Constant(value),
+    })
+}
+
+/// Header names are matched lowercase, as Envoy stores them.
+fn header_name(path: &str, name: &str) -> Result<String, ConfigError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    let body = name.strip_prefix(':').unwrap_or(name);
+    if body.is_empty() || !body.bytes().all(token) {
+        return Err(ConfigError::at(path, format!("must be an HTTP header name, got {name:?}")));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn is_name(name: &str, extra: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c) || extra.contains(c))
+}
+
+fn is_header_value(value: &str) -> bool {
+    value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Config, String> {
+        Config::parse(json.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str = r#"{"rules":[{"name":"r","key":[{"source":"header","name":"X-Key"}],"limit":{"capacity":10,"refill_period":"1m"}}]}"#;
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.key_prefix, "ratelimit-wasm");
+        assert_eq!(config.table_size, 65_536);
+        assert_eq!(config.when_table_full, TableFullPolicy::Allow);
+        assert_eq!(config.headers, HeaderFormat::Both);
+        assert_eq!(config.deny.status, 429);
+        let rule = &config.rules[0];
+        assert_eq!(rule.key, vec![KeyPart::Header("x-key".into())]);
+        assert_eq!(rule.when_key_missing, MissingKeyPolicy::Skip);
+        assert_eq!(rule.cost, 1);
+        assert_eq!(rule.policy, "\"r\";q=10;w=60");
+    }
+
+    #[test]
+    fn every_key_source_parses() {
+        let json = r#"{"rules":[{"name":"r","key":[
+            {"source":"client_address"},{"source":"x_forwarded_for","trusted_hops":2},
+            {"source":"header","name":"x-user"},{"source":"query","name":"api_key"},
+            {"source":"method"},{"source":"path"},{"source":"constant","value":"c"}],
+            "limit":{"capacity":1,"refill_period":"1s"}}]}"#;
+        let key = parse(json).unwrap().rules.remove(0).key;
+        assert_eq!(
+            key,
+            vec![
+                KeyPart::ClientAddress,
+                KeyPart::XForwardedFor { trusted_hops: 2 },
+                KeyPart::Header("x-user".into()),
+                KeyPart::Query("api_key".into()),
+                KeyPart::Method,
+                KeyPart::Path,
+                KeyPart::Constant("c".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_inside_a_key_part_is_refused() {
+        let json = r#"{"rules":[{"name":"r","key":[{"source":"header","name":"x","nam":"y"}],"limit":{"capacity":1,"refill_period":"1s"}}]}"#;
+        assert!(parse(json).unwrap_err().starts_with("rules[0].key[0]: unknown field `nam`"));
+    }
+}

@@ -1,0 +1,79 @@
+//! Durations in the filter JSON are strings such as "500ms", "1s", "1m", "24h" or "7d".
+
+use serde::{Deserialize, Deserializer};
+
+pub const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
+/// A strictly positive duration in nanoseconds, parsed from the filter JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Duration {
+    nanos: u64,
+}
+
+impl Duration {
+    pub fn from_nanos(nanos: u64) -> Option<Duration> {
+        (nanos > 0).then_some(Duration { nanos })
+    }
+
+    pub fn as_nanos(self) -> u64 {
+        self.nanos
+    }
+
+    /// Parses `<positive integer><unit>` where unit is one of ms, s, m, h, d.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let invalid = || {
+            format!(
+                "invalid duration \"{text}\": expected a positive whole number followed by ms, s, m, h or d (e.g. \"1m\")"
+            )
+        };
+        let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits_end);
+        let unit_nanos: u64 = match unit {
+            "ms" => 1_000_000,
+            "s" => NANOS_PER_SECOND,
+            "m" => 60 * NANOS_PER_SECOND,
+            "h" => 3_600 * NANOS_PER_SECOND,
+            "d" => 86_400 * NANOS_PER_SECOND,
+            _ => return Err(invalid()),
+        };
+        let count: u64 = number.parse().map_err(|_| invalid())?;
+        // A year is the longest period that keeps every bucket computation far from overflow.
+        const MAX_NANOS: u64 = 366 * 86_400 * NANOS_PER_SECOND;
+        match count.checked_mul(unit_nanos) {
+            Some(nanos) if nanos > MAX_NANOS => {
+                Err(format!("invalid duration \"{text}\": longer than the maximum of 366d"))
+            }
+            Some(nanos) => Duration::from_nanos(nanos).ok_or_else(invalid),
+            None => Err(invalid()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Duration::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_documented_unit() {
+        let nanos = |t: &str| Duration::parse(t).map(Duration::as_nanos);
+        assert_eq!(nanos("500ms"), Ok(500_000_000));
+        assert_eq!(nanos("1s"), Ok(NANOS_PER_SECOND));
+        assert_eq!(nanos("1m"), Ok(60 * NANOS_PER_SECOND));
+        assert_eq!(nanos("24h"), Ok(86_400 * NANOS_PER_SECOND));
+        assert_eq!(nanos("7d"), Ok(7 * 86_400 * NANOS_PER_SECOND));
+    }
+
+    #[test]
+    fn rejects_zero_missing_units_signs_and_overflow() {
+        for bad in ["0s", "1", "s", "", "-1s", "1.5s", "1 s", "1sec", "99999999999999999999d", "367d"] {
+            assert!(Duration::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Every key the filter uses is built here: the shared-data keys of the table, and the
+//! fingerprint of a request's rate-limit key.
+
+use std::hash::{DefaultHasher, Hasher};
+
+use crate::config::{KeyPart, MissingKeyPolicy, Rule};
+use crate::request::Request;
+
+/// The shared-data keys the filter writes, all under the configured prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKey {
+    /// Slot `i` of the state table: `<prefix>:<i>`.
+    Slot(u32),
+    /// The per-process hash seed: `<prefix>:seed`.
+    Seed,
+}
+
+/// A shared-data key rendered into a fixed buffer, so the hot path does not allocate.
+pub struct KeyBuf {
+    bytes: [u8; 80],
+    len: usize,
+}
+
+impl KeyBuf {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever written (the prefix is validated to ASCII).
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+    }
+
+    fn push(&mut self, part: &[u8]) {
+        let end = (self.len + part.len()).min(self.bytes.len());
+        let n = end - self.len;
+        self.bytes[self.len..end].copy_from_slice(&part[..n]);
+        self.len = end;
+    }
+}
+
+/// Builds the shared-data key for `key` under `prefix` (at most 64 ASCII characters, validated
+/// at configuration time).
+pub fn store_key(prefix: &str, key: StoreKey) -> KeyBuf {
+    let mut buf = KeyBuf { bytes: [0; 80], len: 0 };
+    buf.push(prefix.as_bytes());
+    buf.push(b":");
+    match key {
+        StoreKey::Slot(index) => {
+            let mut digits = [0u8; 10];
+            let mut n = index;
+            let mut start = digits.len();
+            loop {
+                start -= 1;
+                digits[start] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            buf.push(&digits[start..]);
+        }
+        StoreKey::Seed => buf.push(b"seed"),
+    }
+    buf
+}
+
+/// The identity of one rule's bucket for one request: a 64-bit keyed hash of the rule name and the
+/// key parts. The raw key is never stored, so a huge header value costs no shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint(pub u64);
+
+impl Fingerprint {
+    /// Never zero: zero marks a free slot.
+    fn from_hash(hash: u64) -> Fingerprint {
+        Fingerprint(hash.max(1))
+    }
+}
+
+/// Builds the fingerprint of `rule`'s key for `request`, or `None` when a key part is missing and
+/// the rule says to skip such requests.
+pub fn request_key(seed: u64, rule: &Rule, request: &dyn Request) -> Option<Fingerprint> {
+    let mut hasher = DefaultHasher::new();
+    hasher.write_u64(seed);
+    write_part(&mut hasher, 0xff, rule.name.as_bytes());
+    for part in &rule.key {
+        let (tag, value) = match part {
+            KeyPart::ClientAddress => (1, request.source_address().map(|a| strip_port(&a).to_vec())),
+            KeyPart::XForwardedFor { trusted_hops } => (2, forwarded_for(request, *trusted_hops)),
+            KeyPart::Header(name) => (3, request.header(name)),
+            KeyPart::Query(name) => {
+                (4, request.header(":path").and_then(|p| query_param(&p, name.as_bytes())))
+            }
+            KeyPart::Method => (5, request.header(":method")),
+            KeyPart::Path => (6, request.header(":path").map(|p| path_only(&p).to_vec())),
+            KeyPart::Constant(value) => (7, Some(value.as_bytes().to_vec())),
+        };
+        match (value, rule.when_key_missing) {
+            (Some(value), _) => write_part(&mut hasher, tag, &value),
+            (None, MissingKeyPolicy::Empty) => write_part(&mut hasher, tag, b""),
+            (None, MissingKeyPolicy::Skip) => return None,
+        }
+    }
+    Some(Fingerprint::from_hash(hasher.finish()))
+}
+
+/// Length-prefixed so that ("ab", "c") and ("a", "bc") differ.
+fn write_part(hasher: &mut DefaultHasher, tag: u8, value: &[u8]) {
+    hasher.write_u8(tag);
+    hasher.write_u64(value.len() as u64);
+    hasher.write(value);
+}
+
+/// `10.0.0.1:5000` -> `10.0.0.1`, `[::1]:5000` -> `::1`; anything else unchanged.
+fn strip_port(address: &[u8]) -> &[u8] {
+    if let Some(rest) = address.strip_prefix(b"[") {
+        if let Some(end) = rest.iter().position(|&b| b == b']') {
+            return &rest[..end];
+        }
+        return address;
+    }
+    match address.iter().rposition(|&b| b == b':') {
+        Some(colon) if address[..colon].iter().all(|&b| b != b':') => &address[..colon],
+        _ => address,
+    }
+}
+
+/// The X-Forwarded-For entry `trusted_hops` places from the right (0 = the rightmost).
+fn forwarded_for(request: &dyn Request, trusted_hops: u32) -> Option<Vec<u8>> {
+    let header = request.header("x-forwarded-for")?;
+    let entry = header.rsplit(|&b| b == b',').nth(trusted_hops as usize)?;
+    let entry = entry.trim_ascii();
+    (!entry.is_empty()).then(|| entry.to_vec())
+}
+
+fn path_only(path: &[u8]) -> &[u8] {
+    let end = path.iter().position(|&b| b == b'?' || b == b'#').unwrap_or(path.len());
+    &path[..end]
+}
+
+/// The first value of query parameter `name`, percent-decoded (so `a%62c` and `abc` are one key).
+fn query_param(path: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let start = path.iter().position(|&b| b == b'?')? + 1;
+    let query = &path[start..];
+    let query = &query[..query.iter().position(|&b| b == b'#').unwrap_or(query.len())];
+    query.split(|&b| b == b'&').find_map(|pair| {
+        let (k, v) = match pair.iter().position(|&b| b == b'=') {
+            Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+            None => (pair, &pair[pair.len()..]),
+        };
+        (percent_decode(k) == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(input: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        match input[i] {
+            b'%' if i + 2 < input.len() => match (hex(input[i + 1]), hex(input[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::request::TestRequest;
+
+    fn rule(key_json: &str, missing: &str) -> Rule {
+        let json = format!(
+            r#"{{"rules":[{{"name":"r","key":{key_json},"when_key_missing":"{missing}","limit":{{"capacity":1,"refill_period":"1s"}}}}]}}"#
+        );
+        Config::parse(json.as_bytes()).unwrap().rules.remove(0)
+    }
+
+    #[test]
+    fn slot_and_seed_keys_live_under_the_prefix() {
+        assert_eq!(store_key("rl", StoreKey::Slot(0)).as_str(), "rl:0");
+        assert_eq!(store_key("rl", StoreKey::Slot(4_294_967_295)).as_str(), "rl:4294967295");
+        assert_eq!(store_key("a.b-c", StoreKey::Seed).as_str(), "a.b-c:seed");
+        let long = "p".repeat(64);
+        assert_eq!(store_key(&long, StoreKey::Slot(16_777_215)).as_str(), format!("{long}:16777215"));
+    }
+
+    #[test]
+    fn the_client_address_ignores_the_port() {
+        let r = rule(r#"[{"source":"client_address"}]"#, "skip");
+        let a = request_key(7, &r, &TestRequest::get("/").with_source("10.0.0.1:5000"));
+        let b = request_key(7, &r, &TestRequest::get("/").with_source("10.0.0.1:6000"));
+        let c = request_key(7, &r, &TestRequest::get("/").with_source("10.0.0.2:5000"));
+        assert!(a.is_some());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(strip_port(b"[::1]:80"), b"::1");
+        assert_eq!(strip_port(b"::1"), b"::1");
+    }
+
+    #[test]
+    fn x_forwarded_for_counts_trusted_hops_from_the_right() {
+        let r = rule(r#"[{"source":"x_forwarded_for","trusted_hops":1}]"#, "skip");
+        let via = |xff: &str| request_key(1, &r, &TestRequest::get("/").with_header("x-forwarded-for", xff));
+        assert_eq!(via("1.1.1.1, 2.2.2.2, 3.3.3.3"), via("9.9.9.9,2.2.2.2 ,8.8.8.8"));
+        assert_ne!(via("1.1.1.1, 2.2.2.2, 3.3.3.3"), via("1.1.1.1, 4.4.4.4, 3.3.3.3"));
+        assert_eq!(via("3.3.3.3"), None, "too few hops: the part is missing");
+    }
+
+    #[test]
+    fn a_missing_part_skips_the_rule_or_counts_as_empty() {
+        let skip = rule(r#"[{"source":"header","name":"x-user"}]"#, "skip");
+        assert_eq!(request_key(1, &skip, &TestRequest::get("/")), None);
+        let empty = rule(r#"[{"source":"header","name":"x-user"}]"#, "empty");
+        let missing = request_key(1, &empty, &TestRequest::get("/"));
+        assert!(missing.is_some());
+        assert_eq!(missing, request_key(1, &empty, &TestRequest::get("/").with_header("x-user", "")));
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded_so_encodings_share_a_bucket() {
+        let r = rule(r#"[{"source":"query","name":"api_key"}]"#, "skip");
+        let at = |p: &str| request_key(1, &r, &TestRequest::get(p));
+        assert!(at("/x?api_key=abc").is_some());
+        assert_eq!(at("/x?api_key=abc"), at("/x?other=1&api%5Fkey=a%62c#frag"));
+        assert_ne!(at("/x?api_key=abc"), at("/x?api_key=abd"));
+        assert_eq!(at("/x?api_keyx=abc"), None);
+        assert_eq!(percent_decode(b"100%"), b"100%");
+        assert_eq!(percent_decode(b"%zz+%4"), b"%zz %4");
+    }
+
+    #[test]
+    fn method_path_and_constant_parts_distinguish_keys() {
+        let r = rule(r#"[{"source":"method"},{"source":"path"},{"source":"constant","value":"k"}]"#, "skip");
+        let key = |m: &str, p: &str| request_key(1, &r, &TestRequest::get(p).with_header(":method", m));
+        assert_eq!(key("GET", "/a?x=1"), key("GET", "/a?y=2"));
+        assert_ne!(key("GET", "/a"), key("POST", "/a"));
+        assert_ne!(key("GET", "/a"), key("GET", "/b"));
+    }
+
+    #[test]
+    fn parts_are_length_prefixed_and_seeded() {
+        let r = rule(r#"[{"source":"header","name":"a"},{"source":"header","name":"b"}]"#, "skip");
+        let key = |a: &str, b: &str| {
+            request_key(1, &r, &TestRequest::get("/").with_header("a", a).with_header("b", b))
+        };
+        assert_ne!(key("ab", "c"), key("a", "bc"));
+        let req = TestRequest::get("/").with_header("a", "x").with_header("b", "y");
+        assert_ne!(request_key(1, &r, &req), request_key(2, &r, &req));
+    }
+
+    #[test]
+    fn huge_and_non_utf8_values_are_fine() {
+        let r = rule(r#"[{"source":"header","name":"x"}]"#, "skip");
+        let huge = vec![b'a'; 1 << 20];
+        assert!(request_key(1, &r, &TestRequest::get("/").with_header("x", &huge)).is_some());
+        assert!(request_key(1, &r, &TestRequest::get("/").with_header("x", [0xff, 0xfe, 0x00])).is_some());
+    }
+}

@@ -1,0 +1,19 @@
+//! ratelimit-wasm: exact, memory-bounded rate limiting for Envoy and Istio.
+//!
+//! Everything but [`wasm`] is host-free and tested natively: configuration, keys, the token bucket,
+//! the shared-data table and the limiter. The `wasm` module is the only place that calls the host.
+
+pub mod clock;
+pub mod config;
+pub mod duration;
+pub mod headers;
+pub mod keys;
+pub mod limiter;
+pub mod matching;
+pub mod request;
+pub mod store;
+pub mod table;
+pub mod token_bucket;
+
+#[cfg(all(target_arch = "wasm32", not(test)))]
+mod wasm;

@@ -1,0 +1,46 @@
+//! The request seam: what the rules may read from a request.
+
+use std::collections::HashMap;
+
+/// A read-only view of the request being decided. The wasm glue implements it with host calls;
+/// tests use [`TestRequest`].
+pub trait Request {
+    /// The value of a request header (lowercase name; pseudo-headers such as `:path` included),
+    /// as raw bytes: header values need not be UTF-8.
+    fn header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Envoy's `source.address` property: `ip:port` of the downstream peer.
+    fn source_address(&self) -> Option<Vec<u8>>;
+}
+
+/// A request built in memory, for tests.
+#[derive(Clone, Debug, Default)]
+pub struct TestRequest {
+    headers: HashMap<String, Vec<u8>>,
+    source: Option<Vec<u8>>,
+}
+
+impl TestRequest {
+    pub fn get(path: &str) -> TestRequest {
+        TestRequest::default().with_header(":method", "GET").with_header(":path", path)
+    }
+
+    pub fn with_header(mut self, name: &str, value: impl AsRef<[u8]>) -> TestRequest {
+        self.headers.insert(name.to_ascii_lowercase(), value.as_ref().to_vec());
+        self
+    }
+
+    pub fn with_source(mut self, address: &str) -> TestRequest {
+        self.source = Some(address.as_bytes().to_vec());
+        self
+    }
+}
+
+impl Request for TestRequest {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.headers.get(name).cloned()
+    }
+
+    fn source_address(&self) -> Option<Vec<u8>> {
+        self.source.clone()
+    }
+}

@@ -1,0 +1,351 @@
+//! The state table: a fixed set of shared-data slots that holds every bucket, so host memory is
+//! bounded by configuration however many distinct keys arrive.
+//!
+//! Layout: slots `<prefix>:0 .. <prefix>:<size-1>`, each created once at start-up with the same
+//! empty bytes (workers racing to create a slot write identical values, so nothing is lost), then
+//! only ever updated with compare-and-swap. A key lives in one slot of the probe window of
+//! [`WINDOW`] slots that starts at its home slot. A slot whose bucket has refilled to full carries
+//! no information and may be reused by another key; live state is never evicted, so flooding the
+//! table cannot reset anybody's limit. When the whole window is live, the caller applies the
+//! table-full policy.
+//!
+//! Two workers that insert the same new key at the same moment could pick different free slots (a
+//! slot can turn idle between their reads). Every insert is therefore confirmed by a CAS "touch"
+//! of the home slot after re-scanning the window; of any two confirmed inserts, the later one's
+//! re-scan sees the earlier, and duplicates found are folded into the earliest copy.
+
+use crate::keys::{store_key, Fingerprint, StoreKey};
+use crate::store::{SharedStore, StoreError, Versioned, CREATE_ONLY_CAS};
+use crate::token_bucket::BucketState;
+
+/// Slots probed for one key.
+pub const WINDOW: u32 = 8;
+/// How often a read-compute-CAS loop retries before giving up.
+pub const MAX_ATTEMPTS: u32 = 16;
+
+const SLOT_VERSION: u8 = 1;
+/// version, fingerprint, idle_at, extra
+pub const SLOT_LEN: usize = 1 + 8 + 8 + 8;
+const EMPTY_SLOT: [u8; SLOT_LEN] = empty_slot();
+
+const fn empty_slot() -> [u8; SLOT_LEN] {
+    let mut bytes = [0u8; SLOT_LEN];
+    bytes[0] = SLOT_VERSION;
+    bytes
+}
+
+/// One decoded slot. `fingerprint == 0` marks a slot never used or explicitly freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    fingerprint: u64,
+    /// After this instant the state is indistinguishable from a fresh one.
+    idle_at: u64,
+    /// Algorithm-specific (the token bucket keeps its last update time here).
+    extra: u64,
+}
+
+impl Slot {
+    const FREE: Slot = Slot { fingerprint: 0, idle_at: 0, extra: 0 };
+
+    fn holding(fp: Fingerprint, state: BucketState) -> Slot {
+        Slot { fingerprint: fp.0, idle_at: state.full_at, extra: state.updated_at }
+    }
+
+    fn decode(bytes: &[u8]) -> Slot {
+        if bytes.len() != SLOT_LEN || bytes[0] != SLOT_VERSION {
+            // Unreadable bytes (another layout under the same prefix) hold nothing of ours.
+            return Slot::FREE;
+        }
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        Slot { fingerprint: word(1), idle_at: word(9), extra: word(17) }
+    }
+
+    fn encode(self) -> [u8; SLOT_LEN] {
+        let mut bytes = EMPTY_SLOT;
+        bytes[1..9].copy_from_slice(&self.fingerprint.to_le_bytes());
+        bytes[9..17].copy_from_slice(&self.idle_at.to_le_bytes());
+        bytes[17..25].copy_from_slice(&self.extra.to_le_bytes());
+        bytes
+    }
+
+    fn is_free(self, now: u64) -> bool {
+        self.fingerprint == 0 || self.idle_at <= now
+    }
+
+    fn state(self) -> BucketState {
+        BucketState { full_at: self.idle_at, updated_at: self.extra }
+    }
+}
+
+/// A slot as read, with the CAS that guards writing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub index: u32,
+    cas: u32,
+    slot: Slot,
+}
+
+/// Where a key's bucket is, as far as one scan could tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The key has a slot (its bucket may have refilled since).
+    Found(Snapshot),
+    /// The key has no slot; this is the first free one in its window.
+    Vacant(Snapshot),
+    /// The key has no slot and every slot of its window holds another key's live state.
+    Full,
+}
+
+impl Lookup {
+    /// The bucket as the scan saw it: a fresh bucket unless the key was found.
+    pub fn state(&self) -> BucketState {
+        match self {
+            Lookup::Found(s) => s.slot.state(),
+            _ => BucketState::default(),
+        }
+    }
+}
+
+/// What a read-compute-CAS on one key did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied<D> {
+    /// The new state is stored in slot `index`.
+    Stored { decision: D, index: u32, reclaimed: bool },
+    /// The decision asked for no write (a denial).
+    Unchanged(D),
+    /// No slot could be had for the key.
+    Full,
+    /// Other workers kept winning the CAS race.
+    Exhausted,
+}
+
+/// Counts of things worth a metric, gathered by one table operation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableEvents {
+    pub duplicates_folded: u32,
+    pub confirm_exhausted: bool,
+}
+
+pub struct Table<'a> {
+    prefix: &'a str,
+    size: u32,
+}
+
+impl<'a> Table<'a> {
+    pub fn new(prefix: &'a str, size: u32) -> Table<'a> {
+        Table { prefix, size: size.max(WINDOW) }
+    }
+
+    /// Creates every slot that does not exist yet. Safe to run from every worker at once.
+    pub fn initialize(&self, store: &dyn SharedStore) -> Result<(), StoreError> {
+        for index in 0..self.size {
+            let key = store_key(self.prefix, StoreKey::Slot(index));
+            if store.get(key.as_str())?.is_none() {
+                create(store, key.as_str(), &EMPTY_SLOT)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The process-wide hash seed: the first worker's `candidate` wins, everyone reads it back.
+    pub fn shared_seed(&self, store: &dyn SharedStore, candidate: u64) -> Result<u64, StoreError> {
+        let key = store_key(self.prefix, StoreKey::Seed);
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some(Versioned { value, .. }) = store.get(key.as_str())? {
+                if let Ok(bytes) = <[u8; 8]>::try_from(value.as_slice()) {
+                    return Ok(u64::from_le_bytes(bytes));
+                }
+                // Unreadable seed: replace it once, guarded by CAS like any update.
+            }
+            create(store, key.as_str(), &candidate.to_le_bytes())?;
+        }
+        Ok(candidate)
+    }
+
+    fn home(&self, fp: Fingerprint) -> u32 {
+        (fp.0 % u64::from(self.size)) as u32
+    }
+
+    fn slot_index(&self, home: u32, offset: u32) -> u32 {
+        ((u64::from(home) + u64::from(offset)) % u64::from(self.size)) as u32
+    }
+
+    fn read(&self, store: &dyn SharedStore, index: u32) -> Result<Snapshot, StoreError> {
+        let key = store_key(self.prefix, StoreKey::Slot(index));
+        loop {
+            if let Some(Versioned { value, cas }) = store.get(key.as_str())? {
+                return Ok(Snapshot { index, cas, slot: Slot::decode(&value) });
+            }
+            // Not created yet (this worker configured before the table existed): create, re-read.
+            create(store, key.as_str(), &EMPTY_SLOT)?;
+        }
+    }
+
+    fn write(&self, store: &dyn SharedStore, snapshot: &Snapshot, slot: Slot) -> Result<bool, StoreError> {
+        let key = store_key(self.prefix, StoreKey::Slot(snapshot.index));
+        match store.set(key.as_str(), &slot.encode(), snapshot.cas) {
+            Ok(()) => Ok(true),
+            Err(StoreError::CasMismatch) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Finds the key's slot, stopping at the first match; else the first free slot.
+    pub fn lookup(&self, store: &dyn SharedStore, fp: Fingerprint, now: u64) -> Result<Lookup, StoreError> {
+        let home = self.home(fp);
+        let mut vacant = None;
+        for offset in 0..WINDOW {
+            let snapshot = self.read(store, self.slot_index(home, offset))?;
+            if snapshot.slot.fingerprint == fp.0 {
+                return Ok(Lookup::Found(snapshot));
+            }
+            if vacant.is_none() && snapshot.slot.is_free(now) {
+                vacant = Some(snapshot);
+            }
+        }
+        Ok(vacant.map_or(Lookup::Full, Lookup::Vacant))
+    }
+
+    /// Read-compute-CAS for one key, starting from `first` (a fresh lookup when `None`).
+    /// `decide` maps the current bucket to a decision and, when something must be stored, the new
+    /// bucket.
+    pub fn measure_and_replace<D: Copy>(
+        &self,
+        store: &dyn SharedStore,
+        fp: Fingerprint,
+        now: u64,
+        first: Option<Lookup>,
+        events: &mut TableEvents,
+        mut decide: impl FnMut(BucketState) -> (D, Option<BucketState>),
+    ) -> Result<Applied<D>, StoreError> {
+        let mut lookup = match first {
+            Some(l) => l,
+            None => self.lookup(store, fp, now)?,
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let snapshot = match lookup {
+                Lookup::Found(s) | Lookup::Vacant(s) => s,
+                Lookup::Full => return Ok(Applied::Full),
+            };
+            let (decision, new_state) = decide(lookup.state());
+            let Some(new_state) = new_state else {
+                return Ok(Applied::Unchanged(decision));
+            };
+            let slot = Slot::holding(fp, new_state);
+            if self.write(store, &snapshot, slot)? {
+                let inserted = matches!(lookup, Lookup::Vacant(_));
+                if inserted {
+                    self.confirm_insert(store, fp, now, events)?;
+                }
+                let reclaimed = inserted && snapshot.slot.fingerprint != 0;
+                return Ok(Applied::Stored { decision, index: snapshot.index, reclaimed });
+            }
+            // Lost the race: if the slot we wanted now holds our key, retry there.
+            let again = self.read(store, snapshot.index)?;
+            lookup = if again.slot.fingerprint == fp.0 {
+                Lookup::Found(again)
+            } else {
+                // Another key took it, or ours may have been inserted elsewhere meanwhile.
+                self.lookup(store, fp, now)?
+            };
+        }
+        Ok(Applied::Exhausted)
+    }
+
+    /// Applies `update` to the key's bucket in slot `index`, if the key is still there.
+    pub fn update_at(
+        &self,
+        store: &dyn SharedStore,
+        fp: Fingerprint,
+        index: u32,
+        mut update: impl FnMut(BucketState) -> BucketState,
+    ) -> Result<bool, StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let snapshot = self.read(store, index)?;
+            if snapshot.slot.fingerprint != fp.0 {
+                return Ok(true);
+            }
+            let state = update(snapshot.slot.state());
+            if self.write(store, &snapshot, Slot::holding(fp, state))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Makes sure the key just inserted has exactly one slot: re-scan the window, fold any later
+    /// copies into the earliest, then touch the home slot with the CAS read at the start of the
+    /// scan. If the touch fails, someone wrote the home slot meanwhile: scan again.
+    fn confirm_insert(
+        &self,
+        store: &dyn SharedStore,
+        fp: Fingerprint,
+        now: u64,
+        events: &mut TableEvents,
+    ) -> Result<(), StoreError> {
+        let home = self.home(fp);
+        for _ in 0..MAX_ATTEMPTS {
+            let home_snapshot = self.read(store, home)?;
+            let mut copies: [Option<Snapshot>; WINDOW as usize] = [None; WINDOW as usize];
+            let mut count = 0;
+            for offset in 0..WINDOW {
+                let snapshot = if offset == 0 {
+                    home_snapshot
+                } else {
+                    self.read(store, self.slot_index(home, offset))?
+                };
+                if snapshot.slot.fingerprint == fp.0 {
+                    copies[count] = Some(snapshot);
+                    count += 1;
+                }
+            }
+            if count > 1 {
+                if let Some(first) = copies[0] {
+                    for later in copies[1..count].iter().flatten() {
+                        self.fold(store, fp, now, first.index, later)?;
+                        events.duplicates_folded += 1;
+                    }
+                }
+                continue;
+            }
+            if self.write(store, &home_snapshot, home_snapshot.slot)? {
+                return Ok(());
+            }
+        }
+        events.confirm_exhausted = true;
+        Ok(())
+    }
+
+    /// Moves the debt held by a duplicate copy into the canonical (earliest) one.
+    fn fold(
+        &self,
+        store: &dyn SharedStore,
+        fp: Fingerprint,
+        now: u64,
+        canonical: u32,
+        duplicate: &Snapshot,
+    ) -> Result<(), StoreError> {
+        if !self.write(store, duplicate, Slot::FREE)? {
+            // It changed under us; the next scan will see it again.
+            return Ok(());
+        }
+        let debt = duplicate.slot.idle_at.saturating_sub(now);
+        self.update_at(store, fp, canonical, |state| BucketState {
+            full_at: state.full_at.max(now).saturating_add(debt),
+            updated_at: state.updated_at.max(now),
+        })?;
+        Ok(())
+    }
+}
+
+/// Creates `key` with `value` unless it exists (then nothing changes).
+fn create(store: &dyn SharedStore, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    match store.set(key, value, CREATE_ONLY_CAS) {
+        Ok(()) | Err(StoreError::CasMismatch) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,237 @@
+//! The token bucket, as a pure function from old state to decision and new state.
+//!
+//! The bucket is stored as a single instant, `full_at`: the time at which it will have refilled to
+//! its capacity. Tokens missing now are `(full_at - now) / interval`, so one number captures the
+//! bucket exactly (this is the GCRA formulation of a token bucket with continuous refill). A bucket
+//! whose `full_at` lies in the past is full and carries no information, which is what lets the
+//! table reuse its slot.
+
+use crate::duration::NANOS_PER_SECOND;
+
+/// What is stored for one bucket. `Default` is a full bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BucketState {
+    pub full_at: u64,
+    /// The latest clock reading that updated the bucket. Workers read the clock a few
+    /// microseconds apart and may write in another order; deciding at no earlier time than this
+    /// keeps a late writer with an early reading from seeing a spurious extra debt.
+    pub updated_at: u64,
+}
+
+/// The answer for one request against one bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Whole tokens left after this request (before it, when denied).
+    pub remaining: u64,
+    /// Allowed: nanoseconds until the bucket is full again. Denied: equals `retry_after`.
+    pub reset_nanos: u64,
+    /// Nanoseconds until a request of this cost would be allowed (0 when allowed).
+    pub retry_after_nanos: u64,
+}
+
+/// An immutable bucket definition, validated at configuration time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenBucket {
+    capacity: u64,
+    /// Nanoseconds to refill one token.
+    interval: u64,
+    /// `capacity * interval`: how far `full_at` may run ahead of now.
+    tolerance: u64,
+}
+
+/// The largest debt a bucket may hold, so `now + tolerance` never overflows for the next
+/// five centuries of wall-clock time.
+pub const MAX_TOLERANCE_NANOS: u64 = 1 << 62;
+
+impl TokenBucket {
+    /// `None` when the refill rate is finer than one token per nanosecond or the bucket would
+    /// take longer than [`MAX_TOLERANCE_NANOS`] to fill.
+    pub fn new(capacity: u32, refill_tokens: u32, refill_period_nanos: u64) -> Option<TokenBucket> {
+        if capacity == 0 || refill_tokens == 0 {
+            return None;
+        }
+        let interval = refill_period_nanos / u64::from(refill_tokens);
+        if interval == 0 {
+            return None;
+        }
+        let tolerance = interval.checked_mul(u64::from(capacity))?;
+        (tolerance <= MAX_TOLERANCE_NANOS).then_some(TokenBucket {
+            capacity: u64::from(capacity),
+            interval,
+            tolerance,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Seconds to refill an empty bucket, rounded up: the `w` of the quota policy.
+    pub fn window_seconds(&self) -> u64 {
+        ceil_seconds(self.tolerance)
+    }
+
+    fn debt(&self, state: BucketState, now: u64) -> u64 {
+        state.full_at.saturating_sub(now).min(self.tolerance)
+    }
+
+    pub fn decide(&self, state: BucketState, now: u64, cost: u64) -> (Decision, BucketState) {
+        let now = now.max(state.updated_at);
+        let debt = self.debt(state, now);
+        let cost_nanos = cost.saturating_mul(self.interval);
+        let new_debt = debt.saturating_add(cost_nanos);
+        if new_debt <= self.tolerance {
+            let decision = Decision {
+                allowed: true,
+                remaining: (self.tolerance - new_debt) / self.interval,
+                reset_nanos: new_debt,
+                retry_after_nanos: 0,
+            };
+            (decision, BucketState { full_at: now.saturating_add(new_debt), updated_at: now })
+        } else {
+            let retry_after = new_debt - self.tolerance;
+            let decision = Decision {
+                allowed: false,
+                remaining: (self.tolerance - debt) / self.interval,
+                reset_nanos: retry_after,
+                retry_after_nanos: retry_after,
+            };
+            (decision, state)
+        }
+    }
+
+    /// A full bucket tells nothing a fresh one would not: its slot may be reused.
+    pub fn is_idle(&self, state: BucketState, now: u64) -> bool {
+        state.full_at <= now
+    }
+
+    /// Gives back what an earlier `decide` at the same cost took.
+    pub fn refund(&self, state: BucketState, now: u64, cost: u64) -> BucketState {
+        let now = now.max(state.updated_at);
+        let debt = self.debt(state, now);
+        let cost_nanos = cost.saturating_mul(self.interval);
+        BucketState { full_at: now.saturating_add(debt.saturating_sub(cost_nanos)), updated_at: now }
+    }
+}
+
+pub fn ceil_seconds(nanos: u64) -> u64 {
+    nanos.div_ceil(NANOS_PER_SECOND)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = NANOS_PER_SECOND;
+    const T0: u64 = 1_700_000_000 * S;
+
+    fn bucket(capacity: u32, tokens: u32, period_secs: u64) -> TokenBucket {
+        TokenBucket::new(capacity, tokens, period_secs * S).unwrap()
+    }
+
+    /// Sends `n` requests of cost 1 at `now`, returns how many were allowed and the final state.
+    fn burst(b: &TokenBucket, mut state: BucketState, now: u64, n: u32) -> (u32, BucketState) {
+        let mut allowed = 0;
+        for _ in 0..n {
+            let (d, next) = b.decide(state, now, 1);
+            allowed += u32::from(d.allowed);
+            state = next;
+        }
+        (allowed, state)
+    }
+
+    #[test]
+    fn a_fresh_bucket_allows_exactly_its_capacity() {
+        let b = bucket(50, 50, 86_400);
+        let (allowed, _) = burst(&b, BucketState::default(), T0, 400);
+        assert_eq!(allowed, 50);
+    }
+
+    #[test]
+    fn denies_the_51st_request_on_a_fresh_key() {
+        let b = bucket(50, 50, 86_400);
+        let (_, state) = burst(&b, BucketState::default(), T0, 50);
+        let (d, after) = b.decide(state, T0, 1);
+        assert!(!d.allowed);
+        assert_eq!(after, state, "a denial must not change the bucket");
+    }
+
+    #[test]
+    fn refills_one_token_per_interval() {
+        let b = bucket(5, 5, 60); // one token per 12 s
+        let (_, state) = burst(&b, BucketState::default(), T0, 5);
+        assert!(!b.decide(state, T0 + 12 * S - 1, 1).0.allowed);
+        let (d, state) = b.decide(state, T0 + 12 * S, 1);
+        assert!(d.allowed);
+        assert!(!b.decide(state, T0 + 12 * S, 1).0.allowed);
+    }
+
+    #[test]
+    fn reports_remaining_and_seconds_until_full() {
+        let b = bucket(5, 5, 60);
+        let (d, state) = b.decide(BucketState::default(), T0, 1);
+        assert_eq!((d.remaining, d.reset_nanos), (4, 12 * S));
+        let (_, state) = burst(&b, state, T0, 4);
+        let (d, _) = b.decide(state, T0, 1);
+        assert_eq!((d.allowed, d.remaining, d.retry_after_nanos, d.reset_nanos), (false, 0, 12 * S, 12 * S));
+    }
+
+    #[test]
+    fn a_cost_above_remaining_is_denied_and_reports_what_is_left() {
+        let b = bucket(10, 10, 10);
+        let (_, state) = b.decide(BucketState::default(), T0, 7);
+        let (d, _) = b.decide(state, T0, 5);
+        assert_eq!((d.allowed, d.remaining, d.retry_after_nanos), (false, 3, 2 * S));
+    }
+
+    #[test]
+    fn burst_capacity_may_exceed_the_refill_amount() {
+        let b = bucket(150, 100, 60);
+        let (allowed, _) = burst(&b, BucketState::default(), T0, 200);
+        assert_eq!(allowed, 150);
+        assert_eq!(b.window_seconds(), 90);
+    }
+
+    #[test]
+    fn a_refilled_bucket_is_idle_and_a_draining_one_is_not() {
+        let b = bucket(2, 2, 2);
+        let (_, state) = b.decide(BucketState::default(), T0, 1);
+        assert!(!b.is_idle(state, T0));
+        assert!(b.is_idle(state, T0 + S));
+        assert!(b.is_idle(BucketState::default(), T0));
+    }
+
+    #[test]
+    fn refund_restores_the_bucket_exactly() {
+        let b = bucket(3, 3, 3);
+        let (_, one) = b.decide(BucketState::default(), T0, 1);
+        let (_, two) = b.decide(one, T0, 1);
+        assert_eq!(b.refund(two, T0, 1).full_at, one.full_at);
+        assert!(b.is_idle(b.refund(one, T0, 1), T0));
+    }
+
+    #[test]
+    fn rejects_rates_finer_than_a_nanosecond_and_empty_buckets() {
+        assert!(TokenBucket::new(0, 1, S).is_none());
+        assert!(TokenBucket::new(1, 0, S).is_none());
+        assert!(TokenBucket::new(1, u32::MAX, 1_000).is_none());
+    }
+
+    #[test]
+    fn a_late_writer_with_an_earlier_clock_reading_still_gets_the_last_token() {
+        let b = bucket(3, 3, 86_400);
+        let (_, state) = b.decide(BucketState::default(), T0 + 500, 1);
+        let (_, state) = b.decide(state, T0 + 900, 1);
+        let (d, _) = b.decide(state, T0 + 100, 1);
+        assert!(d.allowed);
+    }
+
+    #[test]
+    fn a_clock_that_steps_back_never_hands_out_extra_tokens() {
+        let b = bucket(2, 2, 2);
+        let (allowed, state) = burst(&b, BucketState::default(), T0, 2);
+        assert_eq!(allowed, 2);
+        assert!(!b.decide(state, T0 - 10 * S, 1).0.allowed);
+    }
+}
