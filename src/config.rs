@@ -245,6 +245,9 @@ impl Config {
         }
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::at("", format!("invalid JSON: {e}")))?;
+        if !value.is_object() {
+            return Err(ConfigError::at("", "the configuration must be a JSON object with \"rules\""));
+        }
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
@@ -336,13 +339,17 @@ fn compile_rule(path: &str, raw: RawRule) -> Result<Rule, ConfigError> {
     }
     let capacity = raw.limit.capacity.get();
     let refill_tokens = raw.limit.refill_tokens.map_or(capacity, NonZeroU32::get);
-    let period = raw.limit.refill_period.as_nanos();
-    let bucket = TokenBucket::new(capacity, refill_tokens, period).ok_or_else(|| {
+    let period = raw.limit.refill_period;
+    if period.as_nanos() / u64::from(refill_tokens) == 0 {
+        return Err(ConfigError::at(
+            format!("{path}.limit.refill_tokens"),
+            format!("{refill_tokens} per {period} is more than one token per nanosecond"),
+        ));
+    }
+    let bucket = TokenBucket::new(capacity, refill_tokens, period.as_nanos()).ok_or_else(|| {
         ConfigError::at(
             format!("{path}.limit"),
-            format!(
-                "a refill of {refill_tokens} per {period} ns is finer than one token per nanosecond, or a bucket of {capacity} takes longer than 146 years to refill"
-            ),
+            format!("a bucket of {capacity} refilled {refill_tokens} per {period} takes longer than 146 years to fill"),
         )
     })?;
     let cost = u64::from(raw.cost.map_or(1, NonZeroU32::get));

@@ -49,6 +49,25 @@ impl Duration {
     }
 }
 
+/// The largest unit that divides the duration exactly: `90s` stays `90s`, `3600s` prints `1h`.
+impl std::fmt::Display for Duration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(u64, &str); 5] = [
+            (86_400 * NANOS_PER_SECOND, "d"),
+            (3_600 * NANOS_PER_SECOND, "h"),
+            (60 * NANOS_PER_SECOND, "m"),
+            (NANOS_PER_SECOND, "s"),
+            (1_000_000, "ms"),
+        ];
+        for (unit, suffix) in UNITS {
+            if self.nanos % unit == 0 {
+                return write!(f, "{}{suffix}", self.nanos / unit);
+            }
+        }
+        write!(f, "{}ns", self.nanos)
+    }
+}
+
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
@@ -68,6 +87,13 @@ mod tests {
         assert_eq!(nanos("1m"), Ok(60 * NANOS_PER_SECOND));
         assert_eq!(nanos("24h"), Ok(86_400 * NANOS_PER_SECOND));
         assert_eq!(nanos("7d"), Ok(7 * 86_400 * NANOS_PER_SECOND));
+    }
+
+    #[test]
+    fn displays_in_the_largest_exact_unit() {
+        for text in ["500ms", "90s", "1m", "36h", "7d"] {
+            assert_eq!(Duration::parse(text).unwrap().to_string(), text);
+        }
     }
 
     #[test]
