@@ -11,6 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 pub enum StoreError {
     /// The key changed since the `cas` we passed was read.
     CasMismatch,
+    /// A key that was just created could not be read back.
+    Missing,
     /// Any other host status (the raw code is kept for the log).
     Host(u32),
 }

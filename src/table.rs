@@ -176,13 +176,15 @@ impl<'a> Table<'a> {
 
     fn read(&self, store: &dyn SharedStore, index: u32) -> Result<Snapshot, StoreError> {
         let key = store_key(self.prefix, StoreKey::Slot(index));
-        loop {
+        for _ in 0..2 {
             if let Some(Versioned { value, cas }) = store.get(key.as_str())? {
                 return Ok(Snapshot { index, cas, slot: Slot::decode(&value) });
             }
-            // Not created yet (this worker configured before the table existed): create, re-read.
+            // Not created yet (the table of another configuration, or a host that lost it):
+            // create it empty, then read it back.
             create(store, key.as_str(), &EMPTY_SLOT)?;
         }
+        Err(StoreError::Missing)
     }
 
     fn write(&self, store: &dyn SharedStore, snapshot: &Snapshot, slot: Slot) -> Result<bool, StoreError> {
