@@ -5,10 +5,12 @@ use crate::config::HeaderFormat;
 /// What the client is told about one limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LimitReport<'a> {
-    /// The rule's prepared `RateLimit-Policy` item, e.g. `"per-ip";q=100;w=60`.
-    pub policy: &'a str,
-    pub rule_name: &'a str,
-    pub limit: u64,
+    /// The limit's name in the headers (the rule's, or `rule.limit`).
+    pub name: &'a str,
+    /// The `RateLimit-Policy` item when prepared at configuration time, e.g. `"per-ip";q=100;w=60`.
+    pub policy: Option<&'a str>,
+    pub quota: u64,
+    pub window_seconds: u64,
     pub remaining: u64,
     /// Seconds until the quota is fully available again; on a denial, until a retry can pass.
     pub reset_seconds: u64,
@@ -27,11 +29,15 @@ pub fn render(
     }
     let Some(r) = report else { return headers };
     if matches!(format, HeaderFormat::Ietf | HeaderFormat::Both) {
-        headers.push(("ratelimit-policy", r.policy.to_owned()));
-        headers.push(("ratelimit", format!("\"{}\";r={};t={}", r.rule_name, r.remaining, r.reset_seconds)));
+        let policy = match r.policy {
+            Some(prepared) => prepared.to_owned(),
+            None => format!("\"{}\";q={};w={}", r.name, r.quota, r.window_seconds),
+        };
+        headers.push(("ratelimit-policy", policy));
+        headers.push(("ratelimit", format!("\"{}\";r={};t={}", r.name, r.remaining, r.reset_seconds)));
     }
     if matches!(format, HeaderFormat::XRateLimit | HeaderFormat::Both) {
-        headers.push(("x-ratelimit-limit", r.limit.to_string()));
+        headers.push(("x-ratelimit-limit", r.quota.to_string()));
         headers.push(("x-ratelimit-remaining", r.remaining.to_string()));
         headers.push(("x-ratelimit-reset", r.reset_seconds.to_string()));
     }
@@ -43,9 +49,10 @@ mod tests {
     use super::*;
 
     const REPORT: LimitReport<'static> = LimitReport {
-        policy: "\"per-ip\";q=100;w=60",
-        rule_name: "per-ip",
-        limit: 100,
+        name: "per-ip",
+        policy: Some("\"per-ip\";q=100;w=60"),
+        quota: 100,
+        window_seconds: 60,
         remaining: 42,
         reset_seconds: 17,
     };
@@ -62,6 +69,13 @@ mod tests {
                 ("x-ratelimit-reset", "17".to_owned()),
             ]
         );
+    }
+
+    #[test]
+    fn a_policy_whose_window_varies_is_rendered_on_the_spot() {
+        let month = LimitReport { name: "ai.month", policy: None, window_seconds: 2_592_000, ..REPORT };
+        let headers = render(HeaderFormat::Ietf, Some(&month), None);
+        assert_eq!(headers[0].1, "\"ai.month\";q=100;w=2592000");
     }
 
     #[test]

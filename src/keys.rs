@@ -4,6 +4,7 @@
 use std::hash::{DefaultHasher, Hasher};
 
 use crate::config::{KeyPart, MissingKeyPolicy, Rule};
+use crate::jwt;
 use crate::request::Request;
 
 /// The shared-data keys the filter writes, all under the configured prefix.
@@ -73,31 +74,67 @@ impl Fingerprint {
     }
 }
 
-/// Builds the fingerprint of `rule`'s key for `request`, or `None` when a key part is missing and
-/// the rule says to skip such requests.
-pub fn request_key(seed: u64, rule: &Rule, request: &dyn Request) -> Option<Fingerprint> {
+/// A rule's key for one request, before it is narrowed to one limit (and plan).
+#[derive(Clone)]
+pub struct RuleKey {
+    hasher: DefaultHasher,
+}
+
+impl RuleKey {
+    /// The fingerprint of one limit's bucket: the rule key, the plan (limits of different plans
+    /// are different buckets) and the limit's position in its list.
+    pub fn limit(&self, plan: Option<&str>, limit_index: usize) -> Fingerprint {
+        let mut hasher = self.hasher.clone();
+        write_part(&mut hasher, 0xfe, plan.unwrap_or("").as_bytes());
+        hasher.write_u64(limit_index as u64);
+        Fingerprint::from_hash(hasher.finish())
+    }
+}
+
+/// Builds `rule`'s key for `request`, or `None` when a key part is missing and the rule says to
+/// skip such requests.
+pub fn request_key(seed: u64, rule: &Rule, request: &dyn Request) -> Option<RuleKey> {
     let mut hasher = DefaultHasher::new();
     hasher.write_u64(seed);
     write_part(&mut hasher, 0xff, rule.name.as_bytes());
-    for part in &rule.key {
-        let (tag, value) = match part {
-            KeyPart::ClientAddress => (1, request.source_address().map(|a| strip_port(&a).to_vec())),
-            KeyPart::XForwardedFor { trusted_hops } => (2, forwarded_for(request, *trusted_hops)),
-            KeyPart::Header(name) => (3, request.header(name)),
-            KeyPart::Query(name) => {
-                (4, request.header(":path").and_then(|p| query_param(&p, name.as_bytes())))
-            }
-            KeyPart::Method => (5, request.header(":method")),
-            KeyPart::Path => (6, request.header(":path").map(|p| path_only(&p).to_vec())),
-            KeyPart::Constant(value) => (7, Some(value.as_bytes().to_vec())),
-        };
-        match (value, rule.when_key_missing) {
-            (Some(value), _) => write_part(&mut hasher, tag, &value),
-            (None, MissingKeyPolicy::Empty) => write_part(&mut hasher, tag, b""),
+    for (tag, part) in rule.key.iter().enumerate() {
+        match (part_value(part, request), rule.when_key_missing) {
+            (Some(value), _) => write_part(&mut hasher, tag as u8, &value),
+            (None, MissingKeyPolicy::Empty) => write_part(&mut hasher, tag as u8, b""),
             (None, MissingKeyPolicy::Skip) => return None,
         }
     }
-    Some(Fingerprint::from_hash(hasher.finish()))
+    Some(RuleKey { hasher })
+}
+
+/// The key parts as readable text (`part|part`, each cut to 64 bytes, lossy UTF-8), for the
+/// violation log when it is told to include keys.
+pub fn key_text(rule: &Rule, request: &dyn Request) -> String {
+    let mut text = String::new();
+    for (i, part) in rule.key.iter().enumerate() {
+        if i > 0 {
+            text.push('|');
+        }
+        if let Some(value) = part_value(part, request) {
+            let cut = &value[..value.len().min(64)];
+            text.extend(String::from_utf8_lossy(cut).chars().map(|c| if c.is_control() { '?' } else { c }));
+        }
+    }
+    text
+}
+
+/// The value of one key part, `None` when the request lacks it.
+pub fn part_value(part: &KeyPart, request: &dyn Request) -> Option<Vec<u8>> {
+    match part {
+        KeyPart::ClientAddress => request.source_address().map(|a| strip_port(&a).to_vec()),
+        KeyPart::XForwardedFor { trusted_hops } => forwarded_for(request, *trusted_hops),
+        KeyPart::Header(name) => request.header(name),
+        KeyPart::Query(name) => request.header(":path").and_then(|p| query_param(&p, name.as_bytes())),
+        KeyPart::Method => request.header(":method"),
+        KeyPart::Path => request.header(":path").map(|p| path_only(&p).to_vec()),
+        KeyPart::Constant(value) => Some(value.as_bytes().to_vec()),
+        KeyPart::JwtClaim(claim) => request.header("authorization").and_then(|a| jwt::claim(&a, claim)),
+    }
 }
 
 /// Length-prefixed so that ("ab", "c") and ("a", "bc") differ.
@@ -175,6 +212,11 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::request::TestRequest;
+
+    /// The fingerprint of the rule's only limit, for comparisons.
+    fn request_key(seed: u64, rule: &Rule, request: &TestRequest) -> Option<Fingerprint> {
+        super::request_key(seed, rule, request).map(|k| k.limit(None, 0))
+    }
 
     fn rule(key_json: &str, missing: &str) -> Rule {
         let json = format!(
@@ -254,6 +296,30 @@ mod tests {
         assert_ne!(key("ab", "c"), key("a", "bc"));
         let req = TestRequest::get("/").with_header("a", "x").with_header("b", "y");
         assert_ne!(request_key(1, &r, &req), request_key(2, &r, &req));
+    }
+
+    #[test]
+    fn limits_and_plans_of_one_key_are_separate_buckets() {
+        let r = rule(r#"[{"source":"header","name":"x"}]"#, "skip");
+        let key = super::request_key(1, &r, &TestRequest::get("/").with_header("x", "a")).unwrap();
+        assert_ne!(key.limit(None, 0), key.limit(None, 1));
+        assert_ne!(key.limit(Some("free"), 0), key.limit(Some("pro"), 0));
+        assert_eq!(key.limit(Some("free"), 0), key.limit(Some("free"), 0));
+    }
+
+    #[test]
+    fn a_jwt_claim_can_be_a_key_part() {
+        let r = rule(r#"[{"source":"jwt_claim","claim":"sub"}]"#, "skip");
+        let token = "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSIsInBsYW4iOiJwcm8iLCJvcmciOnsidGllciI6ImdvbGQifSwibiI6N30.";
+        assert!(request_key(1, &r, &TestRequest::get("/").with_header("authorization", token)).is_some());
+        assert_eq!(request_key(1, &r, &TestRequest::get("/")), None);
+    }
+
+    #[test]
+    fn key_text_shows_the_parts_cut_and_cleaned() {
+        let r = rule(r#"[{"source":"header","name":"a"},{"source":"header","name":"b"}]"#, "skip");
+        let req = TestRequest::get("/").with_header("a", "alice\n").with_header("b", "x".repeat(100));
+        assert_eq!(key_text(&r, &req), format!("alice?|{}", "x".repeat(64)));
     }
 
     #[test]

@@ -1,24 +1,28 @@
 //! The decision for one request: every matching rule is checked, the request passes only if all
-//! pass, and a denied request consumes from none of them.
+//! enforced limits pass, and a denied request consumes from none of them.
 
-use crate::config::{Config, Rule, TableFullPolicy};
+use crate::algorithm::{ceil_seconds, Decision};
+use crate::config::{Config, Cost, Limit, Limits, PlanSource, Rule, TableFullPolicy};
 use crate::headers::LimitReport;
-use crate::keys::{request_key, Fingerprint};
+use crate::jwt;
+use crate::keys::{key_text, request_key, Fingerprint};
 use crate::request::Request;
 use crate::store::{SharedStore, StoreError};
 use crate::table::{Applied, Lookup, Table, TableEvents};
-use crate::token_bucket::{ceil_seconds, Decision};
+use crate::violations::Violation;
 
 /// Something worth counting; the wasm glue maps each to a proxy-wasm counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Metric {
     Allowed(usize),
     Denied(usize),
+    /// A shadow rule would have denied the request (it was not denied for it).
+    ShadowDenied(usize),
     /// A key found its whole probe window live; the table-full policy was applied.
     TableFull,
     /// A request gave up after losing the CAS race too often (it is denied).
     CasRetriesExhausted,
-    /// An idle slot (a bucket that had refilled) was reused for another key.
+    /// An idle slot (a limit whose quota had come back) was reused for another key.
     SlotReclaimed,
     /// Two workers inserted one key at once; the copies were folded into one.
     DuplicateFolded,
@@ -26,43 +30,79 @@ pub enum Metric {
     StoreError,
 }
 
-/// Where the wasm glue sends counts.
-pub trait Metrics {
+/// Where the limiter reports what happened: counters, and denials for the violation log.
+pub trait Observer {
     fn count(&self, metric: Metric);
+    fn violation(&self, _violation: &Violation<'_>) {}
 }
 
 /// The limiter's answer for one request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict<'a> {
     /// Pass the request; `report` is the most restrictive limit that applied.
-    Allow { report: Option<Report> },
-    /// Answer with the deny response.
-    Deny { report: Option<Report>, retry_after_seconds: u64 },
+    Allow { report: Option<Report<'a>> },
+    /// Answer with the deny response. `retry_after_seconds` is `None` when retrying cannot help
+    /// (the request costs more than a limit can ever hold); `reason` then says why.
+    Deny { report: Option<Report<'a>>, retry_after_seconds: Option<u64>, reason: Option<String> },
 }
 
-/// The limit to report in headers, by rule index.
+/// One limit as the client should be told about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Report {
+pub struct Report<'a> {
     pub rule: usize,
+    pub limit: &'a Limit,
     pub remaining: u64,
     pub reset_seconds: u64,
 }
 
-impl Report {
-    fn new(rule: usize, decision: &Decision) -> Report {
-        Report { rule, remaining: decision.remaining, reset_seconds: ceil_seconds(decision.reset_nanos) }
+impl<'a> Report<'a> {
+    fn new(rule: usize, limit: &'a Limit, decision: &Decision) -> Report<'a> {
+        Report {
+            rule,
+            limit,
+            remaining: decision.remaining,
+            reset_seconds: ceil_seconds(decision.reset_nanos),
+        }
     }
+
+    /// The header-ready view.
+    pub fn describe(&self, now: u64) -> LimitReport<'a> {
+        LimitReport {
+            name: &self.limit.name,
+            policy: self.limit.policy.as_deref(),
+            quota: self.limit.quota,
+            window_seconds: self.limit.window_seconds_at(now),
+            remaining: self.remaining,
+            reset_seconds: self.reset_seconds,
+        }
+    }
+}
+
+/// One limit's standing for the status endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Standing<'a> {
+    pub rule: &'a Rule,
+    pub plan: Option<&'a str>,
+    pub limit: &'a Limit,
+    pub remaining: u64,
+    pub reset_seconds: u64,
 }
 
 /// The Retry-After sent when the table itself is the reason for a denial.
 const TABLE_FULL_RETRY_AFTER_SECONDS: u64 = 1;
 
-struct Item {
+struct Item<'a> {
     rule: usize,
+    limit: &'a Limit,
+    plan: Option<&'a str>,
     fp: Fingerprint,
     lookup: Lookup,
+    cost: u64,
+    shadow: bool,
     decision: Option<Decision>,
     stored_at: Option<u32>,
+    /// A shadow limit over its quota: reported, not consumed.
+    skip: bool,
 }
 
 /// An immutable, configured limiter; shared by every request of a worker.
@@ -84,136 +124,228 @@ impl Limiter {
         Table::new(&self.config.key_prefix, self.config.table_size)
     }
 
-    /// The header-ready view of a report.
-    pub fn describe(&self, report: &Report) -> Option<LimitReport<'_>> {
-        let rule = self.config.rules.get(report.rule)?;
-        Some(LimitReport {
-            policy: &rule.policy,
-            rule_name: &rule.name,
-            limit: rule.bucket.capacity(),
-            remaining: report.remaining,
-            reset_seconds: report.reset_seconds,
-        })
-    }
-
-    pub fn check(
-        &self,
+    pub fn check<'a>(
+        &'a self,
         store: &dyn SharedStore,
         request: &dyn Request,
         now: u64,
-        metrics: &dyn Metrics,
-    ) -> Verdict {
-        match self.try_check(store, request, now, metrics) {
+        observer: &dyn Observer,
+    ) -> Verdict<'a> {
+        match self.try_check(store, request, now, observer) {
             Ok(verdict) => verdict,
             Err(_) => {
                 // The host refused shared data: failing open keeps traffic flowing.
-                metrics.count(Metric::StoreError);
+                observer.count(Metric::StoreError);
                 Verdict::Allow { report: None }
             }
         }
     }
 
-    fn try_check(
-        &self,
+    /// The caller's standing in every rule whose header conditions and key it meets (path and
+    /// method conditions are ignored: the status request has its own), consuming nothing.
+    pub fn standings<'a>(
+        &'a self,
         store: &dyn SharedStore,
         request: &dyn Request,
         now: u64,
-        metrics: &dyn Metrics,
-    ) -> Result<Verdict, StoreError> {
+    ) -> Result<Vec<Standing<'a>>, StoreError> {
+        let table = self.table();
+        let mut out = Vec::new();
+        for rule in &self.config.rules {
+            if !rule.matcher.headers_match(request) {
+                continue;
+            }
+            let Some(key) = request_key(self.seed, rule, request) else { continue };
+            let (plan, limits) = limits_for(rule, request);
+            for (index, limit) in limits.iter().enumerate() {
+                let state = table.lookup(store, key.limit(plan, index), now)?.state();
+                let d = limit.algorithm.status(state, now);
+                out.push(Standing {
+                    rule,
+                    plan,
+                    limit,
+                    remaining: d.remaining,
+                    reset_seconds: ceil_seconds(d.reset_nanos),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn try_check<'a>(
+        &'a self,
+        store: &dyn SharedStore,
+        request: &dyn Request,
+        now: u64,
+        observer: &dyn Observer,
+    ) -> Result<Verdict<'a>, StoreError> {
         let table = self.table();
         let rules = &self.config.rules;
-        let mut items: Vec<Item> = Vec::new();
+        let mut items: Vec<Item<'a>> = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
             if !rule.matcher.matches(request) {
                 continue;
             }
-            let Some(fp) = request_key(self.seed, rule, request) else { continue };
-            let lookup = table.lookup(store, fp, now)?;
-            if lookup == Lookup::Full {
-                metrics.count(Metric::TableFull);
-                match self.config.when_table_full {
-                    TableFullPolicy::Allow => continue,
-                    TableFullPolicy::Deny => {
-                        metrics.count(Metric::Denied(index));
-                        return Ok(Verdict::Deny {
-                            report: None,
-                            retry_after_seconds: TABLE_FULL_RETRY_AFTER_SECONDS,
-                        });
-                    }
-                }
+            let Some(key) = request_key(self.seed, rule, request) else { continue };
+            let (plan, limits) = limits_for(rule, request);
+            if limits.is_empty() {
+                continue; // an unlimited plan
             }
-            items.push(Item { rule: index, fp, lookup, decision: None, stored_at: None });
+            let cost = match cost_of(rule, request) {
+                Ok(cost) => cost,
+                Err(reason) => {
+                    let fp = key.limit(plan, 0);
+                    if let Some(verdict) =
+                        self.refuse_cost(index, None, plan, fp, 0, reason, request, observer)
+                    {
+                        return Ok(verdict);
+                    }
+                    continue;
+                }
+            };
+            for (limit_index, limit) in limits.iter().enumerate() {
+                let fp = key.limit(plan, limit_index);
+                if cost > limit.algorithm.capacity() {
+                    let reason = format!(
+                        "cost {cost} exceeds the capacity {} of limit {:?}",
+                        limit.algorithm.capacity(),
+                        limit.name
+                    );
+                    if let Some(verdict) =
+                        self.refuse_cost(index, Some(limit), plan, fp, cost, reason, request, observer)
+                    {
+                        return Ok(verdict);
+                    }
+                    continue;
+                }
+                let lookup = table.lookup(store, fp, now)?;
+                if lookup == Lookup::Full {
+                    observer.count(Metric::TableFull);
+                    if rule.shadow || self.config.when_table_full == TableFullPolicy::Allow {
+                        continue;
+                    }
+                    observer.count(Metric::Denied(index));
+                    return Ok(table_full_denial());
+                }
+                let shadow = rule.shadow;
+                items.push(Item {
+                    rule: index,
+                    limit,
+                    plan,
+                    fp,
+                    lookup,
+                    cost,
+                    shadow,
+                    decision: None,
+                    stored_at: None,
+                    skip: false,
+                });
+            }
         }
 
         // Check everything before writing anything: the usual denial costs no write at all.
-        let mut denial: Option<(usize, Decision)> = None;
-        for item in &items {
-            let rule = &rules[item.rule];
-            let (decision, _) = rule.bucket.decide(item.lookup.state(), now, rule.cost);
-            if !decision.allowed {
-                metrics.count(Metric::Denied(item.rule));
-                if denial.is_none_or(|(_, d)| decision.retry_after_nanos > d.retry_after_nanos) {
-                    denial = Some((item.rule, decision));
-                }
+        for item in items.iter_mut() {
+            let (decision, _) = item.limit.algorithm.decide(item.lookup.state(), now, item.cost);
+            item.decision = Some(decision);
+            if !decision.allowed && item.shadow {
+                item.skip = true;
+                observer.count(Metric::ShadowDenied(item.rule));
+                observer.violation(&self.violation(item, &decision, request));
             }
         }
-        if let Some((rule, decision)) = denial {
-            return Ok(deny(rule, &decision));
+        let mut worst: Option<(usize, Decision)> = None;
+        for (i, item) in items.iter().enumerate() {
+            let Some(decision) = item.decision.filter(|d| !d.allowed && !item.shadow) else { continue };
+            observer.count(Metric::Denied(item.rule));
+            observer.violation(&self.violation(item, &decision, request));
+            if worst.is_none_or(|(_, w)| decision.retry_after_nanos > w.retry_after_nanos) {
+                worst = Some((i, decision));
+            }
+        }
+        if let Some((i, decision)) = worst {
+            return Ok(deny(&items[i], &decision));
         }
 
         for i in 0..items.len() {
+            if items[i].skip {
+                continue;
+            }
             let item = &items[i];
-            let rule = &rules[item.rule];
+            let algorithm = &item.limit.algorithm;
+            let cost = item.cost;
             let mut events = TableEvents::default();
-            let applied =
-                table.measure_and_replace(store, item.fp, now, Some(item.lookup), &mut events, |state| {
-                    let (decision, next) = rule.bucket.decide(state, now, rule.cost);
+            let applied = table.measure_and_replace(
+                store,
+                item.fp,
+                now,
+                Some(item.lookup),
+                algorithm,
+                &mut events,
+                |state| {
+                    let (decision, next) = algorithm.decide(state, now, cost);
                     (decision, decision.allowed.then_some(next))
-                })?;
+                },
+            )?;
             for _ in 0..events.duplicates_folded {
-                metrics.count(Metric::DuplicateFolded);
+                observer.count(Metric::DuplicateFolded);
             }
             if events.confirm_exhausted {
-                metrics.count(Metric::CasRetriesExhausted);
+                observer.count(Metric::CasRetriesExhausted);
             }
             let refused = match applied {
                 Applied::Stored { decision, index, reclaimed } => {
                     if reclaimed {
-                        metrics.count(Metric::SlotReclaimed);
+                        observer.count(Metric::SlotReclaimed);
                     }
                     items[i].decision = Some(decision);
                     items[i].stored_at = Some(index);
                     continue;
                 }
+                Applied::Unchanged(decision) if item.shadow => {
+                    // Another worker took the last of a shadow limit: report it, deny nothing.
+                    observer.count(Metric::ShadowDenied(item.rule));
+                    items[i].decision = Some(decision);
+                    continue;
+                }
                 Applied::Unchanged(decision) => {
-                    // Another worker took the last tokens between our check and our write.
-                    metrics.count(Metric::Denied(item.rule));
-                    deny(item.rule, &decision)
+                    // Another worker took the last of it between our check and our write.
+                    observer.count(Metric::Denied(item.rule));
+                    observer.violation(&self.violation(item, &decision, request));
+                    deny(item, &decision)
                 }
                 Applied::Full => {
-                    metrics.count(Metric::TableFull);
-                    if self.config.when_table_full == TableFullPolicy::Allow {
+                    observer.count(Metric::TableFull);
+                    if item.shadow || self.config.when_table_full == TableFullPolicy::Allow {
+                        items[i].decision = None;
                         continue;
                     }
-                    metrics.count(Metric::Denied(item.rule));
-                    Verdict::Deny { report: None, retry_after_seconds: TABLE_FULL_RETRY_AFTER_SECONDS }
+                    observer.count(Metric::Denied(item.rule));
+                    table_full_denial()
+                }
+                Applied::Exhausted if item.shadow => {
+                    observer.count(Metric::CasRetriesExhausted);
+                    continue;
                 }
                 Applied::Exhausted => {
                     // Never over-admit: a request that cannot be recorded is refused.
-                    metrics.count(Metric::CasRetriesExhausted);
-                    metrics.count(Metric::Denied(item.rule));
-                    Verdict::Deny { report: None, retry_after_seconds: 1 }
+                    observer.count(Metric::CasRetriesExhausted);
+                    observer.count(Metric::Denied(item.rule));
+                    Verdict::Deny { report: None, retry_after_seconds: Some(1), reason: None }
                 }
             };
-            self.refund(store, &table, &items[..i], now, metrics)?;
+            self.refund(store, &table, &items[..i], now, observer)?;
             return Ok(refused);
         }
 
-        let mut report: Option<Report> = None;
+        let mut report: Option<Report<'a>> = None;
+        let mut counted: Option<usize> = None;
         for item in &items {
+            if counted != Some(item.rule) && !item.skip {
+                observer.count(Metric::Allowed(item.rule));
+                counted = Some(item.rule);
+            }
             let Some(decision) = item.decision else { continue };
-            metrics.count(Metric::Allowed(item.rule));
-            let candidate = Report::new(item.rule, &decision);
+            let candidate = Report::new(item.rule, item.limit, &decision);
             if report.is_none_or(|r| more_restrictive(&candidate, &r)) {
                 report = Some(candidate);
             }
@@ -221,33 +353,132 @@ impl Limiter {
         Ok(Verdict::Allow { report })
     }
 
+    /// A request whose cost no limit can ever hold: denied with a reason (no Retry-After), or
+    /// only logged for a shadow rule (then `None`: carry on).
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_cost<'a>(
+        &'a self,
+        rule: usize,
+        limit: Option<&'a Limit>,
+        plan: Option<&'a str>,
+        fp: Fingerprint,
+        cost: u64,
+        reason: String,
+        request: &dyn Request,
+        observer: &dyn Observer,
+    ) -> Option<Verdict<'a>> {
+        let shadow = self.config.rules[rule].shadow;
+        observer.count(if shadow { Metric::ShadowDenied(rule) } else { Metric::Denied(rule) });
+        observer.violation(&Violation {
+            rule: &self.config.rules[rule].name,
+            limit: limit.map(|l| l.name.as_str()),
+            plan,
+            cost,
+            key_hash: fp.0,
+            key: self.key_for_log(rule, request),
+            retry_after_seconds: None,
+            reason: Some(reason.clone()),
+            shadow,
+        });
+        (!shadow).then_some(Verdict::Deny { report: None, retry_after_seconds: None, reason: Some(reason) })
+    }
+
+    fn key_for_log(&self, rule: usize, request: &dyn Request) -> Option<String> {
+        self.config.violation_log.include_key.then(|| key_text(&self.config.rules[rule], request))
+    }
+
+    fn violation<'a>(&'a self, item: &Item<'a>, decision: &Decision, request: &dyn Request) -> Violation<'a> {
+        Violation {
+            rule: &self.config.rules[item.rule].name,
+            limit: Some(&item.limit.name),
+            plan: item.plan,
+            cost: item.cost,
+            key_hash: item.fp.0,
+            key: self.key_for_log(item.rule, request),
+            retry_after_seconds: Some(ceil_seconds(decision.retry_after_nanos).max(1)),
+            reason: None,
+            shadow: item.shadow,
+        }
+    }
+
     /// Gives back what the first limits of a request took when a later one refused it.
     fn refund(
         &self,
         store: &dyn SharedStore,
         table: &Table<'_>,
-        consumed: &[Item],
+        consumed: &[Item<'_>],
         now: u64,
-        metrics: &dyn Metrics,
+        observer: &dyn Observer,
     ) -> Result<(), StoreError> {
         for item in consumed {
             let Some(index) = item.stored_at else { continue };
-            let rule: &Rule = &self.config.rules[item.rule];
-            if !table.update_at(store, item.fp, index, |state| rule.bucket.refund(state, now, rule.cost))? {
-                metrics.count(Metric::CasRetriesExhausted);
+            let (algorithm, cost) = (&item.limit.algorithm, item.cost);
+            if !table.update_at(store, item.fp, index, |state| algorithm.refund(state, now, cost))? {
+                observer.count(Metric::CasRetriesExhausted);
             }
         }
         Ok(())
     }
 }
 
-fn deny(rule: usize, decision: &Decision) -> Verdict {
-    let report = Report::new(rule, decision);
-    Verdict::Deny { report: Some(report), retry_after_seconds: report.reset_seconds.max(1) }
+/// The plan of the request (for a rule with plans) and the limits that apply to it.
+fn limits_for<'a>(rule: &'a Rule, request: &dyn Request) -> (Option<&'a str>, &'a [Limit]) {
+    match &rule.limits {
+        Limits::Fixed(limits) => (None, limits),
+        Limits::Plans(plans) => {
+            let named = match &plans.source {
+                PlanSource::Header(name) => request.header(name),
+                PlanSource::JwtClaim(claim) => {
+                    request.header("authorization").and_then(|a| jwt::claim(&a, claim))
+                }
+            };
+            let plan = named
+                .and_then(|n| plans.plans.iter().find(|p| p.name.as_bytes() == n.as_slice()))
+                .or_else(|| plans.plans.get(plans.default));
+            match plan {
+                Some(p) => (Some(&p.name), &p.limits),
+                None => (None, &[]),
+            }
+        }
+    }
 }
 
-/// Lowest remaining first; then the longer wait; then the earlier rule (already held).
-fn more_restrictive(a: &Report, b: &Report) -> bool {
+/// The request's cost under `rule`, or why it cannot be accepted.
+fn cost_of(rule: &Rule, request: &dyn Request) -> Result<u64, String> {
+    match &rule.cost {
+        Cost::Constant(cost) => Ok(*cost),
+        Cost::Header { name, max, default } => {
+            let Some(value) = request.header(name) else { return Ok(*default) };
+            let cost = std::str::from_utf8(&value)
+                .ok()
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| t.parse::<u64>().ok())
+                .filter(|c| *c > 0)
+                .ok_or_else(|| format!("{name} must be a positive whole number"))?;
+            if cost > *max {
+                return Err(format!("cost {cost} from {name} exceeds the maximum {max}"));
+            }
+            Ok(cost)
+        }
+    }
+}
+
+fn deny<'a>(item: &Item<'a>, decision: &Decision) -> Verdict<'a> {
+    let report = Report::new(item.rule, item.limit, decision);
+    Verdict::Deny {
+        report: Some(report),
+        retry_after_seconds: Some(report.reset_seconds.max(1)),
+        reason: None,
+    }
+}
+
+fn table_full_denial<'a>() -> Verdict<'a> {
+    Verdict::Deny { report: None, retry_after_seconds: Some(TABLE_FULL_RETRY_AFTER_SECONDS), reason: None }
+}
+
+/// Lowest remaining first; then the longer wait; then the earlier limit (already held).
+fn more_restrictive(a: &Report<'_>, b: &Report<'_>) -> bool {
     (a.remaining, std::cmp::Reverse(a.reset_seconds)) < (b.remaining, std::cmp::Reverse(b.reset_seconds))
 }
 

@@ -3,30 +3,55 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::algorithm::State;
 use crate::clock::{Clock, FakeClock};
 use crate::config::Config;
 use crate::keys::request_key;
-use crate::limiter::{Limiter, Metric, Metrics, Report, Verdict};
+use crate::limiter::{Limiter, Metric, Observer, Verdict};
 use crate::request::TestRequest;
 use crate::store::{MemoryStore, SharedStore};
 use crate::table::{Applied, Lookup, TableEvents, SLOT_LEN};
-use crate::token_bucket::BucketState;
+use crate::violations::Violation;
 
 const S: u64 = 1_000_000_000;
-const T0: u64 = 1_800_000_000 * S;
+/// 2026-01-15T08:00:00Z
+const T0: u64 = 1_768_464_000 * S;
 
 #[derive(Default)]
-struct Counts(Mutex<HashMap<Metric, u64>>);
+struct Counts(Mutex<HashMap<Metric, u64>>, Mutex<Vec<String>>);
 
-impl Metrics for Counts {
+impl Observer for Counts {
     fn count(&self, metric: Metric) {
         *self.0.lock().unwrap().entry(metric).or_default() += 1;
+    }
+
+    fn violation(&self, violation: &Violation<'_>) {
+        self.1.lock().unwrap().push(violation.render(0));
     }
 }
 
 impl Counts {
     fn get(&self, metric: Metric) -> u64 {
         self.0.lock().unwrap().get(&metric).copied().unwrap_or(0)
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.1.lock().unwrap().clone()
+    }
+}
+
+/// (remaining, reset seconds) of the reported limit, and its name.
+fn reported(v: &Verdict<'_>) -> Option<(String, u64, u64)> {
+    let report = match v {
+        Verdict::Allow { report } | Verdict::Deny { report, .. } => report.as_ref()?,
+    };
+    Some((report.limit.name.clone(), report.remaining, report.reset_seconds))
+}
+
+fn retry_after(v: &Verdict<'_>) -> Option<u64> {
+    match v {
+        Verdict::Deny { retry_after_seconds, .. } => *retry_after_seconds,
+        Verdict::Allow { .. } => None,
     }
 }
 
@@ -47,7 +72,7 @@ fn keyed(key: &str) -> TestRequest {
     TestRequest::get("/").with_header("x-key", key)
 }
 
-fn allowed(v: Verdict) -> bool {
+fn allowed(v: Verdict<'_>) -> bool {
     matches!(v, Verdict::Allow { .. })
 }
 
@@ -75,18 +100,15 @@ fn reports_remaining_and_reset_and_refills_after_waiting() {
     let m = Counts::default();
     let clock = FakeClock::at(T0);
     let first = l.check(&store, &keyed("a"), clock.now_nanos(), &m);
-    assert_eq!(first, Verdict::Allow { report: Some(Report { rule: 0, remaining: 4, reset_seconds: 12 }) });
+    assert!(allowed(first.clone()));
+    assert_eq!(reported(&first), Some(("per-key".into(), 4, 12)));
     for _ in 0..4 {
         assert!(allowed(l.check(&store, &keyed("a"), clock.now_nanos(), &m)));
     }
     let denied = l.check(&store, &keyed("a"), clock.now_nanos(), &m);
-    assert_eq!(
-        denied,
-        Verdict::Deny {
-            report: Some(Report { rule: 0, remaining: 0, reset_seconds: 12 }),
-            retry_after_seconds: 12
-        }
-    );
+    assert!(!allowed(denied.clone()));
+    assert_eq!(reported(&denied), Some(("per-key".into(), 0, 12)));
+    assert_eq!(retry_after(&denied), Some(12));
     clock.advance(12 * S);
     assert!(allowed(l.check(&store, &keyed("a"), clock.now_nanos(), &m)));
     assert!(!allowed(l.check(&store, &keyed("a"), clock.now_nanos(), &m)));
@@ -116,10 +138,9 @@ fn a_denial_by_one_rule_consumes_nothing_from_the_other() {
         admitted += u64::from(allowed(l.check(&store, &small, T0, &m)));
     }
     assert_eq!(admitted, 2);
-    match l.check(&store, &keyed("k"), T0, &m) {
-        Verdict::Allow { report: Some(r) } => assert_eq!((r.rule, r.remaining), (0, 100 - 2 - 1)),
-        other => panic!("expected an allowed request reporting rule big, got {other:?}"),
-    }
+    let v = l.check(&store, &keyed("k"), T0, &m);
+    assert!(allowed(v.clone()));
+    assert_eq!(reported(&v).map(|r| (r.0, r.1)), Some(("big".into(), 100 - 2 - 1)));
 }
 
 #[test]
@@ -127,10 +148,7 @@ fn with_several_limits_the_lowest_remaining_is_reported() {
     let (l, store) = limiter(TWO_RULES);
     let m = Counts::default();
     let small = keyed("k").with_header("x-tier", "small");
-    assert_eq!(
-        l.check(&store, &small, T0, &m),
-        Verdict::Allow { report: Some(Report { rule: 1, remaining: 1, reset_seconds: 1800 }) }
-    );
+    assert_eq!(reported(&l.check(&store, &small, T0, &m)), Some(("small".into(), 1, 1800)));
 }
 
 #[test]
@@ -180,7 +198,7 @@ fn key_at_home_zero(l: &Limiter) -> (TestRequest, crate::keys::Fingerprint) {
     (0..1000)
         .map(|i| keyed(&format!("k{i}")))
         .find_map(|r| {
-            let fp = request_key(42, &l.config().rules[0], &r)?;
+            let fp = request_key(42, &l.config().rules[0], &r)?.limit(None, 0);
             (fp.0 % 8 == 0).then_some((r, fp))
         })
         .unwrap()
@@ -201,9 +219,10 @@ fn table_with_a_slot_about_to_idle() -> (Limiter, MemoryStore) {
         if slot.index == 5 {
             continue;
         }
+        let algorithm = l.config().rules[0].limits.all().next().unwrap().algorithm;
         table
-            .measure_and_replace(&store, fp, T0, Some(lookup), &mut e, |_| {
-                ((), Some(BucketState { full_at: idle_at, updated_at: T0 }))
+            .measure_and_replace(&store, fp, T0, Some(lookup), &algorithm, &mut e, |_| {
+                ((), Some(State { idle_at, extra: T0 }))
             })
             .unwrap();
     }
@@ -217,12 +236,12 @@ fn consume(
     now: u64,
     first: Option<Lookup>,
 ) -> (bool, TableEvents) {
-    let rule = &l.config().rules[0];
+    let algorithm = l.config().rules[0].limits.all().next().unwrap().algorithm;
     let mut events = TableEvents::default();
     let applied = l
         .table()
-        .measure_and_replace(store, fp, now, first, &mut events, |state| {
-            let (d, next) = rule.bucket.decide(state, now, 1);
+        .measure_and_replace(store, fp, now, first, &algorithm, &mut events, |state| {
+            let (d, next) = algorithm.decide(state, now, 1);
             (d.allowed, d.allowed.then_some(next))
         })
         .unwrap();
@@ -327,4 +346,222 @@ fn four_threads_on_one_fresh_key_admit_exactly_the_capacity() {
         });
         assert_eq!(admitted.load(Ordering::SeqCst), 50, "round {round}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policies: algorithms, several limits, plans, costs, shadow mode, status, violation log.
+
+fn rule_json(name: &str, body: &str) -> String {
+    format!(
+        r#"{{"table_size":256,"rules":[{{"name":"{name}","key":[{{"source":"header","name":"x-key"}}],{body}}}]}}"#
+    )
+}
+
+#[test]
+fn every_algorithm_admits_exactly_its_quota_on_a_fresh_key() {
+    for limit in [
+        r#"{"algorithm":"token_bucket","capacity":5,"refill_period":"1h"}"#,
+        r#"{"algorithm":"gcra","requests":5,"period":"1h","burst":5}"#,
+        r#"{"algorithm":"fixed_window","requests":5,"window":"1h"}"#,
+        r#"{"algorithm":"sliding_window","requests":5,"window":"1h"}"#,
+        r#"{"algorithm":"fixed_window","requests":5,"window":"month"}"#,
+    ] {
+        let (l, store) = limiter(&rule_json("r", &format!(r#""limit":{limit}"#)));
+        let m = Counts::default();
+        let admitted = (0..20).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count();
+        assert_eq!(admitted, 5, "{limit}");
+    }
+}
+
+#[test]
+fn gcra_with_the_default_burst_spaces_requests_evenly() {
+    let (l, store) = limiter(&rule_json("r", r#""limit":{"algorithm":"gcra","requests":10,"period":"1s"}"#));
+    let m = Counts::default();
+    assert!(allowed(l.check(&store, &keyed("k"), T0, &m)));
+    assert!(!allowed(l.check(&store, &keyed("k"), T0 + 50_000_000, &m)));
+    assert!(allowed(l.check(&store, &keyed("k"), T0 + 100_000_000, &m)));
+    let v = l.check(&store, &keyed("k"), T0 + 100_000_000, &m);
+    assert_eq!(reported(&v).map(|r| r.0), Some("r".into()));
+}
+
+const PER_SECOND_AND_DAY: &str = r#""limits":[
+    {"name":"second","algorithm":"fixed_window","requests":3,"window":"1s"},
+    {"name":"day","algorithm":"fixed_window","requests":5,"window":"day"}]"#;
+
+#[test]
+fn several_limits_on_one_rule_must_all_pass_and_a_denial_consumes_from_none() {
+    let (l, store) = limiter(&rule_json("api", PER_SECOND_AND_DAY));
+    let m = Counts::default();
+    let admitted = (0..10).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count();
+    assert_eq!(admitted, 3, "the per-second limit bites first");
+    // Seven denials by the per-second limit took nothing from the daily one: 2 more pass.
+    let later = (0..10).filter(|_| allowed(l.check(&store, &keyed("k"), T0 + 2 * S, &m))).count();
+    assert_eq!(later, 2);
+    let v = l.check(&store, &keyed("k"), T0 + 4 * S, &m);
+    assert_eq!(reported(&v).map(|r| (r.0, r.1)), Some(("api.day".into(), 0)));
+}
+
+#[test]
+fn a_daily_quota_resets_at_utc_midnight_and_says_so() {
+    let (l, store) =
+        limiter(&rule_json("ai", r#""limit":{"algorithm":"fixed_window","requests":2,"window":"day"}"#));
+    let m = Counts::default();
+    // T0 is 2026-01-15T08:00:00Z: 16 h to midnight.
+    let v = l.check(&store, &keyed("k"), T0, &m);
+    assert_eq!(reported(&v), Some(("ai".into(), 1, 16 * 3600)));
+    l.check(&store, &keyed("k"), T0, &m);
+    assert_eq!(retry_after(&l.check(&store, &keyed("k"), T0, &m)), Some(16 * 3600));
+    assert!(allowed(l.check(&store, &keyed("k"), T0 + 16 * 3600 * S, &m)));
+}
+
+const PLANS: &str = r#""plan":{"header":"x-plan"},"default_plan":"free","plans":{
+    "free":{"limit":{"algorithm":"fixed_window","requests":2,"window":"1m"}},
+    "premium":{"limit":{"algorithm":"fixed_window","requests":5,"window":"1m"}},
+    "enterprise":{"unlimited":true}}"#;
+
+#[test]
+fn each_plan_has_its_own_limits_and_unknown_plans_get_the_default() {
+    let (l, store) = limiter(&rule_json("api", PLANS));
+    let m = Counts::default();
+    let count = |key: &str, plan: Option<&str>| {
+        let req = match plan {
+            Some(p) => keyed(key).with_header("x-plan", p),
+            None => keyed(key),
+        };
+        (0..20).filter(|_| allowed(l.check(&store, &req, T0, &m))).count()
+    };
+    assert_eq!(count("a", Some("free")), 2);
+    assert_eq!(count("b", Some("premium")), 5);
+    assert_eq!(count("c", Some("enterprise")), 20);
+    assert_eq!(count("d", Some("platinum")), 2, "unknown plan: the default");
+    assert_eq!(count("e", None), 2, "no plan: the default");
+}
+
+#[test]
+fn the_plan_can_come_from_a_jwt_claim() {
+    let json = rule_json("api", &PLANS.replace(r#"{"header":"x-plan"}"#, r#"{"jwt_claim":"plan"}"#));
+    let (l, store) = limiter(&json);
+    let m = Counts::default();
+    let token = |plan: &str| {
+        let payload = format!(r#"{{"sub":"u","plan":"{plan}"}}"#);
+        format!("Bearer eyJhbGciOiJub25lIn0.{}.", base64url(payload.as_bytes()))
+    };
+    let premium = keyed("a").with_header("authorization", token("premium"));
+    assert_eq!((0..20).filter(|_| allowed(l.check(&store, &premium, T0, &m))).count(), 5);
+    let free = keyed("b").with_header("authorization", token("free"));
+    assert_eq!((0..20).filter(|_| allowed(l.check(&store, &free, T0, &m))).count(), 2);
+    let garbage = keyed("c").with_header("authorization", "Bearer not-a-jwt");
+    assert_eq!((0..20).filter(|_| allowed(l.check(&store, &garbage, T0, &m))).count(), 2);
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+const HEADER_COST: &str =
+    r#""limit":{"capacity":10,"refill_period":"1h"},"cost":{"header":"x-cost","max":20,"default":2}"#;
+
+#[test]
+fn cost_comes_from_a_header_with_a_default() {
+    let (l, store) = limiter(&rule_json("r", HEADER_COST));
+    let m = Counts::default();
+    let v = l.check(&store, &keyed("k").with_header("x-cost", "7"), T0, &m);
+    assert_eq!(reported(&v).map(|r| r.1), Some(3));
+    let v = l.check(&store, &keyed("k"), T0, &m);
+    assert_eq!(reported(&v).map(|r| r.1), Some(1), "no header: the default cost of 2");
+}
+
+#[test]
+fn a_cost_above_the_capacity_or_the_maximum_is_denied_with_a_reason() {
+    let (l, store) = limiter(&rule_json("r", HEADER_COST));
+    let m = Counts::default();
+    let reason = |cost: &str| match l.check(&store, &keyed("k").with_header("x-cost", cost), T0, &m) {
+        Verdict::Deny { reason, retry_after_seconds: None, report: None } => reason,
+        other => panic!("expected a denial without Retry-After, got {other:?}"),
+    };
+    assert_eq!(reason("11").as_deref(), Some("cost 11 exceeds the capacity 10 of limit \"r\""));
+    assert_eq!(reason("21").as_deref(), Some("cost 21 from x-cost exceeds the maximum 20"));
+    assert_eq!(reason("-1").as_deref(), Some("x-cost must be a positive whole number"));
+    assert_eq!(reason("0").as_deref(), Some("x-cost must be a positive whole number"));
+    // None of that consumed anything.
+    let v = l.check(&store, &keyed("k").with_header("x-cost", "10"), T0, &m);
+    assert!(allowed(v));
+    assert_eq!(m.get(Metric::Denied(0)), 4);
+}
+
+#[test]
+fn a_shadow_rule_counts_logs_and_reports_but_never_denies() {
+    let json = rule_json("r", r#""limit":{"capacity":2,"refill_period":"1h"},"shadow":true"#);
+    let (l, store) = limiter(&json);
+    let m = Counts::default();
+    let verdicts: Vec<_> = (0..5).map(|_| l.check(&store, &keyed("k"), T0, &m)).collect();
+    assert!(verdicts.iter().all(|v| matches!(v, Verdict::Allow { .. })));
+    assert_eq!(reported(&verdicts[4]).map(|r| r.1), Some(0));
+    assert_eq!(m.get(Metric::ShadowDenied(0)), 3);
+    assert_eq!(m.get(Metric::Denied(0)), 0);
+    assert_eq!(m.log().len(), 3);
+    assert!(m.log()[0].starts_with("ratelimit-wasm: shadow-denied rule=\"r\""));
+}
+
+#[test]
+fn a_shadow_rule_does_not_block_an_enforced_one_nor_the_reverse() {
+    let json = r#"{"table_size":256,"rules":[
+        {"name":"shadow","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":1,"refill_period":"1h"},"shadow":true},
+        {"name":"real","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":3,"refill_period":"1h"}}]}"#;
+    let (l, store) = limiter(json);
+    let m = Counts::default();
+    let admitted = (0..10).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count();
+    assert_eq!(admitted, 3);
+}
+
+#[test]
+fn the_status_reports_every_applicable_limit_without_consuming() {
+    let (l, store) = limiter(&rule_json("api", PER_SECOND_AND_DAY));
+    let m = Counts::default();
+    l.check(&store, &keyed("k"), T0, &m);
+    for _ in 0..3 {
+        let standings = l.standings(&store, &keyed("k"), T0).unwrap();
+        let summary: Vec<_> = standings.iter().map(|s| (s.limit.name.as_str(), s.remaining)).collect();
+        assert_eq!(summary, vec![("api.second", 2), ("api.day", 4)]);
+    }
+    let json = crate::status::status_json(&l.standings(&store, &keyed("k"), T0).unwrap(), T0);
+    assert!(json.starts_with(r#"{"limits":[{"rule":"api","limit":"api.second","algorithm":"fixed_window","quota":3,"window":1,"remaining":2,"reset":1,"shadow":false}"#), "{json}");
+    assert!(l.standings(&store, &TestRequest::get("/"), T0).unwrap().is_empty(), "no key, no limits");
+}
+
+#[test]
+fn the_violation_log_names_rule_plan_and_a_key_hash_not_the_key() {
+    let (l, store) = limiter(&rule_json("api", PLANS));
+    let m = Counts::default();
+    for _ in 0..3 {
+        l.check(&store, &keyed("secret-user").with_header("x-plan", "free"), T0, &m);
+    }
+    let log = m.log();
+    assert_eq!(log.len(), 1);
+    assert!(
+        log[0]
+            .starts_with("ratelimit-wasm: denied rule=\"api\" limit=\"api\" plan=\"free\" cost=1 key_hash="),
+        "{}",
+        log[0]
+    );
+    assert!(!log[0].contains("secret-user"));
+}
+
+#[test]
+fn the_violation_log_can_include_the_raw_key() {
+    let json = rule_json("api", r#""limit":{"capacity":1,"refill_period":"1h"}"#)
+        .replace(r#"{"table_size""#, r#"{"violation_log":{"include_key":true},"table_size""#);
+    let (l, store) = limiter(&json);
+    let m = Counts::default();
+    l.check(&store, &keyed("alice"), T0, &m);
+    l.check(&store, &keyed("alice"), T0, &m);
+    assert!(m.log()[0].contains(" key=\"alice\""), "{}", m.log()[0]);
 }

@@ -24,6 +24,11 @@ impl Matcher {
                 return false;
             }
         }
+        self.headers_match(request)
+    }
+
+    /// The header conditions alone.
+    pub fn headers_match(&self, request: &dyn Request) -> bool {
         self.headers.iter().all(|h| {
             let value = request.header(&h.name);
             match &h.condition {

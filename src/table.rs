@@ -14,9 +14,9 @@
 //! of the home slot after re-scanning the window; of any two confirmed inserts, the later one's
 //! re-scan sees the earlier, and duplicates found are folded into the earliest copy.
 
+use crate::algorithm::{Algorithm, State};
 use crate::keys::{store_key, Fingerprint, StoreKey};
 use crate::store::{SharedStore, StoreError, Versioned, CREATE_ONLY_CAS};
-use crate::token_bucket::BucketState;
 
 /// Slots probed for one key.
 pub const WINDOW: u32 = 8;
@@ -40,15 +40,15 @@ struct Slot {
     fingerprint: u64,
     /// After this instant the state is indistinguishable from a fresh one.
     idle_at: u64,
-    /// Algorithm-specific (the token bucket keeps its last update time here).
+    /// Algorithm-specific (see [`State`]).
     extra: u64,
 }
 
 impl Slot {
     const FREE: Slot = Slot { fingerprint: 0, idle_at: 0, extra: 0 };
 
-    fn holding(fp: Fingerprint, state: BucketState) -> Slot {
-        Slot { fingerprint: fp.0, idle_at: state.full_at, extra: state.updated_at }
+    fn holding(fp: Fingerprint, state: State) -> Slot {
+        Slot { fingerprint: fp.0, idle_at: state.idle_at, extra: state.extra }
     }
 
     fn decode(bytes: &[u8]) -> Slot {
@@ -76,8 +76,8 @@ impl Slot {
         self.fingerprint == 0 || self.idle_at <= now
     }
 
-    fn state(self) -> BucketState {
-        BucketState { full_at: self.idle_at, updated_at: self.extra }
+    fn state(self) -> State {
+        State { idle_at: self.idle_at, extra: self.extra }
     }
 }
 
@@ -101,11 +101,11 @@ pub enum Lookup {
 }
 
 impl Lookup {
-    /// The bucket as the scan saw it: a fresh bucket unless the key was found.
-    pub fn state(&self) -> BucketState {
+    /// The state as the scan saw it: a fresh one unless the key was found.
+    pub fn state(&self) -> State {
         match self {
             Lookup::Found(s) => s.slot.state(),
-            _ => BucketState::default(),
+            _ => State::default(),
         }
     }
 }
@@ -213,16 +213,18 @@ impl<'a> Table<'a> {
     }
 
     /// Read-compute-CAS for one key, starting from `first` (a fresh lookup when `None`).
-    /// `decide` maps the current bucket to a decision and, when something must be stored, the new
-    /// bucket.
+    /// `decide` maps the current state to a decision and, when something must be stored, the new
+    /// state; `algorithm` merges duplicates should the insert race.
+    #[allow(clippy::too_many_arguments)]
     pub fn measure_and_replace<D: Copy>(
         &self,
         store: &dyn SharedStore,
         fp: Fingerprint,
         now: u64,
         first: Option<Lookup>,
+        algorithm: &Algorithm,
         events: &mut TableEvents,
-        mut decide: impl FnMut(BucketState) -> (D, Option<BucketState>),
+        mut decide: impl FnMut(State) -> (D, Option<State>),
     ) -> Result<Applied<D>, StoreError> {
         let mut lookup = match first {
             Some(l) => l,
@@ -241,7 +243,7 @@ impl<'a> Table<'a> {
             if self.write(store, &snapshot, slot)? {
                 let inserted = matches!(lookup, Lookup::Vacant(_));
                 if inserted {
-                    self.confirm_insert(store, fp, now, events)?;
+                    self.confirm_insert(store, fp, now, algorithm, events)?;
                 }
                 let reclaimed = inserted && snapshot.slot.fingerprint != 0;
                 return Ok(Applied::Stored { decision, index: snapshot.index, reclaimed });
@@ -258,13 +260,13 @@ impl<'a> Table<'a> {
         Ok(Applied::Exhausted)
     }
 
-    /// Applies `update` to the key's bucket in slot `index`, if the key is still there.
+    /// Applies `update` to the key's state in slot `index`, if the key is still there.
     pub fn update_at(
         &self,
         store: &dyn SharedStore,
         fp: Fingerprint,
         index: u32,
-        mut update: impl FnMut(BucketState) -> BucketState,
+        mut update: impl FnMut(State) -> State,
     ) -> Result<bool, StoreError> {
         for _ in 0..MAX_ATTEMPTS {
             let snapshot = self.read(store, index)?;
@@ -287,6 +289,7 @@ impl<'a> Table<'a> {
         store: &dyn SharedStore,
         fp: Fingerprint,
         now: u64,
+        algorithm: &Algorithm,
         events: &mut TableEvents,
     ) -> Result<(), StoreError> {
         let home = self.home(fp);
@@ -308,7 +311,7 @@ impl<'a> Table<'a> {
             if count > 1 {
                 if let Some(first) = copies[0] {
                     for later in copies[1..count].iter().flatten() {
-                        self.fold(store, fp, now, first.index, later)?;
+                        self.fold(store, fp, now, algorithm, first.index, later)?;
                         events.duplicates_folded += 1;
                     }
                 }
@@ -322,12 +325,13 @@ impl<'a> Table<'a> {
         Ok(())
     }
 
-    /// Moves the debt held by a duplicate copy into the canonical (earliest) one.
+    /// Moves what a duplicate copy holds into the canonical (earliest) one.
     fn fold(
         &self,
         store: &dyn SharedStore,
         fp: Fingerprint,
         now: u64,
+        algorithm: &Algorithm,
         canonical: u32,
         duplicate: &Snapshot,
     ) -> Result<(), StoreError> {
@@ -335,11 +339,8 @@ impl<'a> Table<'a> {
             // It changed under us; the next scan will see it again.
             return Ok(());
         }
-        let debt = duplicate.slot.idle_at.saturating_sub(now);
-        self.update_at(store, fp, canonical, |state| BucketState {
-            full_at: state.full_at.max(now).saturating_add(debt),
-            updated_at: state.updated_at.max(now),
-        })?;
+        let held = duplicate.slot.state();
+        self.update_at(store, fp, canonical, |state| algorithm.merge(state, held, now))?;
         Ok(())
     }
 }

@@ -6,7 +6,7 @@
 //! whose `full_at` lies in the past is full and carries no information, which is what lets the
 //! table reuse its slot.
 
-use crate::duration::NANOS_PER_SECOND;
+use crate::algorithm::{ceil_seconds, Decision};
 
 /// What is stored for one bucket. `Default` is a full bucket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -16,18 +16,6 @@ pub struct BucketState {
     /// microseconds apart and may write in another order; deciding at no earlier time than this
     /// keeps a late writer with an early reading from seeing a spurious extra debt.
     pub updated_at: u64,
-}
-
-/// The answer for one request against one bucket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
-    pub allowed: bool,
-    /// Whole tokens left after this request (before it, when denied).
-    pub remaining: u64,
-    /// Allowed: nanoseconds until the bucket is full again. Denied: equals `retry_after`.
-    pub reset_nanos: u64,
-    /// Nanoseconds until a request of this cost would be allowed (0 when allowed).
-    pub retry_after_nanos: u64,
 }
 
 /// An immutable bucket definition, validated at configuration time.
@@ -101,9 +89,22 @@ impl TokenBucket {
         }
     }
 
-    /// A full bucket tells nothing a fresh one would not: its slot may be reused.
-    pub fn is_idle(&self, state: BucketState, now: u64) -> bool {
-        state.full_at <= now
+    pub fn status(&self, state: BucketState, now: u64) -> Decision {
+        let now = now.max(state.updated_at);
+        let debt = self.debt(state, now);
+        Decision {
+            allowed: true,
+            remaining: (self.tolerance - debt) / self.interval,
+            reset_nanos: debt,
+            retry_after_nanos: 0,
+        }
+    }
+
+    /// One bucket holding what two copies of it had taken.
+    pub fn merge(&self, a: BucketState, b: BucketState, now: u64) -> BucketState {
+        let now = now.max(a.updated_at).max(b.updated_at);
+        let debt = self.debt(a, now).saturating_add(self.debt(b, now)).min(self.tolerance);
+        BucketState { full_at: now.saturating_add(debt), updated_at: now }
     }
 
     /// Gives back what an earlier `decide` at the same cost took.
@@ -115,13 +116,10 @@ impl TokenBucket {
     }
 }
 
-pub fn ceil_seconds(nanos: u64) -> u64 {
-    nanos.div_ceil(NANOS_PER_SECOND)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::duration::NANOS_PER_SECOND;
 
     const S: u64 = NANOS_PER_SECOND;
     const T0: u64 = 1_700_000_000 * S;
@@ -194,12 +192,21 @@ mod tests {
     }
 
     #[test]
-    fn a_refilled_bucket_is_idle_and_a_draining_one_is_not() {
-        let b = bucket(2, 2, 2);
-        let (_, state) = b.decide(BucketState::default(), T0, 1);
-        assert!(!b.is_idle(state, T0));
-        assert!(b.is_idle(state, T0 + S));
-        assert!(b.is_idle(BucketState::default(), T0));
+    fn status_reports_without_consuming() {
+        let b = bucket(5, 5, 60);
+        let (_, state) = b.decide(BucketState::default(), T0, 2);
+        let d = b.status(state, T0);
+        assert_eq!((d.remaining, d.reset_nanos), (3, 24 * S));
+        assert_eq!(b.status(state, T0).remaining, 3);
+    }
+
+    #[test]
+    fn merging_two_copies_adds_their_debts() {
+        let b = bucket(10, 10, 10);
+        let (_, a) = burst(&b, BucketState::default(), T0, 3);
+        let (_, c) = burst(&b, BucketState::default(), T0, 4);
+        let (allowed, _) = burst(&b, b.merge(a, c, T0), T0, 10);
+        assert_eq!(allowed, 3);
     }
 
     #[test]
@@ -208,7 +215,7 @@ mod tests {
         let (_, one) = b.decide(BucketState::default(), T0, 1);
         let (_, two) = b.decide(one, T0, 1);
         assert_eq!(b.refund(two, T0, 1).full_at, one.full_at);
-        assert!(b.is_idle(b.refund(one, T0, 1), T0));
+        assert!(b.refund(one, T0, 1).full_at <= T0, "a full bucket again");
     }
 
     #[test]

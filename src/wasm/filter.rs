@@ -1,19 +1,23 @@
 //! The root context (configuration, metrics) and the HTTP context (one request's decision).
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::headers::render;
-use crate::limiter::{Limiter, Metric, Metrics, Verdict};
+use crate::limiter::{Limiter, Metric, Observer, Verdict};
+use crate::status::status_json;
+use crate::violations::{LogLimiter, Violation};
 use crate::wasm::host::{self, HostRequest, HostStore, LogLevel};
 
 /// Counter ids, defined once per worker at configuration time.
 struct Counters {
     allowed: Vec<Option<u32>>,
     denied: Vec<Option<u32>>,
+    shadow_denied: Vec<Option<u32>>,
     table_full: Option<u32>,
     cas_retries_exhausted: Option<u32>,
     slot_reclaimed: Option<u32>,
@@ -30,6 +34,7 @@ impl Counters {
         Counters {
             allowed: per_rule("allowed"),
             denied: per_rule("denied"),
+            shadow_denied: per_rule("shadow_denied"),
             table_full: host::define_counter(&name("table_full")),
             cas_retries_exhausted: host::define_counter(&name("cas_retries_exhausted")),
             slot_reclaimed: host::define_counter(&name("slot_reclaimed")),
@@ -39,11 +44,33 @@ impl Counters {
     }
 }
 
-impl Metrics for Counters {
+/// Counters plus the violation log, for one worker.
+struct Events {
+    counters: Counters,
+    log_level: Option<LogLevel>,
+    log_limiter: RefCell<LogLimiter>,
+}
+
+impl Observer for Events {
+    fn count(&self, metric: Metric) {
+        self.counters.count(metric);
+    }
+
+    fn violation(&self, violation: &Violation<'_>) {
+        let Some(level) = self.log_level else { return };
+        let Ok(mut limiter) = self.log_limiter.try_borrow_mut() else { return };
+        if let Some(suppressed) = limiter.admit(host::now_nanos()) {
+            host::log(level, &violation.render(suppressed));
+        }
+    }
+}
+
+impl Counters {
     fn count(&self, metric: Metric) {
         let id = match metric {
             Metric::Allowed(rule) => self.allowed.get(rule).copied().flatten(),
             Metric::Denied(rule) => self.denied.get(rule).copied().flatten(),
+            Metric::ShadowDenied(rule) => self.shadow_denied.get(rule).copied().flatten(),
             Metric::TableFull => self.table_full,
             Metric::CasRetriesExhausted => self.cas_retries_exhausted,
             Metric::SlotReclaimed => self.slot_reclaimed,
@@ -58,7 +85,7 @@ impl Metrics for Counters {
 
 struct Shared {
     limiter: Limiter,
-    counters: Counters,
+    events: Events,
 }
 
 #[derive(Default)]
@@ -100,8 +127,18 @@ impl RootContext for Root {
                 config.key_prefix
             ),
         );
-        let counters = Counters::define(&config);
-        self.shared = Some(Rc::new(Shared { limiter: Limiter::new(config, seed), counters }));
+        let events = Events {
+            counters: Counters::define(&config),
+            log_level: match config.violation_log.level {
+                config::LogLevel::Off => None,
+                config::LogLevel::Debug => Some(LogLevel::Debug),
+                config::LogLevel::Info => Some(LogLevel::Info),
+                config::LogLevel::Warn => Some(LogLevel::Warn),
+                config::LogLevel::Error => Some(LogLevel::Error),
+            },
+            log_limiter: RefCell::new(LogLimiter::new(config.violation_log.max_per_second)),
+        };
+        self.shared = Some(Rc::new(Shared { limiter: Limiter::new(config, seed), events }));
         true
     }
 
@@ -129,36 +166,79 @@ struct Filter {
     pending: Vec<(&'static str, String)>,
 }
 
+impl Filter {
+    fn answer_status(&mut self, limiter: &Limiter, now: u64) -> Action {
+        match limiter.standings(&HostStore, &HostRequest, now) {
+            Ok(standings) => {
+                let body = status_json(&standings, now);
+                respond(
+                    200,
+                    &[("content-type", "application/json"), ("cache-control", "no-store")],
+                    body.as_bytes(),
+                )
+            }
+            Err(e) => {
+                host::log(LogLevel::Warn, &format!("ratelimit-wasm: status unavailable: {e:?}"));
+                respond(503, &[("content-type", "text/plain")], b"rate limit status unavailable\n")
+            }
+        }
+    }
+}
+
+/// `GET <status_path>` (any query string).
+fn is_status_request(status_path: &str) -> bool {
+    let request = HostRequest;
+    use crate::request::Request;
+    let method_ok = request.header(":method").is_some_and(|m| m == b"GET" || m == b"HEAD");
+    let path_ok = request.header(":path").is_some_and(|p| {
+        let end = p.iter().position(|&b| b == b'?').unwrap_or(p.len());
+        &p[..end] == status_path.as_bytes()
+    });
+    method_ok && path_ok
+}
+
+fn respond(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Action {
+    match host::send_local_response(status, headers, body) {
+        Ok(()) => Action::Pause,
+        Err(code) => {
+            host::log(
+                LogLevel::Warn,
+                &format!("ratelimit-wasm: could not send a local response (status {code})"),
+            );
+            Action::Continue
+        }
+    }
+}
+
 impl Context for Filter {}
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let shared = &self.shared;
+        let shared = Rc::clone(&self.shared);
         let limiter = &shared.limiter;
         let config = limiter.config();
         let now = host::now_nanos();
-        match limiter.check(&HostStore, &HostRequest, now, &shared.counters) {
+        if let Some(status_path) = &config.status_path {
+            if is_status_request(status_path) {
+                return self.answer_status(limiter, now);
+            }
+        }
+        match limiter.check(&HostStore, &HostRequest, now, &shared.events) {
             Verdict::Allow { report } => {
-                let described = report.as_ref().and_then(|r| limiter.describe(r));
+                let described = report.map(|r| r.describe(now));
                 self.pending = render(config.headers, described.as_ref(), None);
                 Action::Continue
             }
-            Verdict::Deny { report, retry_after_seconds } => {
-                let described = report.as_ref().and_then(|r| limiter.describe(r));
-                let rendered = render(config.headers, described.as_ref(), Some(retry_after_seconds));
-                let mut headers: Vec<(&str, &str)> = Vec::with_capacity(rendered.len() + 1);
+            Verdict::Deny { report, retry_after_seconds, reason } => {
+                let described = report.map(|r| r.describe(now));
+                let rendered = render(config.headers, described.as_ref(), retry_after_seconds);
+                let mut headers: Vec<(&str, &str)> = Vec::with_capacity(rendered.len() + 2);
                 headers.push(("content-type", config.deny.content_type.as_str()));
                 headers.extend(rendered.iter().map(|(n, v)| (*n, v.as_str())));
-                match host::send_local_response(config.deny.status, &headers, config.deny.body.as_bytes()) {
-                    Ok(()) => Action::Pause,
-                    Err(status) => {
-                        host::log(
-                            LogLevel::Warn,
-                            &format!("ratelimit-wasm: could not send the deny response (status {status})"),
-                        );
-                        Action::Continue
-                    }
+                if let Some(reason) = &reason {
+                    headers.push(("x-ratelimit-reason", reason.as_str()));
                 }
+                respond(config.deny.status, &headers, config.deny.body.as_bytes())
             }
         }
     }

@@ -19,6 +19,7 @@ const METRIC_COUNTER: u32 = 0;
 #[derive(Clone, Copy)]
 #[repr(u32)]
 pub enum LogLevel {
+    Debug = 1,
     Info = 2,
     Warn = 3,
     Error = 4,

@@ -4,18 +4,19 @@
 //! full message is logged by the wasm glue, which then makes Envoy refuse the plugin.
 
 use std::fmt;
-use std::num::NonZeroU32;
 
 use serde::Deserialize;
 
-use crate::duration::Duration;
-use crate::token_bucket::TokenBucket;
+mod limits;
+
+pub use limits::{Cost, Limit, LimitKind, Limits, Plan, PlanSource, Plans};
+use limits::{RawCost, RawLimit, RawPlan, RawPlanSource};
 
 pub const DEFAULT_KEY_PREFIX: &str = "ratelimit-wasm";
 pub const DEFAULT_TABLE_SIZE: u32 = 65_536;
 pub const MIN_TABLE_SIZE: u32 = 8;
 pub const MAX_TABLE_SIZE: u32 = 1 << 24;
-const MAX_NAME_LEN: usize = 64;
+pub(crate) const MAX_NAME_LEN: usize = 64;
 
 /// A configuration error: where in the JSON, and what is wrong there.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,7 +26,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn at(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn at(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError { path: path.into(), message: message.into() }
     }
 }
@@ -82,6 +83,7 @@ pub enum KeyPart {
     Method,
     Path,
     Constant(String),
+    JwtClaim(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,10 +117,10 @@ pub struct Rule {
     pub matcher: Matcher,
     pub key: Vec<KeyPart>,
     pub when_key_missing: MissingKeyPolicy,
-    pub bucket: TokenBucket,
-    pub cost: u64,
-    /// The `RateLimit-Policy` item for this rule, rendered once: `"name";q=100;w=60`.
-    pub policy: String,
+    pub limits: Limits,
+    pub cost: Cost,
+    /// Counts, logs and reports, but never denies.
+    pub shadow: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,7 +137,29 @@ pub struct Config {
     pub when_table_full: TableFullPolicy,
     pub headers: HeaderFormat,
     pub deny: DenyResponse,
+    /// A path the filter answers itself with the caller's current limits.
+    pub status_path: Option<String>,
+    pub violation_log: ViolationLog,
     pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    Off,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// One line per denial, itself rate-limited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViolationLog {
+    pub level: LogLevel,
+    pub max_per_second: u32,
+    /// Log the raw key parts instead of only a hash of the key.
+    pub include_key: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -154,7 +178,22 @@ struct RawConfig {
     headers: Option<HeaderFormat>,
     #[serde(default)]
     deny_response: Option<RawDenyResponse>,
+    #[serde(default)]
+    status_path: Option<String>,
+    #[serde(default)]
+    violation_log: Option<RawViolationLog>,
     rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawViolationLog {
+    #[serde(default)]
+    level: Option<LogLevel>,
+    #[serde(default)]
+    max_per_second: Option<u32>,
+    #[serde(default)]
+    include_key: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -177,9 +216,20 @@ struct RawRule {
     key: Vec<RawKeyPart>,
     #[serde(default)]
     when_key_missing: Option<MissingKeyPolicy>,
-    limit: RawLimit,
     #[serde(default)]
-    cost: Option<NonZeroU32>,
+    limit: Option<RawLimit>,
+    #[serde(default)]
+    limits: Option<Vec<RawLimit>>,
+    #[serde(default)]
+    plan: Option<RawPlanSource>,
+    #[serde(default)]
+    plans: Option<std::collections::BTreeMap<String, RawPlan>>,
+    #[serde(default)]
+    default_plan: Option<String>,
+    #[serde(default)]
+    cost: Option<RawCost>,
+    #[serde(default)]
+    shadow: bool,
 }
 
 #[derive(Deserialize)]
@@ -224,15 +274,9 @@ enum RawKeyPart {
     Constant {
         value: String,
     },
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLimit {
-    capacity: NonZeroU32,
-    #[serde(default)]
-    refill_tokens: Option<NonZeroU32>,
-    refill_period: Duration,
+    JwtClaim {
+        claim: String,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -273,6 +317,32 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let deny = compile_deny(raw.deny_response)?;
+    let status_path = match raw.status_path {
+        Some(p) if !p.starts_with('/') || p.contains(['?', '#']) => {
+            return Err(ConfigError::at(
+                "status_path",
+                format!("must be a path starting with \"/\" without query, got {p:?}"),
+            ))
+        }
+        other => other,
+    };
+    let violation_log = match raw.violation_log {
+        Some(v) => {
+            let max_per_second = v.max_per_second.unwrap_or(10);
+            if max_per_second == 0 {
+                return Err(ConfigError::at(
+                    "violation_log.max_per_second",
+                    "must be at least 1 (use \"level\": \"off\" to turn the log off)",
+                ));
+            }
+            ViolationLog {
+                level: v.level.unwrap_or(LogLevel::Info),
+                max_per_second,
+                include_key: v.include_key.unwrap_or(false),
+            }
+        }
+        None => ViolationLog { level: LogLevel::Info, max_per_second: 10, include_key: false },
+    };
     if raw.rules.is_empty() {
         return Err(ConfigError::at("rules", "at least one rule is required"));
     }
@@ -293,6 +363,8 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         when_table_full: raw.when_table_full.unwrap_or(TableFullPolicy::Allow),
         headers: raw.headers.unwrap_or(HeaderFormat::Both),
         deny,
+        status_path,
+        violation_log,
         rules,
     })
 }
@@ -337,37 +409,26 @@ fn compile_rule(path: &str, raw: RawRule) -> Result<Rule, ConfigError> {
     for (j, part) in raw.key.into_iter().enumerate() {
         key.push(compile_key_part(&format!("{path}.key[{j}]"), part)?);
     }
-    let capacity = raw.limit.capacity.get();
-    let refill_tokens = raw.limit.refill_tokens.map_or(capacity, NonZeroU32::get);
-    let period = raw.limit.refill_period;
-    if period.as_nanos() / u64::from(refill_tokens) == 0 {
-        return Err(ConfigError::at(
-            format!("{path}.limit.refill_tokens"),
-            format!("{refill_tokens} per {period} is more than one token per nanosecond"),
-        ));
-    }
-    let bucket = TokenBucket::new(capacity, refill_tokens, period.as_nanos()).ok_or_else(|| {
-        ConfigError::at(
-            format!("{path}.limit"),
-            format!("a bucket of {capacity} refilled {refill_tokens} per {period} takes longer than 146 years to fill"),
-        )
-    })?;
-    let cost = u64::from(raw.cost.map_or(1, NonZeroU32::get));
-    if cost > bucket.capacity() {
-        return Err(ConfigError::at(
-            format!("{path}.cost"),
-            format!("cost {cost} exceeds the limit's capacity {capacity}, so every request would be denied"),
-        ));
-    }
-    let policy = format!("\"{}\";q={};w={}", raw.name, bucket.capacity(), bucket.window_seconds());
+    let limits = limits::compile_limits(
+        path,
+        &raw.name,
+        limits::RawLimitSet {
+            limit: raw.limit,
+            limits: raw.limits,
+            plan: raw.plan,
+            plans: raw.plans,
+            default_plan: raw.default_plan,
+        },
+    )?;
+    let cost = limits::compile_cost(path, raw.cost, &limits)?;
     Ok(Rule {
         name: raw.name,
         matcher,
         key,
         when_key_missing: raw.when_key_missing.unwrap_or(MissingKeyPolicy::Skip),
-        bucket,
+        limits,
         cost,
-        policy,
+        shadow: raw.shadow,
     })
 }
 
@@ -429,11 +490,17 @@ fn compile_key_part(path: &str, raw: RawKeyPart) -> Result<KeyPart, ConfigError>
         RawKeyPart::Method => KeyPart::Method,
         RawKeyPart::Path => KeyPart::Path,
         RawKeyPart::Constant { value } => KeyPart::Constant(value),
+        RawKeyPart::JwtClaim { claim } => {
+            if claim.is_empty() {
+                return Err(ConfigError::at(format!("{path}.claim"), "must not be empty"));
+            }
+            KeyPart::JwtClaim(claim)
+        }
     })
 }
 
 /// Header names are matched lowercase, as Envoy stores them.
-fn header_name(path: &str, name: &str) -> Result<String, ConfigError> {
+pub(crate) fn header_name(path: &str, name: &str) -> Result<String, ConfigError> {
     let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     let body = name.strip_prefix(':').unwrap_or(name);
     if body.is_empty() || !body.bytes().all(token) {
@@ -442,7 +509,7 @@ fn header_name(path: &str, name: &str) -> Result<String, ConfigError> {
     Ok(name.to_ascii_lowercase())
 }
 
-fn is_name(name: &str, extra: &str) -> bool {
+pub(crate) fn is_name(name: &str, extra: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c) || extra.contains(c))
@@ -473,8 +540,14 @@ mod tests {
         let rule = &config.rules[0];
         assert_eq!(rule.key, vec![KeyPart::Header("x-key".into())]);
         assert_eq!(rule.when_key_missing, MissingKeyPolicy::Skip);
-        assert_eq!(rule.cost, 1);
-        assert_eq!(rule.policy, "\"r\";q=10;w=60");
+        assert_eq!(rule.cost, Cost::Constant(1));
+        let Limits::Fixed(limits) = &rule.limits else { panic!("one fixed limit expected") };
+        assert_eq!(limits[0].policy.as_deref(), Some("\"r\";q=10;w=60"));
+        assert_eq!(config.status_path, None);
+        assert_eq!(
+            config.violation_log,
+            ViolationLog { level: LogLevel::Info, max_per_second: 10, include_key: false }
+        );
     }
 
     #[test]

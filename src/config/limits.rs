@@ -1,0 +1,464 @@
+//! Limits, plans and costs: the part of a rule that says how much is allowed.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+
+use serde::{Deserialize, Deserializer};
+
+use super::{header_name, is_name, ConfigError, MAX_NAME_LEN};
+use crate::algorithm::{ceil_seconds, Algorithm};
+use crate::duration::{Duration, NANOS_PER_SECOND};
+use crate::fixed_window::{FixedWindow, Window};
+use crate::sliding_window::SlidingWindow;
+use crate::token_bucket::TokenBucket;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKind {
+    TokenBucket,
+    Gcra,
+    FixedWindow,
+    SlidingWindow,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::TokenBucket => "token_bucket",
+            LimitKind::Gcra => "gcra",
+            LimitKind::FixedWindow => "fixed_window",
+            LimitKind::SlidingWindow => "sliding_window",
+        }
+    }
+
+    /// The fields each algorithm takes, for error messages.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            LimitKind::TokenBucket => &["capacity", "refill_tokens", "refill_period"],
+            LimitKind::Gcra => &["requests", "period", "burst"],
+            LimitKind::FixedWindow | LimitKind::SlidingWindow => &["requests", "window"],
+        }
+    }
+}
+
+/// One limit, ready to use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limit {
+    /// The name in the headers: the rule's name, or `rule.limit` when a rule has several.
+    pub name: String,
+    pub kind: LimitKind,
+    pub algorithm: Algorithm,
+    /// `q` of the quota policy.
+    pub quota: u64,
+    /// `w` of the quota policy, when it does not vary (calendar months do).
+    pub window_seconds: Option<u64>,
+    /// The `RateLimit-Policy` item, prepared once when `window_seconds` is fixed.
+    pub policy: Option<String>,
+}
+
+impl Limit {
+    pub fn window_seconds_at(&self, now: u64) -> u64 {
+        self.window_seconds.unwrap_or_else(|| self.algorithm.window_seconds(now))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanSource {
+    Header(String),
+    JwtClaim(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub name: String,
+    /// Empty when the plan is unlimited.
+    pub limits: Vec<Limit>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plans {
+    pub source: PlanSource,
+    /// Index into `plans` of the plan for requests without a known plan.
+    pub default: usize,
+    pub plans: Vec<Plan>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Limits {
+    Fixed(Vec<Limit>),
+    Plans(Plans),
+}
+
+impl Limits {
+    /// Every limit of the rule, whatever the plan.
+    pub fn all(&self) -> Box<dyn Iterator<Item = &Limit> + '_> {
+        match self {
+            Limits::Fixed(limits) => Box::new(limits.iter()),
+            Limits::Plans(p) => Box::new(p.plans.iter().flat_map(|plan| plan.limits.iter())),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cost {
+    Constant(u64),
+    /// Read from a request header: missing means `default`; above `max`, or not a positive
+    /// integer, and the request is denied with a reason.
+    Header {
+        name: String,
+        max: u64,
+        default: u64,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimit {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    algorithm: Option<LimitKind>,
+    #[serde(default)]
+    capacity: Option<NonZeroU32>,
+    #[serde(default)]
+    refill_tokens: Option<NonZeroU32>,
+    #[serde(default)]
+    refill_period: Option<Duration>,
+    #[serde(default)]
+    requests: Option<NonZeroU32>,
+    #[serde(default)]
+    period: Option<Duration>,
+    #[serde(default)]
+    burst: Option<NonZeroU32>,
+    #[serde(default)]
+    window: Option<RawWindow>,
+}
+
+/// `"month"`, `"day"`, or a duration.
+#[derive(Clone, Copy)]
+pub(super) struct RawWindow(Window, &'static str);
+
+impl<'de> Deserialize<'de> for RawWindow {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_str() {
+            "month" => Ok(RawWindow(Window::Month, "month")),
+            "day" => Ok(RawWindow(Window::Fixed(86_400 * NANOS_PER_SECOND), "day")),
+            _ => Duration::parse(&text)
+                .map(|d| RawWindow(Window::Fixed(d.as_nanos()), ""))
+                .map_err(|e| serde::de::Error::custom(format!("{e}, or \"day\" or \"month\""))),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlanSource {
+    #[serde(default)]
+    header: Option<String>,
+    #[serde(default)]
+    jwt_claim: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlan {
+    #[serde(default)]
+    limit: Option<RawLimit>,
+    #[serde(default)]
+    limits: Option<Vec<RawLimit>>,
+    #[serde(default)]
+    unlimited: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCostHeader {
+    header: String,
+    max: NonZeroU32,
+    #[serde(default)]
+    default: Option<NonZeroU32>,
+}
+
+/// `"cost": 3` or `"cost": {"header": "x-cost", "max": 100, "default": 1}`.
+pub(super) enum RawCost {
+    Constant(NonZeroU32),
+    Header(RawCostHeader),
+}
+
+impl<'de> Deserialize<'de> for RawCost {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(deserializer)?;
+        match value {
+            serde_json::Value::Object(_) => {
+                serde_json::from_value(value).map(RawCost::Header).map_err(D::Error::custom)
+            }
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .and_then(NonZeroU32::new)
+                .map(RawCost::Constant)
+                .ok_or_else(|| {
+                    D::Error::custom(format!("must be a whole number from 1 to {}, got {n}", u32::MAX))
+                }),
+            other => Err(D::Error::custom(format!(
+                "expected a whole number or {{\"header\": ..., \"max\": ...}}, got {other}"
+            ))),
+        }
+    }
+}
+
+pub(super) struct RawLimitSet {
+    pub limit: Option<RawLimit>,
+    pub limits: Option<Vec<RawLimit>>,
+    pub plan: Option<RawPlanSource>,
+    pub plans: Option<BTreeMap<String, RawPlan>>,
+    pub default_plan: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn compile_limits(path: &str, rule: &str, raw: RawLimitSet) -> Result<Limits, ConfigError> {
+    let given = [raw.limit.is_some(), raw.limits.is_some(), raw.plans.is_some()];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(ConfigError::at(path, "give exactly one of limit, limits or plans"));
+    }
+    if let Some(limit) = raw.limit {
+        return Ok(Limits::Fixed(vec![compile_limit(&format!("{path}.limit"), rule, false, limit)?]));
+    }
+    if let Some(limits) = raw.limits {
+        return Ok(Limits::Fixed(compile_limit_list(&format!("{path}.limits"), rule, limits)?));
+    }
+    let plans_raw = raw.plans.unwrap_or_default();
+    let source = match raw.plan {
+        None => return Err(ConfigError::at(path, "plans need \"plan\": where to read the plan from")),
+        Some(RawPlanSource { header: Some(h), jwt_claim: None }) => {
+            PlanSource::Header(header_name(&format!("{path}.plan.header"), &h)?)
+        }
+        Some(RawPlanSource { header: None, jwt_claim: Some(c) }) if !c.is_empty() => PlanSource::JwtClaim(c),
+        Some(_) => {
+            return Err(ConfigError::at(format!("{path}.plan"), "give exactly one of header or jwt_claim"))
+        }
+    };
+    if plans_raw.is_empty() {
+        return Err(ConfigError::at(format!("{path}.plans"), "at least one plan is required"));
+    }
+    let mut plans = Vec::with_capacity(plans_raw.len());
+    for (name, plan) in plans_raw {
+        let here = format!("{path}.plans.{name}");
+        if !is_name(&name, "") {
+            return Err(ConfigError::at(
+                &here,
+                format!("plan names must be 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -"),
+            ));
+        }
+        let limits = match (plan.limit, plan.limits, plan.unlimited) {
+            (None, None, true) => Vec::new(),
+            (Some(limit), None, false) => vec![compile_limit(&format!("{here}.limit"), rule, false, limit)?],
+            (None, Some(list), false) => compile_limit_list(&format!("{here}.limits"), rule, list)?,
+            _ => {
+                return Err(ConfigError::at(here, "give exactly one of limit, limits or \"unlimited\": true"))
+            }
+        };
+        plans.push(Plan { name, limits });
+    }
+    let Some(default_name) = raw.default_plan else {
+        return Err(ConfigError::at(
+            path,
+            "plans need \"default_plan\": the plan of requests without a known plan",
+        ));
+    };
+    let Some(default) = plans.iter().position(|p| p.name == default_name) else {
+        return Err(ConfigError::at(
+            format!("{path}.default_plan"),
+            format!("{default_name:?} is not one of the plans"),
+        ));
+    };
+    Ok(Limits::Plans(Plans { source, default, plans }))
+}
+
+fn compile_limit_list(path: &str, rule: &str, raw: Vec<RawLimit>) -> Result<Vec<Limit>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::at(path, "at least one limit is required"));
+    }
+    let several = raw.len() > 1;
+    let mut limits: Vec<Limit> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let limit = compile_limit(&format!("{path}[{i}]"), rule, several, r)?;
+        if let Some(j) = limits.iter().position(|l| l.name == limit.name) {
+            return Err(ConfigError::at(
+                format!("{path}[{i}].name"),
+                format!(
+                    "two limits of this rule are called {:?} (also [{j}]); give each a distinct name",
+                    limit.name
+                ),
+            ));
+        }
+        limits.push(limit);
+    }
+    Ok(limits)
+}
+
+fn compile_limit(path: &str, rule: &str, several: bool, raw: RawLimit) -> Result<Limit, ConfigError> {
+    let kind = raw.algorithm.unwrap_or(LimitKind::TokenBucket);
+    let present = [
+        ("capacity", raw.capacity.is_some()),
+        ("refill_tokens", raw.refill_tokens.is_some()),
+        ("refill_period", raw.refill_period.is_some()),
+        ("requests", raw.requests.is_some()),
+        ("period", raw.period.is_some()),
+        ("burst", raw.burst.is_some()),
+        ("window", raw.window.is_some()),
+    ];
+    for (field, is_present) in present {
+        if is_present && !kind.fields().contains(&field) {
+            return Err(ConfigError::at(
+                format!("{path}.{field}"),
+                format!(
+                    "not a field of algorithm \"{}\" (it takes {})",
+                    kind.as_str(),
+                    kind.fields().join(", ")
+                ),
+            ));
+        }
+    }
+    let missing = |field: &str| {
+        ConfigError::at(path, format!("missing field `{field}` for algorithm \"{}\"", kind.as_str()))
+    };
+    let (algorithm, quota, window_seconds, default_name) = match kind {
+        LimitKind::TokenBucket => {
+            let capacity = raw.capacity.ok_or_else(|| missing("capacity"))?.get();
+            let period = raw.refill_period.ok_or_else(|| missing("refill_period"))?;
+            let tokens = raw.refill_tokens.map_or(capacity, NonZeroU32::get);
+            let bucket = bucket(path, "refill_tokens", capacity, tokens, period)?;
+            (
+                Algorithm::TokenBucket(bucket),
+                u64::from(capacity),
+                Some(bucket.window_seconds()),
+                period.to_string(),
+            )
+        }
+        LimitKind::Gcra => {
+            let requests = raw.requests.ok_or_else(|| missing("requests"))?.get();
+            let period = raw.period.ok_or_else(|| missing("period"))?;
+            let burst = raw.burst.map_or(1, NonZeroU32::get);
+            let bucket = bucket(path, "requests", burst, requests, period)?;
+            (
+                Algorithm::TokenBucket(bucket),
+                u64::from(requests),
+                Some(ceil_seconds(period.as_nanos())),
+                period.to_string(),
+            )
+        }
+        LimitKind::FixedWindow => {
+            let requests = raw.requests.ok_or_else(|| missing("requests"))?.get();
+            let RawWindow(window, label) = raw.window.ok_or_else(|| missing("window"))?;
+            let seconds = match window {
+                Window::Fixed(nanos) => Some(ceil_seconds(nanos)),
+                Window::Month => None,
+            };
+            let name = match window {
+                Window::Fixed(nanos) if label.is_empty() => {
+                    Duration::from_nanos(nanos).map(|d| d.to_string())
+                }
+                _ => None,
+            }
+            .unwrap_or_else(|| label.to_owned());
+            (
+                Algorithm::FixedWindow(FixedWindow { limit: u64::from(requests), window }),
+                u64::from(requests),
+                seconds,
+                name,
+            )
+        }
+        LimitKind::SlidingWindow => {
+            let requests = raw.requests.ok_or_else(|| missing("requests"))?.get();
+            let RawWindow(window, _) = raw.window.ok_or_else(|| missing("window"))?;
+            let Window::Fixed(nanos) = window else {
+                return Err(ConfigError::at(
+                    format!("{path}.window"),
+                    "a sliding window needs a fixed length; use algorithm \"fixed_window\" for calendar months",
+                ));
+            };
+            let name = Duration::from_nanos(nanos).map_or_else(String::new, |d| d.to_string());
+            let algorithm =
+                Algorithm::SlidingWindow(SlidingWindow { limit: u64::from(requests), window: nanos });
+            (algorithm, u64::from(requests), Some(ceil_seconds(nanos)), name)
+        }
+    };
+    let limit_name = match raw.name {
+        Some(n) if !is_name(&n, "") => {
+            return Err(ConfigError::at(
+                format!("{path}.name"),
+                format!("must be 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -, got {n:?}"),
+            ))
+        }
+        Some(n) => Some(n),
+        None if several => Some(default_name),
+        None => None,
+    };
+    let name = match limit_name {
+        Some(l) => format!("{rule}.{l}"),
+        None => rule.to_owned(),
+    };
+    let policy = window_seconds.map(|w| format!("\"{name}\";q={quota};w={w}"));
+    Ok(Limit { name, kind, algorithm, quota, window_seconds, policy })
+}
+
+fn bucket(
+    path: &str,
+    rate_field: &str,
+    capacity: u32,
+    tokens: u32,
+    period: Duration,
+) -> Result<TokenBucket, ConfigError> {
+    if period.as_nanos() / u64::from(tokens) == 0 {
+        return Err(ConfigError::at(
+            format!("{path}.{rate_field}"),
+            format!("{tokens} per {period} is more than one token per nanosecond"),
+        ));
+    }
+    TokenBucket::new(capacity, tokens, period.as_nanos()).ok_or_else(|| {
+        ConfigError::at(
+            path,
+            format!(
+                "a bucket of {capacity} refilled {tokens} per {period} takes longer than 146 years to fill"
+            ),
+        )
+    })
+}
+
+pub(super) fn compile_cost(path: &str, raw: Option<RawCost>, limits: &Limits) -> Result<Cost, ConfigError> {
+    match raw {
+        None => Ok(Cost::Constant(1)),
+        Some(RawCost::Constant(cost)) => {
+            let cost = u64::from(cost.get());
+            if let Some(limit) = limits.all().find(|l| cost > l.algorithm.capacity()) {
+                return Err(ConfigError::at(
+                    format!("{path}.cost"),
+                    format!(
+                        "cost {cost} exceeds the capacity {} of limit {:?}, so every request would be denied",
+                        limit.algorithm.capacity(),
+                        limit.name
+                    ),
+                ));
+            }
+            Ok(Cost::Constant(cost))
+        }
+        Some(RawCost::Header(h)) => {
+            let name = header_name(&format!("{path}.cost.header"), &h.header)?;
+            let max = u64::from(h.max.get());
+            let default = u64::from(h.default.map_or(1, NonZeroU32::get));
+            if default > max {
+                return Err(ConfigError::at(
+                    format!("{path}.cost.default"),
+                    format!("default {default} exceeds max {max}"),
+                ));
+            }
+            Ok(Cost::Header { name, max, default })
+        }
+    }
+}
