@@ -331,6 +331,8 @@ def start_envoy(
             str(ENVOY_BIN), "-c", str(cfg_path), "--concurrency", str(concurrency),
             "--disable-hot-restart", "--admin-address-path", str(admin_path),
             "-l", log_level, "--log-path", str(log_path),
+            # Envoy flushes its log file every 10 s by default; tests read it sooner.
+            "--file-flush-interval-msec", "100",
         ]
         with open(workdir / f"envoy-{attempt}.stdout", "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
