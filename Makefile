@@ -15,7 +15,7 @@ ENVOY_VERSION  := 1.40.0
 PYTEST_VERSION := 9.2.0
 CONCURRENCY ?= 2
 
-.PHONY: help setup build run test test-native test-wasm test-integration lint fmt clean
+.PHONY: help setup build run test test-native test-wasm test-integration lint fmt clean bench
 
 help:
 	@echo "make setup             install toolchain pieces (wasm target, clippy, rustfmt, .venv with Envoy $(ENVOY_VERSION) + pytest)"
@@ -26,6 +26,7 @@ help:
 	@echo "make test-wasm         the crate's unit tests compiled for $(TARGET), run under Node's WASI"
 	@echo "make test-integration  build, then pytest tests/integration against a real Envoy"
 	@echo "make test              lint, test-native, test-wasm, test-integration"
+	@echo "make bench             CPU/request, throughput, memory and accuracy vs plain Envoy and native local_ratelimit; writes BENCHMARKS.md (~8 min)"
 
 setup:
 	@rustup target list --installed | grep -qx '$(TARGET)' || rustup target add $(TARGET)
@@ -60,12 +61,13 @@ test: lint test-native test-wasm test-integration
 test-native:
 	$(CARGO) test
 
-# The crate's unit tests, compiled for the real target and run by Node's WASI (tools/wasi-runner.mjs).
+# The crate's tests (unit tests and tests/*.rs), compiled for the real target and run by Node's WASI
+# (tools/wasi-runner.mjs), without the proxy-wasm glue whose host imports Node cannot provide.
 # --nocapture: with panic=abort a failing test aborts the whole binary, and captured output (the
 # panic message) would be lost.
 test-wasm:
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(NODE) $(CURDIR)/tools/wasi-runner.mjs" \
-	  $(CARGO) test --lib --target $(TARGET) -- --nocapture
+	  $(CARGO) test --no-default-features --target $(TARGET) -- --nocapture
 
 test-integration: build
 	PYTHONDONTWRITEBYTECODE=1 $(PYTEST) -q -p no:cacheprovider tests/integration
@@ -80,3 +82,9 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+# Side-by-side benchmark (bench/bench.py, Python stdlib only; installs h2load and wrk with apt-get
+# if missing). BENCH_ARGS passes options, e.g. BENCH_ARGS=--quick.
+BENCH_ARGS ?=
+bench: setup build
+	PYTHONDONTWRITEBYTECODE=1 $(VENV)/bin/python bench/bench.py $(BENCH_ARGS)

@@ -22,5 +22,5 @@ pub mod table;
 pub mod token_bucket;
 pub mod violations;
 
-#[cfg(all(target_arch = "wasm32", not(test)))]
+#[cfg(all(target_arch = "wasm32", feature = "proxy-wasm", not(test)))]
 mod wasm;
