@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod fixed_window;
+pub mod global;
 pub mod headers;
 pub mod jwt;
 pub mod keys;
@@ -22,5 +23,5 @@ pub mod table;
 pub mod token_bucket;
 pub mod violations;
 
-#[cfg(all(target_arch = "wasm32", feature = "proxy-wasm", not(test)))]
+#[cfg(all(target_arch = "wasm32", feature = "glue", not(test)))]
 mod wasm;

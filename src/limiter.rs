@@ -1,8 +1,10 @@
 //! The decision for one request: every matching rule is checked, the request passes only if all
 //! enforced limits pass, and a denied request consumes from none of them.
 
-use crate::algorithm::{ceil_seconds, Decision};
+use crate::algorithm::{ceil_seconds, Algorithm, Decision};
+use crate::config::FailureMode;
 use crate::config::{Config, Cost, Limit, Limits, PlanSource, Rule, TableFullPolicy};
+use crate::global::{Answer, GlobalCall};
 use crate::headers::LimitReport;
 use crate::jwt;
 use crate::keys::{key_text, request_key, Fingerprint};
@@ -28,19 +30,43 @@ pub enum Metric {
     DuplicateFolded,
     /// The host refused a shared-data call (the request is allowed).
     StoreError,
+    /// The rate limit service gave no usable answer (the rule's failure mode applied).
+    GlobalFailure,
 }
 
 /// Where the limiter reports what happened: counters, and denials for the violation log.
 pub trait Observer {
     fn count(&self, metric: Metric);
     fn violation(&self, _violation: &Violation<'_>) {}
+    /// The rate limit service could not be asked or did not answer usefully.
+    fn global_failure(&self, _reason: &str) {}
+}
+
+/// What a request took from one local limit, so it can be given back if a global rule then
+/// denies the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Consumed {
+    fp: Fingerprint,
+    index: u32,
+    cost: u64,
+    algorithm: Algorithm,
+}
+
+/// The rate limit service's verdict on the global rules of a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalVerdict<'a> {
+    pub deny: bool,
+    /// The most restrictive limit the service reported (on a denial, the one that denied).
+    pub report: Option<LimitReport<'a>>,
+    pub retry_after_seconds: Option<u64>,
 }
 
 /// The limiter's answer for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict<'a> {
-    /// Pass the request; `report` is the most restrictive limit that applied.
-    Allow { report: Option<Report<'a>> },
+    /// Pass the request; `report` is the most restrictive limit that applied, `consumed` what it
+    /// took from local limits.
+    Allow { report: Option<Report<'a>>, consumed: Vec<Consumed> },
     /// Answer with the deny response. `retry_after_seconds` is `None` when retrying cannot help
     /// (the request costs more than a limit can ever hold); `reason` then says why.
     Deny { report: Option<Report<'a>>, retry_after_seconds: Option<u64>, reason: Option<String> },
@@ -136,7 +162,7 @@ impl Limiter {
             Err(_) => {
                 // The host refused shared data: failing open keeps traffic flowing.
                 observer.count(Metric::StoreError);
-                Verdict::Allow { report: None }
+                Verdict::Allow { report: None, consumed: Vec::new() }
             }
         }
     }
@@ -152,7 +178,8 @@ impl Limiter {
         let table = self.table();
         let mut out = Vec::new();
         for rule in &self.config.rules {
-            if !rule.matcher.headers_match(request) {
+            // A global rule's standing would cost a call that counts as a request: not shown.
+            if rule.global.is_some() || !rule.matcher.headers_match(request) {
                 continue;
             }
             let Some(key) = request_key(self.seed, rule, request) else { continue };
@@ -183,7 +210,7 @@ impl Limiter {
         let rules = &self.config.rules;
         let mut items: Vec<Item<'a>> = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
-            if !rule.matcher.matches(request) {
+            if rule.global.is_some() || !rule.matcher.matches(request) {
                 continue;
             }
             let Some(key) = request_key(self.seed, rule, request) else { continue };
@@ -337,6 +364,12 @@ impl Limiter {
             return Ok(refused);
         }
 
+        let consumed = items
+            .iter()
+            .filter_map(|i| {
+                Some(Consumed { fp: i.fp, index: i.stored_at?, cost: i.cost, algorithm: i.limit.algorithm })
+            })
+            .collect();
         let mut report: Option<Report<'a>> = None;
         let mut counted: Option<usize> = None;
         for item in &items {
@@ -350,7 +383,97 @@ impl Limiter {
                 report = Some(candidate);
             }
         }
-        Ok(Verdict::Allow { report })
+        Ok(Verdict::Allow { report, consumed })
+    }
+
+    /// Gives back what `consumed` took (the request was then denied by a global rule).
+    pub fn give_back(
+        &self,
+        store: &dyn SharedStore,
+        consumed: &[Consumed],
+        now: u64,
+        observer: &dyn Observer,
+    ) {
+        let table = self.table();
+        for c in consumed {
+            match table.update_at(store, c.fp, c.index, |state| c.algorithm.refund(state, now, c.cost)) {
+                Ok(true) => {}
+                Ok(false) => observer.count(Metric::CasRetriesExhausted),
+                Err(_) => observer.count(Metric::StoreError),
+            }
+        }
+    }
+
+    /// The verdict on a request's global rules from the service's answer, or from its failure
+    /// (`Err(reason)`: no answer in time, an error status, an undecodable body).
+    pub fn global_verdict<'a>(
+        &'a self,
+        call: &GlobalCall,
+        answer: Result<Answer, String>,
+        observer: &dyn Observer,
+    ) -> GlobalVerdict<'a> {
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(reason) => {
+                observer.count(Metric::GlobalFailure);
+                observer.global_failure(&reason);
+                let deny = call.deny_on_failure;
+                for origin in &call.origins {
+                    let rule = &self.config.rules[origin.rule];
+                    let denies = rule.global == Some(FailureMode::Deny);
+                    observer.count(if denies {
+                        Metric::Denied(origin.rule)
+                    } else {
+                        Metric::Allowed(origin.rule)
+                    });
+                }
+                return GlobalVerdict { deny, report: None, retry_after_seconds: deny.then_some(1) };
+            }
+        };
+        let mut report: Option<LimitReport<'a>> = None;
+        let mut denial: Option<LimitReport<'a>> = None;
+        for (index, status) in &answer.limits {
+            let Some(origin) = call.origins.get(*index) else { continue };
+            let described = LimitReport {
+                name: self.origin_name(origin),
+                policy: None,
+                quota: status.quota,
+                window_seconds: status.window_seconds,
+                remaining: status.remaining,
+                reset_seconds: status.reset_seconds,
+            };
+            if status.over_limit {
+                if denial.is_none_or(|d| described.reset_seconds > d.reset_seconds) {
+                    denial = Some(described);
+                }
+            } else if report.is_none_or(|r| {
+                (described.remaining, std::cmp::Reverse(described.reset_seconds))
+                    < (r.remaining, std::cmp::Reverse(r.reset_seconds))
+            }) {
+                report = Some(described);
+            }
+        }
+        for (i, origin) in call.origins.iter().enumerate() {
+            let over = answer.limits.iter().any(|(j, s)| *j == i && s.over_limit);
+            let denied = over || (answer.over_limit && answer.limits.is_empty());
+            observer.count(if denied { Metric::Denied(origin.rule) } else { Metric::Allowed(origin.rule) });
+        }
+        if answer.over_limit {
+            let retry = denial.map_or(1, |d| d.reset_seconds.max(1));
+            let report = denial.map(|d| LimitReport { remaining: 0, reset_seconds: retry, ..d });
+            return GlobalVerdict { deny: true, report, retry_after_seconds: Some(retry) };
+        }
+        GlobalVerdict { deny: false, report, retry_after_seconds: None }
+    }
+
+    fn origin_name(&self, origin: &crate::global::DescriptorOrigin) -> &str {
+        let Some(rule) = self.config.rules.get(origin.rule) else { return "" };
+        let limit = match (&rule.limits, origin.plan, origin.limit) {
+            (Limits::Fixed(limits), _, Some(l)) => limits.get(l),
+            (Limits::Plans(p), Some(plan), Some(l)) => p.plans.get(plan).and_then(|p| p.limits.get(l)),
+            _ => None,
+        };
+        limit.map_or(rule.name.as_str(), |l| l.name.as_str())
     }
 
     /// A request whose cost no limit can ever hold: denied with a reason (no Retry-After), or
@@ -444,7 +567,7 @@ fn limits_for<'a>(rule: &'a Rule, request: &dyn Request) -> (Option<&'a str>, &'
 }
 
 /// The request's cost under `rule`, or why it cannot be accepted.
-fn cost_of(rule: &Rule, request: &dyn Request) -> Result<u64, String> {
+pub(crate) fn cost_of(rule: &Rule, request: &dyn Request) -> Result<u64, String> {
     match &rule.cost {
         Cost::Constant(cost) => Ok(*cost),
         Cost::Header { name, max, default } => {

@@ -43,7 +43,7 @@ impl Counts {
 /// (remaining, reset seconds) of the reported limit, and its name.
 fn reported(v: &Verdict<'_>) -> Option<(String, u64, u64)> {
     let report = match v {
-        Verdict::Allow { report } | Verdict::Deny { report, .. } => report.as_ref()?,
+        Verdict::Allow { report, .. } | Verdict::Deny { report, .. } => report.as_ref()?,
     };
     Some((report.limit.name.clone(), report.remaining, report.reset_seconds))
 }
@@ -119,7 +119,10 @@ fn a_request_without_the_key_part_is_not_limited_by_that_rule() {
     let (l, store) = limiter(&per_key(1, "1h", ""));
     let m = Counts::default();
     for _ in 0..10 {
-        assert_eq!(l.check(&store, &TestRequest::get("/"), T0, &m), Verdict::Allow { report: None });
+        assert!(matches!(
+            l.check(&store, &TestRequest::get("/"), T0, &m),
+            Verdict::Allow { report: None, .. }
+        ));
     }
 }
 

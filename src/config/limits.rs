@@ -54,6 +54,9 @@ pub struct Limit {
     pub window_seconds: Option<u64>,
     /// The `RateLimit-Policy` item, prepared once when `window_seconds` is fixed.
     pub policy: Option<String>,
+    /// The Rate Limit Service unit (`envoy.type.v3.RateLimitUnit`) of a fixed window that has
+    /// one: 1 second, minute, hour, day, week, or the calendar month.
+    pub rls_unit: Option<i32>,
 }
 
 impl Limit {
@@ -212,6 +215,8 @@ impl<'de> Deserialize<'de> for RawCost {
 }
 
 pub(super) struct RawLimitSet {
+    /// A global rule may leave its limits to the rate limit service's own configuration.
+    pub may_be_empty: bool,
     pub limit: Option<RawLimit>,
     pub limits: Option<Vec<RawLimit>>,
     pub plan: Option<RawPlanSource>,
@@ -223,7 +228,11 @@ pub(super) struct RawLimitSet {
 
 pub(super) fn compile_limits(path: &str, rule: &str, raw: RawLimitSet) -> Result<Limits, ConfigError> {
     let given = [raw.limit.is_some(), raw.limits.is_some(), raw.plans.is_some()];
-    if given.iter().filter(|g| **g).count() != 1 {
+    let count = given.iter().filter(|g| **g).count();
+    if count == 0 && raw.may_be_empty && raw.plan.is_none() && raw.default_plan.is_none() {
+        return Ok(Limits::Fixed(Vec::new()));
+    }
+    if count != 1 {
         return Err(ConfigError::at(path, "give exactly one of limit, limits or plans"));
     }
     if let Some(limit) = raw.limit {
@@ -405,7 +414,22 @@ fn compile_limit(path: &str, rule: &str, several: bool, raw: RawLimit) -> Result
         None => rule.to_owned(),
     };
     let policy = window_seconds.map(|w| format!("\"{name}\";q={quota};w={w}"));
-    Ok(Limit { name, kind, algorithm, quota, window_seconds, policy })
+    let rls_unit = match algorithm {
+        Algorithm::FixedWindow(FixedWindow { window: Window::Month, .. }) => Some(5),
+        Algorithm::FixedWindow(FixedWindow { window: Window::Fixed(nanos), .. }) => {
+            match nanos / NANOS_PER_SECOND {
+                _ if nanos % NANOS_PER_SECOND != 0 => None,
+                1 => Some(1),
+                60 => Some(2),
+                3_600 => Some(3),
+                86_400 => Some(4),
+                604_800 => Some(7),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    Ok(Limit { name, kind, algorithm, quota, window_seconds, policy, rls_unit })
 }
 
 fn bucket(

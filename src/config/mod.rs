@@ -121,6 +121,25 @@ pub struct Rule {
     pub cost: Cost,
     /// Counts, logs and reports, but never denies.
     pub shadow: bool,
+    /// Decided by the rate limit service instead of shared data.
+    pub global: Option<FailureMode>,
+}
+
+/// What a global rule does when the rate limit service cannot answer in time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    Allow,
+    Deny,
+}
+
+/// Where global rules are decided: an Envoy cluster speaking the Rate Limit Service API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalService {
+    pub cluster: String,
+    pub domain: String,
+    pub timeout_ms: u32,
+    pub failure_mode: FailureMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,6 +159,7 @@ pub struct Config {
     /// A path the filter answers itself with the caller's current limits.
     pub status_path: Option<String>,
     pub violation_log: ViolationLog,
+    pub global: Option<GlobalService>,
     pub rules: Vec<Rule>,
 }
 
@@ -182,7 +202,20 @@ struct RawConfig {
     status_path: Option<String>,
     #[serde(default)]
     violation_log: Option<RawViolationLog>,
+    #[serde(default)]
+    global: Option<RawGlobal>,
     rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    cluster: String,
+    domain: String,
+    #[serde(default)]
+    timeout: Option<crate::duration::Duration>,
+    #[serde(default)]
+    failure_mode: Option<FailureMode>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +263,10 @@ struct RawRule {
     cost: Option<RawCost>,
     #[serde(default)]
     shadow: bool,
+    #[serde(default)]
+    global: bool,
+    #[serde(default)]
+    failure_mode: Option<FailureMode>,
 }
 
 #[derive(Deserialize)]
@@ -346,9 +383,13 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
     if raw.rules.is_empty() {
         return Err(ConfigError::at("rules", "at least one rule is required"));
     }
+    let global = match raw.global {
+        Some(g) => Some(compile_global(g)?),
+        None => None,
+    };
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rules.len());
     for (i, raw_rule) in raw.rules.into_iter().enumerate() {
-        let rule = compile_rule(&format!("rules[{i}]"), raw_rule)?;
+        let rule = compile_rule(&format!("rules[{i}]"), raw_rule, global.as_ref())?;
         if let Some(j) = rules.iter().position(|r| r.name == rule.name) {
             return Err(ConfigError::at(
                 format!("rules[{i}].name"),
@@ -365,7 +406,33 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         deny,
         status_path,
         violation_log,
+        global,
         rules,
+    })
+}
+
+fn compile_global(raw: RawGlobal) -> Result<GlobalService, ConfigError> {
+    if raw.cluster.is_empty() {
+        return Err(ConfigError::at(
+            "global.cluster",
+            "must name the Envoy cluster of the rate limit service",
+        ));
+    }
+    if raw.domain.is_empty() {
+        return Err(ConfigError::at("global.domain", "must not be empty"));
+    }
+    let timeout_ms = match raw.timeout {
+        None => 20,
+        Some(t) => u32::try_from(t.as_nanos() / 1_000_000).unwrap_or(u32::MAX),
+    };
+    if timeout_ms == 0 {
+        return Err(ConfigError::at("global.timeout", "must be at least 1ms"));
+    }
+    Ok(GlobalService {
+        cluster: raw.cluster,
+        domain: raw.domain,
+        timeout_ms,
+        failure_mode: raw.failure_mode.unwrap_or(FailureMode::Allow),
     })
 }
 
@@ -388,7 +455,7 @@ fn compile_deny(raw: Option<RawDenyResponse>) -> Result<DenyResponse, ConfigErro
     Ok(DenyResponse { status, body: raw.body.unwrap_or_else(|| "rate limited\n".to_owned()), content_type })
 }
 
-fn compile_rule(path: &str, raw: RawRule) -> Result<Rule, ConfigError> {
+fn compile_rule(path: &str, raw: RawRule, global: Option<&GlobalService>) -> Result<Rule, ConfigError> {
     if !is_name(&raw.name, "") {
         return Err(ConfigError::at(
             format!("{path}.name"),
@@ -413,6 +480,7 @@ fn compile_rule(path: &str, raw: RawRule) -> Result<Rule, ConfigError> {
         path,
         &raw.name,
         limits::RawLimitSet {
+            may_be_empty: raw.global,
             limit: raw.limit,
             limits: raw.limits,
             plan: raw.plan,
@@ -421,6 +489,39 @@ fn compile_rule(path: &str, raw: RawRule) -> Result<Rule, ConfigError> {
         },
     )?;
     let cost = limits::compile_cost(path, raw.cost, &limits)?;
+    let global = match (raw.global, global, raw.failure_mode) {
+        (false, _, Some(_)) => {
+            return Err(ConfigError::at(
+                format!("{path}.failure_mode"),
+                "only global rules have a failure mode",
+            ))
+        }
+        (false, _, None) => None,
+        (true, None, _) => {
+            return Err(ConfigError::at(
+                format!("{path}.global"),
+                "a global rule needs the top-level \"global\" section (cluster, domain)",
+            ))
+        }
+        (true, Some(service), mode) => {
+            if raw.shadow {
+                return Err(ConfigError::at(
+                    format!("{path}.shadow"),
+                    "a global rule cannot be a shadow rule",
+                ));
+            }
+            if let Some(limit) = limits.all().find(|l| l.rls_unit.is_none()) {
+                return Err(ConfigError::at(
+                    format!("{path}.global"),
+                    format!(
+                        "limit {:?} cannot be sent to a rate limit service, which counts requests per second, minute, hour, day, week or month: use {{\"algorithm\": \"fixed_window\", \"window\": \"1s\" | \"1m\" | \"1h\" | \"day\" | \"7d\" | \"month\"}} (the service chooses the algorithm)",
+                        limit.name
+                    ),
+                ));
+            }
+            Some(mode.unwrap_or(service.failure_mode))
+        }
+    };
     Ok(Rule {
         name: raw.name,
         matcher,
@@ -429,6 +530,7 @@ fn compile_rule(path: &str, raw: RawRule) -> Result<Rule, ConfigError> {
         limits,
         cost,
         shadow: raw.shadow,
+        global,
     })
 }
 

@@ -3,15 +3,18 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
-
 use crate::config::{self, Config};
-use crate::headers::render;
-use crate::limiter::{Limiter, Metric, Observer, Verdict};
+use crate::global::{self, GlobalCall};
+use crate::headers::{render, LimitReport};
+use crate::limiter::{Consumed, Limiter, Metric, Observer, Verdict};
+use crate::request::Request;
 use crate::status::status_json;
+use crate::table::Table;
 use crate::violations::{LogLimiter, Violation};
 use crate::wasm::host::{self, HostRequest, HostStore, LogLevel};
+
+const ACTION_CONTINUE: u32 = 0;
+const ACTION_PAUSE: u32 = 1;
 
 /// Counter ids, defined once per worker at configuration time.
 struct Counters {
@@ -23,6 +26,7 @@ struct Counters {
     slot_reclaimed: Option<u32>,
     duplicate_folded: Option<u32>,
     store_errors: Option<u32>,
+    global_failures: Option<u32>,
 }
 
 impl Counters {
@@ -40,15 +44,35 @@ impl Counters {
             slot_reclaimed: host::define_counter(&name("slot_reclaimed")),
             duplicate_folded: host::define_counter(&name("duplicate_folded")),
             store_errors: host::define_counter(&name("store_errors")),
+            global_failures: host::define_counter(&name("global_failures")),
+        }
+    }
+
+    fn count(&self, metric: Metric) {
+        let id = match metric {
+            Metric::Allowed(rule) => self.allowed.get(rule).copied().flatten(),
+            Metric::Denied(rule) => self.denied.get(rule).copied().flatten(),
+            Metric::ShadowDenied(rule) => self.shadow_denied.get(rule).copied().flatten(),
+            Metric::TableFull => self.table_full,
+            Metric::CasRetriesExhausted => self.cas_retries_exhausted,
+            Metric::SlotReclaimed => self.slot_reclaimed,
+            Metric::DuplicateFolded => self.duplicate_folded,
+            Metric::StoreError => self.store_errors,
+            Metric::GlobalFailure => self.global_failures,
+        };
+        if let Some(id) = id {
+            host::increment(id, 1);
         }
     }
 }
 
-/// Counters plus the violation log, for one worker.
+/// Counters plus the violation and failure logs, for one worker.
 struct Events {
     counters: Counters,
     log_level: Option<LogLevel>,
     log_limiter: RefCell<LogLimiter>,
+    /// Failures of the rate limit service: at most a line per second per worker.
+    failure_log: RefCell<LogLimiter>,
 }
 
 impl Observer for Events {
@@ -63,22 +87,16 @@ impl Observer for Events {
             host::log(level, &violation.render(suppressed));
         }
     }
-}
 
-impl Counters {
-    fn count(&self, metric: Metric) {
-        let id = match metric {
-            Metric::Allowed(rule) => self.allowed.get(rule).copied().flatten(),
-            Metric::Denied(rule) => self.denied.get(rule).copied().flatten(),
-            Metric::ShadowDenied(rule) => self.shadow_denied.get(rule).copied().flatten(),
-            Metric::TableFull => self.table_full,
-            Metric::CasRetriesExhausted => self.cas_retries_exhausted,
-            Metric::SlotReclaimed => self.slot_reclaimed,
-            Metric::DuplicateFolded => self.duplicate_folded,
-            Metric::StoreError => self.store_errors,
-        };
-        if let Some(id) = id {
-            host::increment(id, 1);
+    fn global_failure(&self, reason: &str) {
+        let Ok(mut limiter) = self.failure_log.try_borrow_mut() else { return };
+        if let Some(suppressed) = limiter.admit(host::now_nanos()) {
+            let more = if suppressed > 0 {
+                format!(" ({suppressed} more since the last line)")
+            } else {
+                String::new()
+            };
+            host::log(LogLevel::Warn, &format!("ratelimit-wasm: rate limit service failed: {reason}{more}"));
         }
     }
 }
@@ -93,10 +111,8 @@ pub struct Root {
     shared: Option<Rc<Shared>>,
 }
 
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+impl Root {
+    pub fn configure(&mut self, plugin_configuration_size: usize) -> bool {
         let bytes = host::plugin_configuration(plugin_configuration_size);
         let config = match Config::parse(&bytes) {
             Ok(config) => config,
@@ -106,7 +122,7 @@ impl RootContext for Root {
             }
         };
         let store = HostStore;
-        let table = crate::table::Table::new(&config.key_prefix, config.table_size);
+        let table = Table::new(&config.key_prefix, config.table_size);
         let seed = match table.shared_seed(&store, mix(host::now_nanos())) {
             Ok(seed) => seed,
             Err(e) => {
@@ -137,18 +153,14 @@ impl RootContext for Root {
                 config::LogLevel::Error => Some(LogLevel::Error),
             },
             log_limiter: RefCell::new(LogLimiter::new(config.violation_log.max_per_second)),
+            failure_log: RefCell::new(LogLimiter::new(1)),
         };
         self.shared = Some(Rc::new(Shared { limiter: Limiter::new(config, seed), events }));
         true
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let shared = self.shared.clone()?;
-        Some(Box::new(Filter { shared, pending: Vec::new() }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+    pub fn new_filter(&self) -> Filter {
+        Filter { shared: self.shared.clone(), pending: Vec::new(), waiting: None, new_call: None }
     }
 }
 
@@ -160,35 +172,208 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-struct Filter {
-    shared: Rc<Shared>,
-    /// Headers to add to the upstream response.
-    pending: Vec<(&'static str, String)>,
+/// A request paused while the rate limit service decides its global rules.
+struct Waiting {
+    call: GlobalCall,
+    /// What local limits took, given back if the service denies.
+    consumed: Vec<Consumed>,
+    /// The local limit to report, as owned values (the request outlives this callback).
+    local: Option<OwnedReport>,
 }
 
-impl Filter {
-    fn answer_status(&mut self, limiter: &Limiter, now: u64) -> Action {
-        match limiter.standings(&HostStore, &HostRequest, now) {
-            Ok(standings) => {
-                let body = status_json(&standings, now);
-                respond(
-                    200,
-                    &[("content-type", "application/json"), ("cache-control", "no-store")],
-                    body.as_bytes(),
-                )
-            }
-            Err(e) => {
-                host::log(LogLevel::Warn, &format!("ratelimit-wasm: status unavailable: {e:?}"));
-                respond(503, &[("content-type", "text/plain")], b"rate limit status unavailable\n")
-            }
+#[derive(Clone)]
+struct OwnedReport {
+    name: String,
+    policy: Option<String>,
+    quota: u64,
+    window_seconds: u64,
+    remaining: u64,
+    reset_seconds: u64,
+}
+
+impl OwnedReport {
+    fn of(r: &LimitReport<'_>) -> OwnedReport {
+        OwnedReport {
+            name: r.name.to_owned(),
+            policy: r.policy.map(str::to_owned),
+            quota: r.quota,
+            window_seconds: r.window_seconds,
+            remaining: r.remaining,
+            reset_seconds: r.reset_seconds,
+        }
+    }
+
+    fn view(&self) -> LimitReport<'_> {
+        LimitReport {
+            name: &self.name,
+            policy: self.policy.as_deref(),
+            quota: self.quota,
+            window_seconds: self.window_seconds,
+            remaining: self.remaining,
+            reset_seconds: self.reset_seconds,
         }
     }
 }
 
-/// `GET <status_path>` (any query string).
+pub struct Filter {
+    /// `None` when the plugin is not configured: the filter then lets everything through.
+    shared: Option<Rc<Shared>>,
+    /// Headers to add to the upstream response.
+    pending: Vec<(&'static str, String)>,
+    waiting: Option<Waiting>,
+    /// A gRPC call started by the last callback, for the ABI layer to route its answer here.
+    new_call: Option<u32>,
+}
+
+impl Filter {
+    pub fn inert() -> Filter {
+        Filter { shared: None, pending: Vec::new(), waiting: None, new_call: None }
+    }
+
+    pub fn take_new_call(&mut self) -> Option<u32> {
+        self.new_call.take()
+    }
+
+    pub fn on_request_headers(&mut self, _context_id: u32) -> u32 {
+        let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
+        let limiter = &shared.limiter;
+        let config = limiter.config();
+        let now = host::now_nanos();
+        if let Some(status_path) = &config.status_path {
+            if is_status_request(status_path) {
+                return answer_status(limiter, now);
+            }
+        }
+        let (local, consumed) = match limiter.check(&HostStore, &HostRequest, now, &shared.events) {
+            Verdict::Allow { report, consumed } => (report.map(|r| r.describe(now)), consumed),
+            Verdict::Deny { report, retry_after_seconds, reason } => {
+                let described = report.map(|r| r.describe(now));
+                return deny(config, described.as_ref(), retry_after_seconds, reason.as_deref());
+            }
+        };
+        let call = match global::prepare(config, &HostRequest) {
+            Ok(Some(call)) => call,
+            Ok(None) => {
+                self.pending = render(config.headers, local.as_ref(), None);
+                return ACTION_CONTINUE;
+            }
+            Err(refusal) => {
+                limiter.give_back(&HostStore, &consumed, now, &shared.events);
+                shared.events.count(Metric::Denied(refusal.rule));
+                return deny(config, None, None, Some(&refusal.reason));
+            }
+        };
+        let Some(service) = &config.global else { return ACTION_CONTINUE };
+        match host::grpc_call(
+            &service.cluster,
+            global::SERVICE,
+            global::METHOD,
+            &call.message,
+            service.timeout_ms,
+        ) {
+            Ok(token) => {
+                self.new_call = Some(token);
+                self.waiting = Some(Waiting { call, consumed, local: local.as_ref().map(OwnedReport::of) });
+                ACTION_PAUSE
+            }
+            Err(status) => {
+                let reason = format!("cannot call cluster {:?} (host status {status})", service.cluster);
+                let verdict = limiter.global_verdict(&call, Err(reason), &shared.events);
+                if verdict.deny {
+                    limiter.give_back(&HostStore, &consumed, now, &shared.events);
+                    return deny(config, None, verdict.retry_after_seconds, None);
+                }
+                self.pending = render(config.headers, local.as_ref(), None);
+                ACTION_CONTINUE
+            }
+        }
+    }
+
+    /// The service answered (`Ok(body)`) or the call failed (`Err(grpc status)`).
+    pub fn on_global_answer(&mut self, context_id: u32, answer: Result<Vec<u8>, u32>) {
+        let (Some(shared), Some(waiting)) = (self.shared.clone(), self.waiting.take()) else { return };
+        host::set_effective_context(context_id);
+        let limiter = &shared.limiter;
+        let config = limiter.config();
+        let answer = match answer {
+            Ok(body) => global::read_answer(&body),
+            Err(status) => Err(format!("gRPC status {status}{}", grpc_status_hint(status))),
+        };
+        let verdict = limiter.global_verdict(&waiting.call, answer, &shared.events);
+        if verdict.deny {
+            limiter.give_back(&HostStore, &waiting.consumed, host::now_nanos(), &shared.events);
+            let _ = deny(config, verdict.report.as_ref(), verdict.retry_after_seconds, None);
+            return;
+        }
+        let local = waiting.local.as_ref().map(OwnedReport::view);
+        let report = match (local, verdict.report) {
+            (Some(l), Some(g)) => Some(
+                if (g.remaining, std::cmp::Reverse(g.reset_seconds))
+                    < (l.remaining, std::cmp::Reverse(l.reset_seconds))
+                {
+                    g
+                } else {
+                    l
+                },
+            ),
+            (l, g) => l.or(g),
+        };
+        self.pending = render(config.headers, report.as_ref(), None);
+        host::resume_request();
+    }
+
+    pub fn on_response_headers(&mut self) -> u32 {
+        for (name, value) in self.pending.drain(..) {
+            host::set_response_header(name, &value);
+        }
+        ACTION_CONTINUE
+    }
+}
+
+fn grpc_status_hint(status: u32) -> &'static str {
+    match status {
+        4 => " (deadline exceeded: no answer within the timeout)",
+        14 => " (unavailable)",
+        _ => "",
+    }
+}
+
+fn deny(
+    config: &Config,
+    report: Option<&LimitReport<'_>>,
+    retry_after: Option<u64>,
+    reason: Option<&str>,
+) -> u32 {
+    let rendered = render(config.headers, report, retry_after);
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(rendered.len() + 2);
+    headers.push(("content-type", config.deny.content_type.as_str()));
+    headers.extend(rendered.iter().map(|(n, v)| (*n, v.as_str())));
+    if let Some(reason) = reason {
+        headers.push(("x-ratelimit-reason", reason));
+    }
+    respond(config.deny.status, &headers, config.deny.body.as_bytes())
+}
+
+fn answer_status(limiter: &Limiter, now: u64) -> u32 {
+    match limiter.standings(&HostStore, &HostRequest, now) {
+        Ok(standings) => {
+            let body = status_json(&standings, now);
+            respond(
+                200,
+                &[("content-type", "application/json"), ("cache-control", "no-store")],
+                body.as_bytes(),
+            )
+        }
+        Err(e) => {
+            host::log(LogLevel::Warn, &format!("ratelimit-wasm: status unavailable: {e:?}"));
+            respond(503, &[("content-type", "text/plain")], b"rate limit status unavailable\n")
+        }
+    }
+}
+
+/// `GET` or `HEAD` on `status_path` (any query string).
 fn is_status_request(status_path: &str) -> bool {
     let request = HostRequest;
-    use crate::request::Request;
     let method_ok = request.header(":method").is_some_and(|m| m == b"GET" || m == b"HEAD");
     let path_ok = request.header(":path").is_some_and(|p| {
         let end = p.iter().position(|&b| b == b'?').unwrap_or(p.len());
@@ -197,56 +382,15 @@ fn is_status_request(status_path: &str) -> bool {
     method_ok && path_ok
 }
 
-fn respond(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Action {
+fn respond(status: u32, headers: &[(&str, &str)], body: &[u8]) -> u32 {
     match host::send_local_response(status, headers, body) {
-        Ok(()) => Action::Pause,
+        Ok(()) => ACTION_PAUSE,
         Err(code) => {
             host::log(
                 LogLevel::Warn,
                 &format!("ratelimit-wasm: could not send a local response (status {code})"),
             );
-            Action::Continue
+            ACTION_CONTINUE
         }
-    }
-}
-
-impl Context for Filter {}
-
-impl HttpContext for Filter {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let shared = Rc::clone(&self.shared);
-        let limiter = &shared.limiter;
-        let config = limiter.config();
-        let now = host::now_nanos();
-        if let Some(status_path) = &config.status_path {
-            if is_status_request(status_path) {
-                return self.answer_status(limiter, now);
-            }
-        }
-        match limiter.check(&HostStore, &HostRequest, now, &shared.events) {
-            Verdict::Allow { report } => {
-                let described = report.map(|r| r.describe(now));
-                self.pending = render(config.headers, described.as_ref(), None);
-                Action::Continue
-            }
-            Verdict::Deny { report, retry_after_seconds, reason } => {
-                let described = report.map(|r| r.describe(now));
-                let rendered = render(config.headers, described.as_ref(), retry_after_seconds);
-                let mut headers: Vec<(&str, &str)> = Vec::with_capacity(rendered.len() + 2);
-                headers.push(("content-type", config.deny.content_type.as_str()));
-                headers.extend(rendered.iter().map(|(n, v)| (*n, v.as_str())));
-                if let Some(reason) = &reason {
-                    headers.push(("x-ratelimit-reason", reason.as_str()));
-                }
-                respond(config.deny.status, &headers, config.deny.body.as_bytes())
-            }
-        }
-    }
-
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        for (name, value) in self.pending.drain(..) {
-            host::set_response_header(name, &value);
-        }
-        Action::Continue
     }
 }

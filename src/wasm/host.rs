@@ -13,7 +13,9 @@ const CAS_MISMATCH: u32 = 8;
 
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+const BUFFER_GRPC_RECEIVE: u32 = 5;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const STREAM_HTTP_REQUEST: u32 = 0;
 const METRIC_COUNTER: u32 = 0;
 
 #[derive(Clone, Copy)]
@@ -81,6 +83,23 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_grpc_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        service_name_data: *const u8,
+        service_name_size: usize,
+        method_name_data: *const u8,
+        method_name_size: usize,
+        initial_metadata_data: *const u8,
+        initial_metadata_size: usize,
+        message_data: *const u8,
+        message_size: usize,
+        timeout_milliseconds: u32,
+        return_token: *mut u32,
+    ) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_define_metric(
         metric_type: u32,
         name_data: *const u8,
@@ -90,8 +109,8 @@ extern "C" {
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
 }
 
-/// Takes ownership of a buffer the host allocated through the SDK's `proxy_on_memory_allocate`
-/// (a boxed slice of exactly `size` bytes).
+/// Takes ownership of a buffer the host allocated through our `proxy_on_memory_allocate` (a boxed
+/// slice of exactly `size` bytes).
 fn owned(data: *mut u8, size: usize) -> Vec<u8> {
     if data.is_null() || size == 0 {
         return Vec::new();
@@ -119,15 +138,69 @@ pub fn now_nanos() -> u64 {
     }
 }
 
-pub fn plugin_configuration(size: usize) -> Vec<u8> {
+fn buffer(kind: u32, size: usize) -> Vec<u8> {
     let (mut data, mut len) = (null_mut(), 0usize);
     // SAFETY: out-pointers are valid; the buffer returned is ours.
-    let status = unsafe { proxy_get_buffer_bytes(BUFFER_PLUGIN_CONFIGURATION, 0, size, &mut data, &mut len) };
+    let status = unsafe { proxy_get_buffer_bytes(kind, 0, size, &mut data, &mut len) };
     if status == OK {
         owned(data, len)
     } else {
         Vec::new()
     }
+}
+
+pub fn plugin_configuration(size: usize) -> Vec<u8> {
+    buffer(BUFFER_PLUGIN_CONFIGURATION, size)
+}
+
+pub fn grpc_response_body(size: usize) -> Vec<u8> {
+    buffer(BUFFER_GRPC_RECEIVE, size)
+}
+
+/// Starts a unary gRPC call on an Envoy cluster; the token identifies its answer.
+pub fn grpc_call(
+    cluster: &str,
+    service: &str,
+    method: &str,
+    message: &[u8],
+    timeout_ms: u32,
+) -> Result<u32, u32> {
+    let no_metadata = 0u32.to_le_bytes();
+    let mut token = 0u32;
+    // SAFETY: every pointer/length pair describes a live buffer; the host writes one u32.
+    let status = unsafe {
+        proxy_grpc_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            service.as_ptr(),
+            service.len(),
+            method.as_ptr(),
+            method.len(),
+            no_metadata.as_ptr(),
+            no_metadata.len(),
+            message.as_ptr(),
+            message.len(),
+            timeout_ms,
+            &mut token,
+        )
+    };
+    if status == OK {
+        Ok(token)
+    } else {
+        Err(status)
+    }
+}
+
+/// Lets a paused request go on.
+pub fn resume_request() -> bool {
+    // SAFETY: plain value.
+    unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) == OK }
+}
+
+/// Makes `context_id` the context later host calls act on (needed in gRPC callbacks).
+pub fn set_effective_context(context_id: u32) -> bool {
+    // SAFETY: plain value.
+    unsafe { proxy_set_effective_context(context_id) == OK }
 }
 
 fn map_value(map: u32, name: &str) -> Option<Vec<u8>> {

@@ -1,12 +1,6 @@
-//! The wasm glue: registers the root context with the proxy-wasm SDK. Host calls live in
-//! [`host`] only.
+//! The wasm glue: the proxy-wasm ABI exports ([`abi`]), the host calls ([`host`], the only module
+//! with `unsafe`), and the root and HTTP contexts ([`filter`]).
 
+mod abi;
 mod filter;
 mod host;
-
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::<filter::Root>::default()
-    });
-}}
