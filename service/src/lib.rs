@@ -1,0 +1,249 @@
+//! ratelimit-service: a Redis-backed global rate-limit service speaking Envoy's Rate Limit Service
+//! API v3 (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`).
+
+pub mod config;
+pub mod http;
+pub mod keys;
+pub mod log;
+pub mod metrics;
+pub mod scripts;
+pub mod service;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Algorithm, Config};
+use crate::metrics::Metrics;
+use crate::service::{Grpc, Limiter};
+use crate::store::{RedisOptions, Store};
+
+/// Command line; every flag also reads an environment variable.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ratelimit-service", version, about)]
+pub struct Args {
+    /// gRPC listen address (Rate Limit Service v3 + grpc.health.v1).
+    #[arg(long, env = "RATELIMIT_GRPC_ADDR", default_value = "127.0.0.1:8081")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address for /healthz and /metrics.
+    #[arg(long, env = "RATELIMIT_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Redis URL (redis://, rediss:// for TLS). With --redis-cluster: comma-separated node URLs.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Talk to a Redis Cluster (the URLs are seed nodes).
+    #[arg(long, env = "REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    /// Redis ACL user name.
+    #[arg(long, env = "REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+    /// Redis password (overrides one in the URL).
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// With rediss://: do not verify the server certificate.
+    #[arg(long, env = "REDIS_TLS_INSECURE")]
+    pub redis_tls_insecure: bool,
+    /// Timeout of one Redis call, in milliseconds.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1000)]
+    pub redis_timeout_ms: u64,
+    /// At start, keep trying to reach Redis for this many seconds before giving up (0: fail at once).
+    #[arg(long, env = "REDIS_STARTUP_WAIT_SECS", default_value_t = 0)]
+    pub redis_startup_wait_secs: u64,
+    /// Limits file or directory (its *.yaml/*.yml files), envoyproxy/ratelimit format. Repeatable;
+    /// in the environment, comma-separated.
+    #[arg(long = "config", env = "RATELIMIT_CONFIG", value_delimiter = ',')]
+    pub config: Vec<PathBuf>,
+    /// How often to check the configuration files for changes, in milliseconds.
+    #[arg(long, env = "RATELIMIT_CONFIG_POLL_MS", default_value_t = 1000)]
+    pub config_poll_ms: u64,
+    /// Algorithm of limits that do not name one: fixed_window, sliding_window or token_bucket.
+    #[arg(long, env = "RATELIMIT_DEFAULT_ALGORITHM", default_value = "fixed_window")]
+    pub default_algorithm: Algorithm,
+    /// First part of every Redis key.
+    #[arg(long, env = "RATELIMIT_KEY_PREFIX", default_value = "rl")]
+    pub key_prefix: String,
+}
+
+impl Args {
+    pub fn redis_options(&self) -> RedisOptions {
+        RedisOptions {
+            urls: self.redis_url.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            cluster: self.redis_cluster,
+            username: self.redis_username.clone(),
+            password: self.redis_password.clone(),
+            tls_insecure: self.redis_tls_insecure,
+            timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+        }
+    }
+}
+
+/// Runs until `shutdown` turns true (or SIGTERM/SIGINT when called from `main`).
+/// Errors are one-line messages for start-up problems.
+pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
+    // rustls (used by the redis crate for rediss://) needs a process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let metrics = Arc::new(Metrics::default());
+
+    let (cfg, sig) = if args.config.is_empty() {
+        (Config::default(), Vec::new())
+    } else {
+        Config::load(&args.config).map_err(|e| format!("bad configuration: {e}"))?
+    };
+    let domains = cfg.domain_names();
+    let config = Arc::new(RwLock::new(Arc::new(cfg)));
+
+    let opts = args.redis_options();
+    let deadline = Instant::now() + Duration::from_secs(args.redis_startup_wait_secs);
+    let store = loop {
+        match Store::connect(&opts, metrics.clone()).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("cannot reach Redis at {}: {e}", opts.display_urls()))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    };
+    metrics.set_redis_up(true);
+
+    let grpc_listener = TcpListener::bind(args.grpc_addr)
+        .await
+        .map_err(|e| format!("cannot listen on --grpc-addr {}: {e}", args.grpc_addr))?;
+    let http_listener = TcpListener::bind(args.http_addr)
+        .await
+        .map_err(|e| format!("cannot listen on --http-addr {}: {e}", args.http_addr))?;
+    let grpc_local = grpc_listener.local_addr().map_err(|e| e.to_string())?;
+    let http_local = http_listener.local_addr().map_err(|e| e.to_string())?;
+
+    let limiter = Arc::new(Limiter {
+        config: config.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        default_algorithm: args.default_algorithm,
+        key_prefix: args.key_prefix.clone(),
+    });
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<RateLimitServiceServer<Grpc>>().await;
+
+    // Background: Redis health (gRPC health status, redis_up gauge, one log line per change).
+    let health_task = {
+        let store = store.clone();
+        let metrics = metrics.clone();
+        let reporter = health_reporter.clone();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut up = true;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let r = store.ping().await;
+                let now_up = r.is_ok();
+                metrics.set_redis_up(now_up);
+                if now_up != up {
+                    up = now_up;
+                    let status = if up {
+                        info!("redis is reachable again");
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+                        warn!("redis is unreachable: {e}");
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    reporter.set_service_status("", status).await;
+                    reporter.set_service_status("envoy.service.ratelimit.v3.RateLimitService", status).await;
+                }
+            }
+        })
+    };
+
+    // Background: configuration hot reload.
+    let reload_task = if args.config.is_empty() {
+        None
+    } else {
+        let paths = args.config.clone();
+        let config = config.clone();
+        let metrics = metrics.clone();
+        let poll = Duration::from_millis(args.config_poll_ms.max(10));
+        let mut stop = shutdown.clone();
+        Some(tokio::spawn(async move {
+            let mut last_sig = sig;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+                let paths = paths.clone();
+                let loaded = tokio::task::spawn_blocking(move || Config::load(&paths)).await;
+                let loaded = match loaded {
+                    Ok(l) => l,
+                    Err(_) => continue,
+                };
+                match loaded {
+                    Ok((c, s)) => {
+                        if s == last_sig {
+                            continue;
+                        }
+                        last_sig = s;
+                        let names = c.domain_names().join(", ");
+                        if let Ok(mut w) = config.write() {
+                            *w = Arc::new(c);
+                        }
+                        metrics.reload(true);
+                        info!("configuration reloaded: domains [{names}]");
+                    }
+                    Err(e) => {
+                        // Log a bad file once per distinct error, keep serving the old config.
+                        let s = e.clone().into_bytes();
+                        if s != last_sig {
+                            last_sig = s;
+                            metrics.reload(false);
+                            error!("configuration not reloaded, keeping the previous one: {e}");
+                        }
+                    }
+                }
+            }
+        }))
+    };
+
+    let http_task =
+        tokio::spawn(http::serve(http_listener, store.clone(), metrics.clone(), shutdown.clone()));
+
+    info!(
+        "listening grpc={grpc_local} http={http_local} redis={}{} algorithm={} domains=[{}]",
+        opts.display_urls(),
+        if opts.cluster { " (cluster)" } else { "" },
+        args.default_algorithm,
+        domains.join(", ")
+    );
+
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
+    let mut stop = shutdown.clone();
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(RateLimitServiceServer::new(Grpc(limiter)))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|v| *v).await;
+        })
+        .await;
+    if let Err(e) = served {
+        return Err(format!("gRPC server failed: {e}"));
+    }
+    let _ = shutdown.wait_for(|v| *v).await;
+    let _ = health_task.await;
+    if let Some(t) = reload_task {
+        let _ = t.await;
+    }
+    let _ = http_task.await;
+    info!("stopped");
+    Ok(())
+}

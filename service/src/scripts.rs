@@ -1,0 +1,196 @@
+//! The Lua scripts. Each checks and consumes in one step, atomically, using Redis' own clock
+//! (`TIME`), so several service instances agree on windows. Every write sets a TTL.
+//!
+//! All decision scripts take `KEYS[1]` and `ARGV = limit, hits, period_ms, margin_ms` and return
+//! `{allowed (1|0), remaining, ms_until_reset, window_start_ms}`. A request whose hits do not fit
+//! consumes nothing. `hits = 0` consumes nothing and is allowed when one more hit would fit.
+//!
+//! Fixed window: `period_ms > 0` aligns windows to multiples of the period since the Unix epoch
+//! (like envoyproxy/ratelimit: a WEEK starts Thursday 00:00 UTC); `0` means the calendar month
+//! (UTC) and `-1` the calendar year (UTC). State: hash `{w = window start ms, c = count}`.
+//!
+//! Sliding window: two adjacent fixed windows, the previous one weighted by the part of it still
+//! inside the sliding window. State: hash `{w, c = current count, p = previous count}`.
+//!
+//! Token bucket, as GCRA: capacity `limit`, refilled at `limit` per period. State: string holding
+//! the theoretical arrival time (ms, fractional).
+
+pub const NOW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"#;
+
+/// Calendar helpers (proleptic Gregorian, UTC), after H. Hinnant's civil-from-days algorithms.
+/// `bounds(now_ms, mode)` gives the start and end (ms) of the calendar month (`mode == 0`) or year
+/// (`mode == -1`) holding `now_ms`.
+pub const CALENDAR: &str = r#"
+local floor = math.floor
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function civil_from_days(z)
+  z = z + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function bounds(now_ms, mode)
+  local y, m = civil_from_days(floor(now_ms / 86400000))
+  local sy, sm, ey, em
+  if mode == 0 then
+    sy, sm = y, m
+    if m == 12 then ey, em = y + 1, 1 else ey, em = y, m + 1 end
+  else
+    sy, sm, ey, em = y, 1, y + 1, 1
+  end
+  return days_from_civil(sy, sm, 1) * 86400000, days_from_civil(ey, em, 1) * 86400000
+end
+"#;
+
+pub const FIXED_WINDOW_BODY: &str = r#"
+local limit = tonumber(ARGV[1])
+local hits = tonumber(ARGV[2])
+local period = tonumber(ARGV[3])
+local margin = tonumber(ARGV[4])
+local start, stop
+if period > 0 then
+  start = now - (now % period)
+  stop = start + period
+else
+  start, stop = bounds(now, period)
+end
+local cnt = 0
+local h = redis.call('HMGET', KEYS[1], 'w', 'c')
+if h[1] and tonumber(h[1]) == start then cnt = tonumber(h[2]) or 0 end
+local need = hits
+if need < 1 then need = 1 end
+if cnt + need > limit then
+  return {0, 0, stop - now, start}
+end
+if hits > 0 then
+  cnt = cnt + hits
+  redis.call('HSET', KEYS[1], 'w', string.format('%d', start), 'c', cnt)
+  redis.call('PEXPIRE', KEYS[1], stop - now + margin)
+end
+return {1, limit - cnt, stop - now, start}
+"#;
+
+pub const SLIDING_WINDOW_BODY: &str = r#"
+local limit = tonumber(ARGV[1])
+local hits = tonumber(ARGV[2])
+local period = tonumber(ARGV[3])
+local margin = tonumber(ARGV[4])
+local start = now - (now % period)
+local stop = start + period
+local h = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
+local w = tonumber(h[1])
+local cur = tonumber(h[2]) or 0
+local prev = tonumber(h[3]) or 0
+if w == nil then
+  cur, prev = 0, 0
+elseif w == start then
+  -- same window
+elseif w == start - period then
+  prev, cur = cur, 0
+else
+  prev, cur = 0, 0
+end
+local weight = (stop - now) / period
+local est = prev * weight + cur
+local need = hits
+if need < 1 then need = 1 end
+if est + need > limit then
+  -- When will `need` more fit? Within this window the previous window's share decays.
+  local wait = stop - now
+  local room = limit - cur - need
+  if room >= 0 and prev > 0 then
+    wait = math.ceil(start + period * (1 - room / prev) - now)
+  elseif cur > 0 and limit - need >= 0 then
+    wait = math.ceil(stop + period * (1 - (limit - need) / cur) - now)
+  end
+  if wait < 1 then wait = 1 end
+  return {0, 0, wait, start}
+end
+if hits > 0 then
+  cur = cur + hits
+  redis.call('HSET', KEYS[1], 'w', string.format('%d', start), 'c', cur, 'p', prev)
+  redis.call('PEXPIRE', KEYS[1], stop + period - now + margin)
+end
+local remaining = math.floor(limit - (prev * weight + cur) + 1e-9)
+if remaining < 0 then remaining = 0 end
+return {1, remaining, stop - now, start}
+"#;
+
+pub const TOKEN_BUCKET_BODY: &str = r#"
+local limit = tonumber(ARGV[1])
+local hits = tonumber(ARGV[2])
+local period = tonumber(ARGV[3])
+local margin = tonumber(ARGV[4])
+if limit <= 0 then
+  return {0, 0, period, 0}
+end
+local interval = period / limit
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local need = hits
+if need < 1 then need = 1 end
+local check = tat + interval * need - now
+if check > period + 1e-6 then
+  return {0, 0, math.ceil(check - period), 0}
+end
+local new_tat = tat + interval * hits
+if hits > 0 then
+  redis.call('SET', KEYS[1], string.format('%.4f', new_tat), 'PX', math.ceil(new_tat - now) + margin)
+end
+local remaining = math.floor((period - (new_tat - now)) / interval + 1e-6)
+if remaining < 0 then remaining = 0 end
+return {1, remaining, math.ceil(new_tat - now), 0}
+"#;
+
+/// Gives back `hits` taken by an earlier decision (the request was denied by another descriptor).
+/// `KEYS[1]`, `ARGV = algorithm tag, hits, window_start_ms, period_ms, limit`. Only touches the
+/// counter of the window the hits were taken from; keeps the TTL.
+pub const REFUND: &str = r#"
+local alg = ARGV[1]
+local hits = tonumber(ARGV[2])
+if alg == 'tb' then
+  local tat = tonumber(redis.call('GET', KEYS[1]))
+  if tat then
+    local interval = tonumber(ARGV[4]) / tonumber(ARGV[5])
+    redis.call('SET', KEYS[1], string.format('%.4f', tat - interval * hits), 'KEEPTTL')
+  end
+  return 1
+end
+local h = redis.call('HMGET', KEYS[1], 'w', 'c')
+if h[1] and tonumber(h[1]) == tonumber(ARGV[3]) then
+  local c = (tonumber(h[2]) or 0) - hits
+  if c < 0 then c = 0 end
+  redis.call('HSET', KEYS[1], 'c', c)
+  return 1
+end
+return 0
+"#;
+
+pub fn fixed_window() -> String {
+    format!("{NOW}{CALENDAR}{FIXED_WINDOW_BODY}")
+}
+
+pub fn sliding_window() -> String {
+    format!("{NOW}{SLIDING_WINDOW_BODY}")
+}
+
+pub fn token_bucket() -> String {
+    format!("{NOW}{TOKEN_BUCKET_BODY}")
+}

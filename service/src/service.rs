@@ -1,0 +1,228 @@
+//! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
+
+use std::sync::{Arc, RwLock};
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use tonic::{Request, Response, Status};
+
+use crate::config::{Algorithm, Config, RuleLimit, Unit};
+use crate::keys;
+use crate::log::Throttle;
+use crate::metrics::Metrics;
+use crate::store::{Check, Outcome, Store};
+
+pub struct Limiter {
+    pub config: Arc<RwLock<Arc<Config>>>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub default_algorithm: Algorithm,
+    pub key_prefix: String,
+}
+
+static REDIS_ERROR_LOG: Throttle = Throttle::new(10_000);
+static REFUND_ERROR_LOG: Throttle = Throttle::new(10_000);
+
+/// What to do for one descriptor.
+enum Plan {
+    /// Not limited: no override and no configured rate_limit (`no_limit`), or `unlimited`.
+    Pass(&'static str),
+    Limit {
+        check: Check,
+        shadow: bool,
+        name: String,
+    },
+}
+
+impl Limiter {
+    fn plan(
+        &self,
+        cfg: &Config,
+        domain: &str,
+        d: &RateLimitDescriptor,
+        request_hits: u64,
+    ) -> Result<Plan, Status> {
+        let entries = || d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str()));
+        let rule = cfg.lookup(domain, entries());
+        let (rpu, unit, name) = match (&d.limit, rule.map(|r| r.limit)) {
+            (Some(o), _) => {
+                let unit = Unit::from_proto(o.unit).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "descriptor limit override has an unknown unit ({})",
+                        o.unit
+                    ))
+                })?;
+                (o.requests_per_unit, unit, String::new())
+            }
+            (None, Some(RuleLimit::Limited { requests_per_unit, unit })) => {
+                (requests_per_unit, unit, rule.map(|r| r.name.clone()).unwrap_or_default())
+            }
+            (None, Some(RuleLimit::Unlimited)) => return Ok(Plan::Pass("unlimited")),
+            (None, Some(RuleLimit::None)) | (None, None) => return Ok(Plan::Pass("no_limit")),
+        };
+        let algorithm = rule.and_then(|r| r.algorithm).unwrap_or(self.default_algorithm);
+        let hits = if d.is_negative_hits {
+            // Refilling through negative hits is not supported: such a descriptor only reports.
+            0
+        } else {
+            d.hits_addend.map(|h| h.value).unwrap_or(request_hits)
+        };
+        Ok(Plan::Limit {
+            check: Check {
+                key: keys::key(&self.key_prefix, domain, entries(), algorithm, unit),
+                algorithm,
+                limit: rpu,
+                unit,
+                hits,
+            },
+            shadow: rule.map(|r| r.shadow_mode).unwrap_or(false),
+            name,
+        })
+    }
+
+    pub async fn decide(&self, req: RateLimitRequest) -> Result<RateLimitResponse, Status> {
+        if req.domain.is_empty() {
+            return Err(Status::invalid_argument("rate limit domain must not be empty"));
+        }
+        if req.descriptors.is_empty() {
+            return Err(Status::invalid_argument("rate limit descriptor list must not be empty"));
+        }
+        let request_hits = u64::from(req.hits_addend.max(1));
+        let cfg = self
+            .config
+            .read()
+            .map(|c| Arc::clone(&c))
+            .map_err(|_| Status::internal("configuration lock poisoned"))?;
+        let plans = req
+            .descriptors
+            .iter()
+            .map(|d| self.plan(&cfg, &req.domain, d, request_hits))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let results = futures_util::future::join_all(plans.iter().map(|p| async move {
+            match p {
+                Plan::Pass(_) => Ok(None),
+                Plan::Limit { check, .. } => self.store.check(check).await.map(Some),
+            }
+        }))
+        .await;
+
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(results.len());
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(o) => outcomes.push(o),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                    outcomes.push(None);
+                }
+            }
+        }
+        let over = plans
+            .iter()
+            .zip(&outcomes)
+            .any(|(p, o)| matches!((p, o), (Plan::Limit { shadow: false, .. }, Some(o)) if !o.allowed));
+        if let Some(e) = first_err {
+            if let Some(n) = REDIS_ERROR_LOG.allow() {
+                crate::warn!("redis call failed, answering UNAVAILABLE: {e} ({n} similar errors not logged)");
+            }
+            self.refund_all(&plans, &outcomes).await;
+            return Err(Status::unavailable(format!("rate limit store unavailable: {e}")));
+        }
+        if over {
+            // All or nothing: a denied request keeps no hits in the descriptors that allowed it.
+            self.refund_all(&plans, &outcomes).await;
+        }
+
+        let mut statuses = Vec::with_capacity(plans.len());
+        for (p, o) in plans.iter().zip(&outcomes) {
+            let (status, code) = match (p, o) {
+                (Plan::Limit { check, shadow, name }, Some(o)) => {
+                    let over_here = !o.allowed;
+                    let code = match (over_here, *shadow) {
+                        (false, _) => "ok",
+                        (true, false) => "over_limit",
+                        (true, true) => "shadow_over_limit",
+                    };
+                    let st = DescriptorStatus {
+                        code: if over_here && !*shadow { Code::OverLimit as i32 } else { Code::Ok as i32 },
+                        current_limit: Some(RateLimit {
+                            name: name.clone(),
+                            requests_per_unit: check.limit,
+                            unit: check.unit.to_proto(),
+                        }),
+                        limit_remaining: o.remaining.min(u64::from(u32::MAX)) as u32,
+                        duration_until_reset: Some(PbDuration {
+                            seconds: (o.reset_ms / 1000) as i64,
+                            nanos: ((o.reset_ms % 1000) * 1_000_000) as i32,
+                        }),
+                        ..Default::default()
+                    };
+                    (st, code)
+                }
+                (Plan::Pass(code), _) => {
+                    (DescriptorStatus { code: Code::Ok as i32, ..Default::default() }, *code)
+                }
+                // Unreachable: a failed call returned UNAVAILABLE above.
+                (Plan::Limit { .. }, None) => continue,
+            };
+            self.metrics.descriptor(&req.domain, code);
+            statuses.push(status);
+        }
+        self.metrics.decision(&req.domain, if over { "over_limit" } else { "ok" });
+        Ok(RateLimitResponse {
+            overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
+            statuses,
+            ..Default::default()
+        })
+    }
+
+    async fn refund_all(&self, plans: &[Plan], outcomes: &[Option<Outcome>]) {
+        let jobs = plans.iter().zip(outcomes).filter_map(|(p, o)| match (p, o) {
+            (Plan::Limit { check, .. }, Some(o)) if o.allowed && check.hits > 0 => Some((check, o)),
+            _ => None,
+        });
+        let results = futures_util::future::join_all(jobs.map(|(c, o)| async move {
+            let r = self.store.refund(c, o).await;
+            if r.is_ok() {
+                self.metrics.refund();
+            }
+            r
+        }))
+        .await;
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+            if let Some(n) = REFUND_ERROR_LOG.allow() {
+                crate::warn!(
+                    "could not give back hits of a denied request: {e} ({n} similar errors not logged)"
+                );
+            }
+        }
+    }
+}
+
+pub struct Grpc(pub Arc<Limiter>);
+
+#[tonic::async_trait]
+impl RateLimitService for Grpc {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        match self.0.decide(request.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(s) => {
+                self.0.metrics.grpc_error(match s.code() {
+                    tonic::Code::InvalidArgument => "invalid_argument",
+                    tonic::Code::Unavailable => "unavailable",
+                    _ => "other",
+                });
+                Err(s)
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The Redis side: connection (single node or cluster), the scripts, one decision per call.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{IntoConnectionInfo, RedisError, Script};
+
+use crate::config::{Algorithm, Unit};
+use crate::metrics::Metrics;
+use crate::scripts;
+
+/// How to reach Redis.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// One URL, or for a cluster one or more node URLs.
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls_insecure: bool,
+    /// Per-call timeout (connect and response).
+    pub timeout: Duration,
+}
+
+impl RedisOptions {
+    /// The URLs with any password hidden, for messages.
+    pub fn display_urls(&self) -> String {
+        self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>().join(",")
+    }
+}
+
+fn redact(url: &str) -> String {
+    // scheme://user:pass@host -> scheme://user:***@host
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((auth, host)) = rest.rsplit_once('@') {
+            let user = auth.split_once(':').map(|(u, _)| u).unwrap_or(auth);
+            if auth.contains(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+    }
+    url.to_string()
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Outcome of one descriptor's script call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub allowed: bool,
+    pub remaining: u64,
+    pub reset_ms: u64,
+    pub window: i64,
+}
+
+/// What one descriptor asks of Redis.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub key: String,
+    pub algorithm: Algorithm,
+    pub limit: u32,
+    pub unit: Unit,
+    pub hits: u64,
+}
+
+impl Check {
+    /// The `period_ms` argument of the scripts.
+    fn period_arg(&self) -> i64 {
+        match (self.algorithm, self.unit) {
+            (Algorithm::FixedWindow, Unit::Month) => 0,
+            (Algorithm::FixedWindow, Unit::Year) => -1,
+            _ => self.unit.nominal_ms() as i64,
+        }
+    }
+}
+
+const MARGIN_MS: i64 = 1000;
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Conn,
+    fixed: std::sync::Arc<Script>,
+    sliding: std::sync::Arc<Script>,
+    bucket: std::sync::Arc<Script>,
+    refund: std::sync::Arc<Script>,
+    timeout: Duration,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+#[derive(Debug)]
+pub enum StoreError {
+    Redis(RedisError),
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Redis(e) => write!(f, "{e}"),
+            StoreError::Timeout(d) => write!(f, "no answer from Redis within {d:?}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl Store {
+    /// Connects (and checks with a PING). Fails if Redis cannot be reached now.
+    pub async fn connect(opts: &RedisOptions, metrics: std::sync::Arc<Metrics>) -> Result<Store, String> {
+        let conn = tokio::time::timeout(opts.timeout * 3, Self::open(opts))
+            .await
+            .map_err(|_| format!("no answer within {:?}", opts.timeout * 3))??;
+        let store = Store {
+            conn,
+            fixed: std::sync::Arc::new(Script::new(&scripts::fixed_window())),
+            sliding: std::sync::Arc::new(Script::new(&scripts::sliding_window())),
+            bucket: std::sync::Arc::new(Script::new(&scripts::token_bucket())),
+            refund: std::sync::Arc::new(Script::new(scripts::REFUND)),
+            timeout: opts.timeout,
+            metrics,
+        };
+        store.ping().await.map_err(|e| e.to_string())?;
+        store.load_scripts().await.map_err(|e| e.to_string())?;
+        Ok(store)
+    }
+
+    /// SCRIPT LOAD of every script (on a cluster: on every master), so the first requests do not
+    /// all meet NOSCRIPT at once. Later NOSCRIPTs (a restarted Redis) are handled per call.
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        for s in [&self.fixed, &self.sliding, &self.bucket, &self.refund] {
+            let inv = s.prepare_invoke();
+            match self.conn.clone() {
+                Conn::Single(mut c) => self.timed(inv.load_async(&mut c)).await?,
+                Conn::Cluster(mut c) => self.timed(inv.load_async(&mut c)).await?,
+            };
+        }
+        Ok(())
+    }
+
+    async fn open(opts: &RedisOptions) -> Result<Conn, String> {
+        let err = |e: RedisError| e.to_string();
+        if opts.cluster {
+            let mut b = redis::cluster::ClusterClientBuilder::new(opts.urls.clone())
+                .connection_timeout(opts.timeout)
+                .response_timeout(opts.timeout)
+                .retries(1);
+            if let Some(u) = &opts.username {
+                b = b.username(u);
+            }
+            if let Some(p) = &opts.password {
+                b = b.password(p);
+            }
+            if opts.urls.iter().any(|u| u.starts_with("rediss://")) {
+                b = b.tls(if opts.tls_insecure { redis::TlsMode::Insecure } else { redis::TlsMode::Secure });
+            }
+            let client = b.build().map_err(err)?;
+            let c = client.get_async_connection().await.map_err(err)?;
+            Ok(Conn::Cluster(c))
+        } else {
+            let url = opts.urls.first().ok_or("no Redis URL given")?;
+            let mut info = url.as_str().into_connection_info().map_err(err)?;
+            let mut settings = info.redis_settings().clone();
+            if let Some(u) = &opts.username {
+                settings = settings.set_username(u);
+            }
+            if let Some(p) = &opts.password {
+                settings = settings.set_password(p);
+            }
+            info = info.set_redis_settings(settings);
+            if opts.tls_insecure {
+                if let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() {
+                    info = info.set_addr(redis::ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        insecure: true,
+                        tls_params: None,
+                    });
+                }
+            }
+            let client = redis::Client::open(info).map_err(err)?;
+            let cfg = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(opts.timeout))
+                .set_response_timeout(Some(opts.timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            let c = ConnectionManager::new_with_config(client, cfg).await.map_err(err)?;
+            Ok(Conn::Single(c))
+        }
+    }
+
+    async fn timed<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(self.timeout, f).await;
+        self.metrics.observe_redis(t0.elapsed());
+        let r = match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        if r.is_err() {
+            self.metrics.redis_error();
+        }
+        r
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("PING");
+        let cmd = &mut cmd;
+        match self.conn.clone() {
+            Conn::Single(mut c) => self.timed(cmd.query_async::<String>(&mut c)).await?,
+            Conn::Cluster(mut c) => self.timed(cmd.query_async::<String>(&mut c)).await?,
+        };
+        Ok(())
+    }
+
+    /// Checks and consumes, atomically in Redis.
+    pub async fn check(&self, c: &Check) -> Result<Outcome, StoreError> {
+        let script = match c.algorithm {
+            Algorithm::FixedWindow => &self.fixed,
+            Algorithm::SlidingWindow => &self.sliding,
+            Algorithm::TokenBucket => &self.bucket,
+        };
+        let mut inv = script.prepare_invoke();
+        inv.key(&c.key).arg(c.limit).arg(c.hits).arg(c.period_arg()).arg(MARGIN_MS);
+        let (allowed, remaining, reset, window): (i64, i64, i64, i64) = match self.conn.clone() {
+            Conn::Single(mut conn) => self.timed(inv.invoke_async(&mut conn)).await?,
+            Conn::Cluster(mut conn) => self.timed(inv.invoke_async(&mut conn)).await?,
+        };
+        Ok(Outcome {
+            allowed: allowed == 1,
+            remaining: remaining.max(0) as u64,
+            reset_ms: reset.max(0) as u64,
+            window,
+        })
+    }
+
+    /// Gives back the hits an allowed check took (best effort).
+    pub async fn refund(&self, c: &Check, o: &Outcome) -> Result<(), StoreError> {
+        let mut inv = self.refund.prepare_invoke();
+        inv.key(&c.key)
+            .arg(c.algorithm.tag())
+            .arg(c.hits)
+            .arg(o.window)
+            .arg(c.unit.nominal_ms())
+            .arg(c.limit.max(1));
+        match self.conn.clone() {
+            Conn::Single(mut conn) => self.timed(inv.invoke_async::<i64>(&mut conn)).await?,
+            Conn::Cluster(mut conn) => self.timed(inv.invoke_async::<i64>(&mut conn)).await?,
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden_in_messages() {
+        assert_eq!(redact("redis://user:secret@host:6379/0"), "redis://user:***@host:6379/0");
+        assert_eq!(redact("rediss://:secret@h"), "rediss://:***@h");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+}
