@@ -364,12 +364,22 @@ impl Limiter {
             return Ok(refused);
         }
 
-        let consumed = items
-            .iter()
-            .filter_map(|i| {
-                Some(Consumed { fp: i.fp, index: i.stored_at?, cost: i.cost, algorithm: i.limit.algorithm })
-            })
-            .collect();
+        // Only a later global denial needs this; without global rules nothing is allocated.
+        let consumed = if self.config.global.is_some() {
+            items
+                .iter()
+                .filter_map(|i| {
+                    Some(Consumed {
+                        fp: i.fp,
+                        index: i.stored_at?,
+                        cost: i.cost,
+                        algorithm: i.limit.algorithm,
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut report: Option<Report<'a>> = None;
         let mut counted: Option<usize> = None;
         for item in &items {

@@ -568,3 +568,77 @@ fn the_violation_log_can_include_the_raw_key() {
     l.check(&store, &keyed("alice"), T0, &m);
     assert!(m.log()[0].contains(" key=\"alice\""), "{}", m.log()[0]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Global rules: what the service's answer (or its absence) means.
+
+mod global {
+    use super::*;
+    use crate::global::{prepare, Answer, LimitStatus};
+
+    const CONFIG: &str = r#"{"global":{"cluster":"rls","domain":"edge"},"rules":[
+        {"name":"local","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":5,"refill_period":"1h"}},
+        {"name":"open","global":true,"key":[{"source":"header","name":"x-key"}],
+         "limit":{"algorithm":"fixed_window","requests":10,"window":"1m"}},
+        {"name":"closed","global":true,"failure_mode":"deny","match":{"path_prefix":"/pay"},
+         "key":[{"source":"header","name":"x-key"}],"limit":{"algorithm":"fixed_window","requests":3,"window":"1s"}}]}"#;
+
+    fn status(over: bool, remaining: u64, reset: u64) -> LimitStatus {
+        LimitStatus { over_limit: over, quota: 10, window_seconds: 60, remaining, reset_seconds: reset }
+    }
+
+    #[test]
+    fn local_rules_ignore_global_ones_and_report_what_they_took() {
+        let (l, store) = limiter(CONFIG);
+        let m = Counts::default();
+        match l.check(&store, &keyed("k"), T0, &m) {
+            Verdict::Allow { report: Some(r), consumed } => {
+                assert_eq!(r.limit.name, "local");
+                assert_eq!(consumed.len(), 1);
+                l.give_back(&store, &consumed, T0, &m);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.standings(&store, &keyed("k"), T0).unwrap()[0].remaining, 5, "given back");
+    }
+
+    #[test]
+    fn an_over_limit_answer_denies_with_the_service_reset() {
+        let (l, _) = limiter(CONFIG);
+        let m = Counts::default();
+        let call = prepare(l.config(), &keyed("k")).unwrap().unwrap();
+        let answer = Answer { over_limit: true, limits: vec![(0, status(true, 0, 42))] };
+        let v = l.global_verdict(&call, Ok(answer), &m);
+        assert!(v.deny);
+        assert_eq!(v.retry_after_seconds, Some(42));
+        assert_eq!(v.report.map(|r| (r.name, r.remaining, r.reset_seconds)), Some(("open", 0, 42)));
+        assert_eq!(m.get(Metric::Denied(1)), 1);
+    }
+
+    #[test]
+    fn an_ok_answer_reports_the_most_restrictive_status() {
+        let (l, _) = limiter(CONFIG);
+        let m = Counts::default();
+        let call = prepare(l.config(), &TestRequest::get("/pay").with_header("x-key", "k")).unwrap().unwrap();
+        assert_eq!(call.origins.len(), 2);
+        let answer =
+            Answer { over_limit: false, limits: vec![(0, status(false, 7, 30)), (1, status(false, 2, 1))] };
+        let v = l.global_verdict(&call, Ok(answer), &m);
+        assert!(!v.deny);
+        assert_eq!(v.report.map(|r| (r.name, r.remaining)), Some(("closed", 2)));
+        assert_eq!(m.get(Metric::Allowed(1)) + m.get(Metric::Allowed(2)), 2);
+    }
+
+    #[test]
+    fn a_failure_applies_the_failure_mode_of_the_rules_involved() {
+        let (l, _) = limiter(CONFIG);
+        let m = Counts::default();
+        let open = prepare(l.config(), &keyed("k")).unwrap().unwrap();
+        assert!(!l.global_verdict(&open, Err("timeout".into()), &m).deny);
+        let both = prepare(l.config(), &TestRequest::get("/pay").with_header("x-key", "k")).unwrap().unwrap();
+        let v = l.global_verdict(&both, Err("timeout".into()), &m);
+        assert!(v.deny);
+        assert_eq!(v.retry_after_seconds, Some(1));
+        assert_eq!(m.get(Metric::GlobalFailure), 2);
+    }
+}

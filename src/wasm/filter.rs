@@ -333,7 +333,7 @@ impl Filter {
 fn grpc_status_hint(status: u32) -> &'static str {
     match status {
         4 => " (deadline exceeded: no answer within the timeout)",
-        14 => " (unavailable)",
+        14 => " (unavailable: the service is down or unreachable, or gave no answer within the timeout)",
         _ => "",
     }
 }

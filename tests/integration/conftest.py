@@ -81,6 +81,8 @@ def render_bootstrap(
     vm_id: str | None = "ratelimit",
     root_id: str = "ratelimit",
     fail_open: bool = False,
+    rls_port: int | None = None,
+    native_ratelimit: dict | None = None,
 ) -> dict:
     """Same shape as envoy/demo.yaml: filtered listener -> router -> cluster -> second listener
     (direct_response 200 "ok"). Returned as a dict; JSON is valid YAML, so it is written as JSON."""
@@ -130,6 +132,43 @@ def render_bootstrap(
             },
         },
     }
+    filters = [wasm_filter]
+    route: dict = {"route": {"cluster": "upstream", "timeout": "30s"}}
+    if native_ratelimit is not None:
+        # Envoy's own global rate limit filter, asking the same service (instead of ours).
+        filters = [{
+            "name": "envoy.filters.http.ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                "domain": native_ratelimit["domain"],
+                "failure_mode_deny": True,
+                "timeout": "1s",
+                "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+                "rate_limit_service": {
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit_service"}},
+                    "transport_api_version": "V3",
+                },
+            },
+        }]
+        route = {"route": {"cluster": "upstream", "timeout": "30s", "rate_limits": native_ratelimit["rate_limits"]}}
+    extra_clusters = []
+    if rls_port is not None:
+        extra_clusters.append({
+            "name": "ratelimit_service",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {
+                "cluster_name": "ratelimit_service",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                    "socket_address": {"address": "127.0.0.1", "port_value": rls_port}}}}]}],
+            },
+        })
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
@@ -138,7 +177,7 @@ def render_bootstrap(
                     "name": "ingress",
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
                     "filter_chains": [
-                        {"filters": [hcm("ingress", {"route": {"cluster": "upstream", "timeout": "30s"}}, [wasm_filter])]}
+                        {"filters": [hcm("ingress", route, filters)]}
                     ],
                 },
                 {
@@ -185,7 +224,7 @@ def render_bootstrap(
                         ],
                     },
                 }
-            ],
+            ] + extra_clusters,
         },
     }
 
