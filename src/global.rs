@@ -6,8 +6,7 @@ use std::hash::{DefaultHasher, Hasher};
 
 use prost::Message;
 
-use crate::config::{Config, FailureMode, KeyPart, Limit, Limits, MissingKeyPolicy, PlanSource, Rule};
-use crate::jwt;
+use crate::config::{Config, FailureMode, KeyPart, Limit, Limits, MissingKeyPolicy, Rule};
 use crate::keys::part_value;
 use crate::request::Request;
 
@@ -154,15 +153,7 @@ pub fn prepare(config: &Config, request: &dyn Request) -> Result<Option<GlobalCa
         let (plan, limits): (Option<(usize, &str)>, &[Limit]) = match &rule.limits {
             Limits::Fixed(limits) => (None, limits),
             Limits::Plans(plans) => {
-                let named = match &plans.source {
-                    PlanSource::Header(name) => request.header(name),
-                    PlanSource::JwtClaim(claim) => {
-                        request.header("authorization").and_then(|a| jwt::claim(&a, claim))
-                    }
-                };
-                let chosen = named
-                    .and_then(|n| plans.plans.iter().position(|p| p.name.as_bytes() == n.as_slice()))
-                    .unwrap_or(plans.default);
+                let chosen = crate::limiter::plan_of(plans, request);
                 let Some(p) = plans.plans.get(chosen) else { continue };
                 if p.limits.is_empty() {
                     continue; // unlimited plan

@@ -3,7 +3,7 @@
 
 use crate::algorithm::{ceil_seconds, Algorithm, Decision};
 use crate::config::FailureMode;
-use crate::config::{Config, Cost, Limit, Limits, PlanSource, Rule, TableFullPolicy};
+use crate::config::{Config, Cost, Limit, Limits, PlanSource, Plans, Rule, TableFullPolicy};
 use crate::global::{Answer, GlobalCall};
 use crate::headers::LimitReport;
 use crate::jwt;
@@ -558,22 +558,22 @@ impl Limiter {
 fn limits_for<'a>(rule: &'a Rule, request: &dyn Request) -> (Option<&'a str>, &'a [Limit]) {
     match &rule.limits {
         Limits::Fixed(limits) => (None, limits),
-        Limits::Plans(plans) => {
-            let named = match &plans.source {
-                PlanSource::Header(name) => request.header(name),
-                PlanSource::JwtClaim(claim) => {
-                    request.header("authorization").and_then(|a| jwt::claim(&a, claim))
-                }
-            };
-            let plan = named
-                .and_then(|n| plans.plans.iter().find(|p| p.name.as_bytes() == n.as_slice()))
-                .or_else(|| plans.plans.get(plans.default));
-            match plan {
-                Some(p) => (Some(&p.name), &p.limits),
-                None => (None, &[]),
-            }
-        }
+        Limits::Plans(plans) => match plans.plans.get(plan_of(plans, request)) {
+            Some(p) => (Some(&p.name), &p.limits),
+            None => (None, &[]),
+        },
     }
+}
+
+/// The index of the request's plan: the one it names, else the default.
+pub(crate) fn plan_of(plans: &Plans, request: &dyn Request) -> usize {
+    let named = match &plans.source {
+        PlanSource::Header(name) => request.header(name),
+        PlanSource::JwtClaim(claim) => request.header("authorization").and_then(|a| jwt::claim(&a, claim)),
+    };
+    named
+        .and_then(|n| plans.plans.iter().position(|p| p.name.as_bytes() == n.as_slice()))
+        .unwrap_or(plans.default)
 }
 
 /// The request's cost under `rule`, or why it cannot be accepted.

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import custom_stat, do_request, filter_config, fresh_key, run_parallel
 
-ROUNDS = 5
+ROUNDS = 20
 REQUESTS = 400
 CONNECTIONS = 80
 
