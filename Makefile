@@ -29,7 +29,7 @@ help:
 	@echo "make build-service     build the Redis-backed rate limit service (target/release/ratelimit-service)"
 	@echo "make test-service      fmt, clippy and tests of the service (starts its own redis-server processes)"
 	@echo "make test              lint, test-native, test-wasm, test-integration, test-service"
-	@echo "make bench             CPU/request, throughput, memory and accuracy vs plain Envoy and native local_ratelimit; writes BENCHMARKS.md (~8 min)"
+	@echo "make bench             CPU/request, throughput, memory and accuracy vs plain Envoy and native local_ratelimit; writes BENCHMARKS.md (~6 min)"
 
 setup:
 	@rustup target list --installed | grep -qx '$(TARGET)' || rustup target add $(TARGET)
