@@ -223,7 +223,7 @@ impl Limiter {
                 Err(reason) => {
                     let fp = key.limit(plan, 0);
                     if let Some(verdict) =
-                        self.refuse_cost(index, None, plan, fp, 0, reason, request, observer)
+                        self.refuse_cost(index, None, plan, fp, 0, reason, request, observer, now)
                     {
                         return Ok(verdict);
                     }
@@ -239,7 +239,7 @@ impl Limiter {
                         limit.name
                     );
                     if let Some(verdict) =
-                        self.refuse_cost(index, Some(limit), plan, fp, cost, reason, request, observer)
+                        self.refuse_cost(index, Some(limit), plan, fp, cost, reason, request, observer, now)
                     {
                         return Ok(verdict);
                     }
@@ -277,14 +277,14 @@ impl Limiter {
             if !decision.allowed && item.shadow {
                 item.skip = true;
                 observer.count(Metric::ShadowDenied(item.rule));
-                observer.violation(&self.violation(item, &decision, request));
+                observer.violation(&self.violation(item, &decision, request, now));
             }
         }
         let mut worst: Option<(usize, Decision)> = None;
         for (i, item) in items.iter().enumerate() {
             let Some(decision) = item.decision.filter(|d| !d.allowed && !item.shadow) else { continue };
             observer.count(Metric::Denied(item.rule));
-            observer.violation(&self.violation(item, &decision, request));
+            observer.violation(&self.violation(item, &decision, request, now));
             if worst.is_none_or(|(_, w)| decision.retry_after_nanos > w.retry_after_nanos) {
                 worst = Some((i, decision));
             }
@@ -337,7 +337,7 @@ impl Limiter {
                 Applied::Unchanged(decision) => {
                     // Another worker took the last of it between our check and our write.
                     observer.count(Metric::Denied(item.rule));
-                    observer.violation(&self.violation(item, &decision, request));
+                    observer.violation(&self.violation(item, &decision, request, now));
                     deny(item, &decision)
                 }
                 Applied::Full => {
@@ -499,6 +499,7 @@ impl Limiter {
         reason: String,
         request: &dyn Request,
         observer: &dyn Observer,
+        now: u64,
     ) -> Option<Verdict<'a>> {
         let shadow = self.config.rules[rule].shadow;
         observer.count(if shadow { Metric::ShadowDenied(rule) } else { Metric::Denied(rule) });
@@ -512,6 +513,7 @@ impl Limiter {
             retry_after_seconds: None,
             reason: Some(reason.clone()),
             shadow,
+            at: now,
         });
         (!shadow).then_some(Verdict::Deny { report: None, retry_after_seconds: None, reason: Some(reason) })
     }
@@ -520,7 +522,13 @@ impl Limiter {
         self.config.violation_log.include_key.then(|| key_text(&self.config.rules[rule], request))
     }
 
-    fn violation<'a>(&'a self, item: &Item<'a>, decision: &Decision, request: &dyn Request) -> Violation<'a> {
+    fn violation<'a>(
+        &'a self,
+        item: &Item<'a>,
+        decision: &Decision,
+        request: &dyn Request,
+        now: u64,
+    ) -> Violation<'a> {
         Violation {
             rule: &self.config.rules[item.rule].name,
             limit: Some(&item.limit.name),
@@ -531,6 +539,7 @@ impl Limiter {
             retry_after_seconds: Some(ceil_seconds(decision.retry_after_nanos).max(1)),
             reason: None,
             shadow: item.shadow,
+            at: now,
         }
     }
 

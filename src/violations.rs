@@ -19,6 +19,8 @@ pub struct Violation<'a> {
     pub retry_after_seconds: Option<u64>,
     pub reason: Option<String>,
     pub shadow: bool,
+    /// When it happened (nanoseconds): the log's own rate limit counts by it.
+    pub at: u64,
 }
 
 impl Violation<'_> {
@@ -108,6 +110,7 @@ mod tests {
             retry_after_seconds: Some(12),
             reason: None,
             shadow: false,
+            at: 0,
         };
         assert_eq!(
             v.render(4),

@@ -87,6 +87,11 @@ pub extern "C" fn proxy_on_configure(context_id: u32, plugin_configuration_size:
 }
 
 #[no_mangle]
+pub extern "C" fn proxy_on_tick(context_id: u32) {
+    with_root(context_id, (), Root::on_tick);
+}
+
+#[no_mangle]
 pub extern "C" fn proxy_on_request_headers(
     context_id: u32,
     _num_headers: usize,

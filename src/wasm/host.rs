@@ -99,6 +99,7 @@ extern "C" {
         return_token: *mut u32,
     ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_define_metric(
         metric_type: u32,
@@ -188,6 +189,13 @@ pub fn grpc_call(
         Ok(token)
     } else {
         Err(status)
+    }
+}
+
+pub fn set_tick_period_ms(period: u32) {
+    // SAFETY: plain value.
+    unsafe {
+        proxy_set_tick_period_milliseconds(period);
     }
 }
 
