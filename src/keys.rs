@@ -68,9 +68,9 @@ pub fn store_key(prefix: &str, key: StoreKey) -> KeyBuf {
 pub struct Fingerprint(pub u64);
 
 impl Fingerprint {
-    /// Never zero: zero marks a free slot.
+    /// Never 0 or 1: the table reserves them for never-used and emptied slots.
     fn from_hash(hash: u64) -> Fingerprint {
-        Fingerprint(hash.max(1))
+        Fingerprint(if hash < 2 { hash + 2 } else { hash })
     }
 }
 

@@ -642,3 +642,18 @@ mod global {
         assert_eq!(m.get(Metric::GlobalFailure), 2);
     }
 }
+
+#[test]
+fn a_new_key_in_a_sparse_table_costs_three_reads_and_two_writes() {
+    // The scans stop at the first slot no key has used: no need to read the whole window.
+    let (l, store) = limiter(&per_key(5, "1h", ""));
+    let m = Counts::default();
+    let before = store.calls();
+    assert!(allowed(l.check(&store, &keyed("fresh"), T0, &m)));
+    let after = store.calls();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (3, 2));
+    let before = store.calls();
+    l.check(&store, &keyed("fresh"), T0, &m);
+    let after = store.calls();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "a known key: one read, one write");
+}

@@ -34,7 +34,14 @@ const fn empty_slot() -> [u8; SLOT_LEN] {
     bytes
 }
 
-/// One decoded slot. `fingerprint == 0` marks a slot never used or explicitly freed.
+/// Fingerprint of a slot no key has ever used. Every key is placed in the first free slot of its
+/// window, and a used slot never becomes never-used again, so a scan may stop at the first one.
+const NEVER_USED: u64 = 0;
+/// Fingerprint of a slot that was used and emptied (a folded duplicate, unreadable bytes): free,
+/// but scans go on past it.
+const TOMBSTONE: u64 = 1;
+
+/// One decoded slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Slot {
     fingerprint: u64,
@@ -45,7 +52,7 @@ struct Slot {
 }
 
 impl Slot {
-    const FREE: Slot = Slot { fingerprint: 0, idle_at: 0, extra: 0 };
+    const EMPTIED: Slot = Slot { fingerprint: TOMBSTONE, idle_at: 0, extra: 0 };
 
     fn holding(fp: Fingerprint, state: State) -> Slot {
         Slot { fingerprint: fp.0, idle_at: state.idle_at, extra: state.extra }
@@ -54,7 +61,7 @@ impl Slot {
     fn decode(bytes: &[u8]) -> Slot {
         if bytes.len() != SLOT_LEN || bytes[0] != SLOT_VERSION {
             // Unreadable bytes (another layout under the same prefix) hold nothing of ours.
-            return Slot::FREE;
+            return Slot::EMPTIED;
         }
         let word = |at: usize| {
             let mut w = [0u8; 8];
@@ -73,7 +80,7 @@ impl Slot {
     }
 
     fn is_free(self, now: u64) -> bool {
-        self.fingerprint == 0 || self.idle_at <= now
+        self.fingerprint == NEVER_USED || self.fingerprint == TOMBSTONE || self.idle_at <= now
     }
 
     fn state(self) -> State {
@@ -196,7 +203,8 @@ impl<'a> Table<'a> {
         }
     }
 
-    /// Finds the key's slot, stopping at the first match; else the first free slot.
+    /// Finds the key's slot, stopping at the first match or the first never-used slot; else the first
+    /// free slot.
     pub fn lookup(&self, store: &dyn SharedStore, fp: Fingerprint, now: u64) -> Result<Lookup, StoreError> {
         let home = self.home(fp);
         let mut vacant = None;
@@ -207,6 +215,9 @@ impl<'a> Table<'a> {
             }
             if vacant.is_none() && snapshot.slot.is_free(now) {
                 vacant = Some(snapshot);
+            }
+            if snapshot.slot.fingerprint == NEVER_USED {
+                break;
             }
         }
         Ok(vacant.map_or(Lookup::Full, Lookup::Vacant))
@@ -307,6 +318,9 @@ impl<'a> Table<'a> {
                     copies[count] = Some(snapshot);
                     count += 1;
                 }
+                if snapshot.slot.fingerprint == NEVER_USED {
+                    break;
+                }
             }
             if count > 1 {
                 if let Some(first) = copies[0] {
@@ -335,7 +349,7 @@ impl<'a> Table<'a> {
         canonical: u32,
         duplicate: &Snapshot,
     ) -> Result<(), StoreError> {
-        if !self.write(store, duplicate, Slot::FREE)? {
+        if !self.write(store, duplicate, Slot::EMPTIED)? {
             // It changed under us; the next scan will see it again.
             return Ok(());
         }
