@@ -76,13 +76,18 @@ def exact_rounds(envoys, rounds, key_label, report, label):
     return admitted
 
 
+def two_envoys_agree_exactly(envoy_factory, service, report, label):
+    """Two Envoys (2 workers each) on one service: exactly LIMIT admitted, 10 rounds."""
+    envoys = [envoy_factory(global_config([per_key_rule()]), concurrency=2, rls_port=service.grpc_port)
+              for _ in range(2)]
+    admitted = exact_rounds(envoys, 10, label.split()[0], report, f"global exactness ({label})")
+    assert admitted == [LIMIT] * 10
+
+
 def test_two_envoys_share_one_limit_through_the_service(envoy_factory, stack, tmp_path, report):
     redis = stack(Redis(tmp_path / "redis"))
     service = stack(Service(tmp_path / "service", redis.url))
-    envoys = [envoy_factory(global_config([per_key_rule()]), concurrency=2, rls_port=service.grpc_port)
-              for _ in range(2)]
-    admitted = exact_rounds(envoys, 10, "two", report, "global exactness (single Redis)")
-    assert admitted == [LIMIT] * 10
+    two_envoys_agree_exactly(envoy_factory, service, report, "single Redis")
 
 
 def test_allowed_and_denied_responses_carry_the_service_figures(envoy_factory, stack, tmp_path):
@@ -170,10 +175,7 @@ def test_redis_cluster_keeps_the_limit_exact(envoy_factory, stack, tmp_path, rep
         time.sleep(0.2)
     urls = ",".join(n.url for n in nodes)
     service = stack(Service(tmp_path / "service", urls, "--redis-cluster"))
-    envoys = [envoy_factory(global_config([per_key_rule()]), concurrency=2, rls_port=service.grpc_port)
-              for _ in range(2)]
-    admitted = exact_rounds(envoys, 5, "cluster", report, "global exactness (3-node Redis Cluster)")
-    assert admitted == [LIMIT] * 5
+    two_envoys_agree_exactly(envoy_factory, service, report, "3-node Redis Cluster")
 
 
 def test_redis_down_applies_the_failure_mode_and_decisions_resume(envoy_factory, stack, tmp_path):
