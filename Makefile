@@ -29,7 +29,7 @@ help:
 	@echo "make build-service     build the Redis-backed rate limit service (target/release/ratelimit-service)"
 	@echo "make test-service      fmt, clippy and tests of the service (starts its own redis-server processes)"
 	@echo "make test              lint, test-native, test-wasm, test-integration, test-service"
-	@echo "make bench             CPU/request, throughput, memory and accuracy vs plain Envoy and native local_ratelimit; writes BENCHMARKS.md (~6 min)"
+	@echo "make bench             CPU/request, throughput, memory, accuracy and global latency vs Envoy's native filters; writes BENCHMARKS.md (~7 min, ~10 the first time)"
 
 setup:
 	@rustup target list --installed | grep -qx '$(TARGET)' || rustup target add $(TARGET)
@@ -99,7 +99,7 @@ clean:
 # Side-by-side benchmark (bench/bench.py, Python stdlib only; installs h2load and wrk with apt-get
 # if missing). BENCH_ARGS passes options, e.g. BENCH_ARGS=--quick.
 BENCH_ARGS ?=
-bench: setup build
+bench: setup setup-redis build
 	PYTHONDONTWRITEBYTECODE=1 $(VENV)/bin/python bench/bench.py $(BENCH_ARGS)
 
 # ratelimit-service (service/): the Redis-backed Rate Limit Service. Its integration tests start

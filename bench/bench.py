@@ -9,10 +9,14 @@ round, and the table reports medians and ratios.
 
 Sections: speed (CPU per request, throughput), memory (RSS before/after 1M distinct keys through
 ratelimit-wasm), accuracy (admitted vs limit under concurrency), profile (probe filter variants
-that split the cost of a wasm filter, its host calls, and ratelimit-wasm's own work).
+that split the cost of a wasm filter, its host calls, and ratelimit-wasm's own work), global
+(latency p50/p99 of ours' global rule vs Envoy's native ratelimit filter, both asking
+ratelimit-service with a redis-server; the service's decisions per second on one CPU, driven by
+service/examples/rls_load.rs).
 
 Only Python's standard library is used. Options: --quick (fewer rounds/requests, for trying it),
---out FILE (default BENCHMARKS.md at the repository root; "-" for none).
+--out FILE (default BENCHMARKS.md at the repository root; "-" for none), --skip SECTIONS,
+--skip-global.
 """
 
 from __future__ import annotations
@@ -147,11 +151,12 @@ def wasm_filter(wasm: Path, configuration: str, vm_id: str) -> dict:
     }
 
 
-def ours_config(capacity: int, refill_period: str, table_size: int = 65536) -> dict:
+def ours_config(capacity: int, refill_period: str, table_size: int = 65536, headers: str = "x-ratelimit") -> dict:
+    # x-ratelimit: the same three X-RateLimit-* headers native local_ratelimit sends (like for like).
     return {
         "key_prefix": "bench",
         "table_size": table_size,
-        "headers": "both",
+        "headers": headers,
         "rules": [{
             "name": "per-key",
             "key": [{"source": "header", "name": "x-key"}],
@@ -160,8 +165,8 @@ def ours_config(capacity: int, refill_period: str, table_size: int = 65536) -> d
     }
 
 
-def ours_filter(capacity: int, refill_period: str, table_size: int = 65536) -> dict:
-    return wasm_filter(WASM, json.dumps(ours_config(capacity, refill_period, table_size)), "ratelimit")
+def ours_filter(capacity: int, refill_period: str, table_size: int = 65536, headers: str = "x-ratelimit") -> dict:
+    return wasm_filter(WASM, json.dumps(ours_config(capacity, refill_period, table_size, headers)), "ratelimit")
 
 
 def native_filter(capacity: int, fill_interval: str) -> dict:
@@ -196,9 +201,14 @@ def filtered_config(kind: str, upstream_port: int, **kw) -> dict:
         filters = [native_filter(kw["capacity"], kw["period"])]
         route["rate_limits"] = NATIVE_ROUTE_RATE_LIMITS
     elif kind == "ours":
-        filters = [ours_filter(kw["capacity"], kw["period"], kw.get("table_size", 65536))]
+        filters = [ours_filter(kw["capacity"], kw["period"], kw.get("table_size", 65536), kw.get("headers", "x-ratelimit"))]
     elif kind == "probe":
         filters = [wasm_filter(NOOP_WASM, kw["steps"], "probe")]
+    elif kind == "ours-global":
+        filters = [wasm_filter(WASM, json.dumps(ours_global_config()), "ratelimit")]
+    elif kind == "native-global":
+        filters = [native_global_filter()]
+        route["rate_limits"] = NATIVE_ROUTE_RATE_LIMITS
     else:
         raise ValueError(kind)
     cluster = {
@@ -214,7 +224,70 @@ def filtered_config(kind: str, upstream_port: int, **kw) -> dict:
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
         "filter_chains": [{"filters": [hcm("ingress", {"route": route}, filters)]}],
     }
-    return bootstrap(listener, [cluster])
+    clusters = [cluster]
+    if kw.get("rls_port"):
+        clusters.append(rls_cluster(kw["rls_port"]))
+    return bootstrap(listener, clusters)
+
+
+# Global section: one rule (ours) or one route action (native) per x-key, decided by the service.
+GLOBAL_DOMAIN = "bench"
+
+
+def ours_global_config() -> dict:
+    return {
+        "key_prefix": "bench",
+        "headers": "x-ratelimit",
+        # deny on failure: a failed call shows up as a non-2xx reply in wrk's count, not as a fast "allow".
+        "global": {"cluster": "ratelimit_service", "domain": GLOBAL_DOMAIN, "timeout": "1s", "failure_mode": "deny"},
+        "rules": [{
+            "name": "g",
+            "global": True,
+            "key": [{"source": "header", "name": "x-key"}],
+            "limit": {"algorithm": "fixed_window", "requests": BIG, "window": "1s"},
+        }],
+    }
+
+
+def native_global_filter() -> dict:
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": GLOBAL_DOMAIN,
+            "failure_mode_deny": True,
+            "timeout": "1s",
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit_service"}},
+                "transport_api_version": "V3",
+            },
+        },
+    }
+
+
+# The native filter sends no limit override: the service takes it from this file (--config).
+SERVICE_LIMITS_YAML = f"""domain: {GLOBAL_DOMAIN}
+descriptors:
+  - key: x-key
+    rate_limit: {{unit: second, requests_per_unit: {BIG}}}
+"""
+
+
+def rls_cluster(port: int) -> dict:
+    return {
+        "name": "ratelimit_service",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+        "load_assignment": {"cluster_name": "ratelimit_service", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,10 +445,11 @@ SPEED_VARIANTS = [
     ("plain", "plain", {}, HOT_KEY, "2xx"),
     ("native", "native", {"capacity": BIG, "period": "1s"}, HOT_KEY, "2xx"),
     ("ours", "ours", {"capacity": BIG, "period": "1s"}, HOT_KEY, "2xx"),
+    ("ours-both", "ours", {"capacity": BIG, "period": "1s", "headers": "both"}, HOT_KEY, "2xx"),
     ("native-429", "native", {"capacity": 1, "period": "86400s"}, EXHAUSTED_KEY, "4xx"),
     ("ours-429", "ours", {"capacity": 1, "period": "24h"}, EXHAUSTED_KEY, "4xx"),
     ("noop-wasm", "probe", {"steps": ""}, HOT_KEY, "2xx"),
-    ("noop+calls", "probe", {"steps": "time,header,shared,metric,resp5"}, HOT_KEY, "2xx"),
+    ("noop+calls", "probe", {"steps": "time,header,shared,resp3"}, HOT_KEY, "2xx"),
     ("noop+resp5", "probe", {"steps": "resp5"}, HOT_KEY, "2xx"),
     ("noop-429", "probe", {"steps": "deny"}, HOT_KEY, "4xx"),
 ]
@@ -533,6 +607,210 @@ def accuracy(workdir: Path, upstream: Envoy, rounds: int, limit: int, total: int
 
 
 # ---------------------------------------------------------------------------------------------
+# global: ratelimit-service (Redis) behind ours' global rule and behind Envoy's native ratelimit filter
+
+SERVICE_TARGET = REPO / "target" / "bench-service"
+SERVICE_BIN = SERVICE_TARGET / "release" / "ratelimit-service"
+RLS_LOAD_BIN = SERVICE_TARGET / "release" / "examples" / "rls_load"
+# The root [profile.release] (lto, 1 codegen unit) is for the wasm filter and takes minutes for the
+# service; these overrides apply to this build only, in its own target dir.
+SERVICE_BUILD_ENV = {"CARGO_PROFILE_RELEASE_LTO": "false", "CARGO_PROFILE_RELEASE_CODEGEN_UNITS": "16"}
+
+
+def build_service() -> float:
+    """Builds ratelimit-service and the load client (service/examples/rls_load.rs); returns seconds."""
+    t0 = time.monotonic()
+    subprocess.run(
+        ["cargo", "build", "-q", "--release", "-p", "ratelimit-service", "--bin", "ratelimit-service",
+         "--example", "rls_load", "--target-dir", str(SERVICE_TARGET)],
+        cwd=REPO, check=True, stdin=subprocess.DEVNULL, env={**os.environ, **SERVICE_BUILD_ENV},
+    )
+    return time.monotonic() - t0
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode})")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class Proc:
+    """A helper process (redis-server, ratelimit-service), killed by the kernel should this script die."""
+
+    def __init__(self, name: str, cmd: list[str], workdir: Path):
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=workdir, preexec_fn=_pdeathsig)
+        self.pid = self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+
+
+def start_redis(workdir: Path) -> tuple[Proc, int]:
+    port = free_port()
+    r = Proc("redis", [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                       "--save", "", "--appendonly", "no", "--dir", str(workdir)], workdir)
+    wait_port(port, r.proc, "redis-server")
+    return r, port
+
+
+def start_service(name: str, workdir: Path, redis_port: int, limits: Path, cpu: str | None) -> tuple[Proc, int, int]:
+    grpc, http_ = free_port(), free_port()
+    cmd = [str(SERVICE_BIN), "--grpc-addr", f"127.0.0.1:{grpc}", "--http-addr", f"127.0.0.1:{http_}",
+           "--redis-url", f"redis://127.0.0.1:{redis_port}", "--config", str(limits)]
+    s = Proc(name, pinned(cmd, cpu), workdir)
+    wait_port(grpc, s.proc, name)
+    wait_port(http_, s.proc, name)
+    return s, grpc, http_
+
+
+def service_decisions(http_port: int) -> int:
+    """ratelimit_service_decisions_total for the bench domain, all codes."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+    total = 0
+    for m in re.finditer(r'^ratelimit_service_decisions_total\{domain="' + GLOBAL_DOMAIN + r'",code="[^"]*"\} (\d+)', text, re.M):
+        total += int(m.group(1))
+    return total
+
+
+def wrk_latency(envoy: Envoy, clients: int, threads: int, seconds: int, key: str) -> dict:
+    """wrk --latency: p50/p99 in ms, req/s, and non-2xx replies."""
+    cmd = pinned(["wrk", "--latency", "-t", str(threads), "-c", str(clients), "-d", f"{seconds}s",
+                  "-H", f"x-key: {key}", envoy.url()], LOAD_CPU)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    pct = {}
+    for p, v, unit in re.findall(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        pct[p] = float(v) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if not (rps and total and "50" in pct and "99" in pct):
+        raise RuntimeError("cannot parse wrk output:\n" + out)
+    return {"p50": pct["50"], "p99": pct["99"], "rps": float(rps.group(1)), "requests": int(total.group(1)),
+            "non2xx": int(bad.group(1)) if bad else 0, "socket_errors": sum(map(int, errs.groups())) if errs else 0}
+
+
+GLOBAL_VARIANTS = [("plain", "plain"), ("ours-global", "ours-global"), ("native-global", "native-global")]
+
+
+def global_section(workdir: Path, upstream: Envoy, rounds: int, seconds: int, concurrencies: list[int], load_runs: int,
+                   load_seconds: float) -> dict:
+    if not shutil.which("redis-server"):
+        raise RuntimeError("redis-server not found (`make setup-redis` installs it)")
+    t_start = time.monotonic()
+    out: dict = {"rounds": rounds, "seconds": seconds, "concurrencies": concurrencies, "build_s": build_service()}
+    gdir = workdir / "global"
+    gdir.mkdir(parents=True, exist_ok=True)
+    limits = gdir / "limits.yaml"
+    limits.write_text(SERVICE_LIMITS_YAML)
+    procs: list = []
+    envoys: dict[str, Envoy] = {}
+    try:
+        redis, redis_port = start_redis(gdir)
+        procs.append(redis)
+        # Latency: the service is not pinned (its runtime gets one worker thread per CPU).
+        svc, grpc, http_ = start_service("service-latency", gdir, redis_port, limits, None)
+        procs.append(svc)
+        for name, kind in GLOBAL_VARIANTS:
+            envoys[name] = Envoy(f"global-{name}", filtered_config(kind, upstream.port, rls_port=grpc), 1, gdir, cpu="0")
+        for e in envoys.values():
+            e.wait_ready()
+        # Each variant must really ask the service: one request each, counted by the service.
+        out["headers"] = {}
+        for name, e in envoys.items():
+            before = service_decisions(http_)
+            status, hdrs = response_headers(e, HOT_KEY)
+            asked = service_decisions(http_) - before
+            out["headers"][name] = (status, hdrs, asked)
+            if status != 200 or asked != (0 if name == "plain" else 1):
+                raise RuntimeError(f"global {name}: status {status}, {asked} service decisions for one request; "
+                                   f"Envoy log {e.log_path}")
+        log("global: warm-up")
+        for e in envoys.values():
+            wrk_latency(e, max(concurrencies), 2, 2, HOT_KEY)
+        order = [(n, c) for n, _ in GLOBAL_VARIANTS for c in concurrencies]
+        rng = random.Random(7)
+        runs: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in concurrencies} for n, _ in GLOBAL_VARIANTS}
+        for r in range(rounds):
+            rng.shuffle(order)
+            for name, c in order:
+                before = service_decisions(http_)
+                res = wrk_latency(envoys[name], c, min(2, c), seconds, HOT_KEY)
+                res["decisions"] = service_decisions(http_) - before
+                if res["non2xx"] or res["socket_errors"]:
+                    raise RuntimeError(f"global {name} -c {c}: {res}")
+                runs[name][c].append(res)
+            log(f"global: latency round {r + 1}/{rounds} done")
+        out["latency"] = runs
+        for e in envoys.values():
+            e.stop()
+        svc.stop()
+
+        # Decisions per second on one core: the service on CPU 1 alone; load client and Redis on CPU 0.
+        svc1, grpc1, http1 = start_service("service-1cpu", gdir, redis_port, limits, "1")
+        procs.append(svc1)
+        if PIN:
+            subprocess.run(["taskset", "-a", "-pc", "0", str(redis.pid)], check=True, stdout=subprocess.DEVNULL)
+        load = []
+        for i in range(load_runs):
+            cpu0, rcpu0, t0 = svc1.cpu_seconds(), redis.cpu_seconds(), time.monotonic()
+            cmd = pinned([str(RLS_LOAD_BIN), "--addr", f"127.0.0.1:{grpc1}", "--domain", GLOBAL_DOMAIN, "--tasks", "64",
+                          "--connections", "2", "--keys", "16", "--seconds", str(load_seconds), "--warmup", "1"], "0")
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=load_seconds + 60)
+            if p.returncode != 0:
+                raise RuntimeError(f"rls_load failed: {p.stderr}")
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+            wall = time.monotonic() - t0
+            res["service_cpu_busy"] = (svc1.cpu_seconds() - cpu0) / wall
+            res["redis_cpu_busy"] = (redis.cpu_seconds() - rcpu0) / wall
+            # CPU per decision: busy fraction / decisions per second (warm-up and measured parts had the same load).
+            res["service_us_per_decision"] = res["service_cpu_busy"] / max(res["per_sec"], 1) * 1e6
+            res["redis_us_per_decision"] = res["redis_cpu_busy"] / max(res["per_sec"], 1) * 1e6
+            if res["errors"] or res["over_limit"]:
+                raise RuntimeError(f"rls_load: {res}")
+            load.append(res)
+            log(f"global: decisions run {i + 1}/{load_runs}: {res['per_sec']:,.0f}/s")
+        out["load"] = load
+        out["redis_cpu"] = "0" if PIN else "unpinned"
+        out["elapsed_s"] = time.monotonic() - t_start
+        log(f"global: done in {out['elapsed_s']:.0f} s (build {out['build_s']:.0f} s)")
+    finally:
+        for e in envoys.values():
+            e.stop()
+        for p in reversed(procs):
+            p.stop()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # report
 
 
@@ -583,6 +861,94 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def render_global(g: dict) -> list[str]:
+    L: list[str] = []
+    lat = g["latency"]
+    names = [n for n, _ in GLOBAL_VARIANTS]
+    concs = g["concurrencies"]
+    m = {(n, c): (med([r["p50"] for r in lat[n][c]]), med([r["p99"] for r in lat[n][c]]), med([r["rps"] for r in lat[n][c]]))
+         for n in names for c in concs if lat[n][c]}
+    L.append("## Global: through a Redis-backed rate limit service\n")
+    L.append(f"One `ratelimit-service` (this repository's `service/`, built with `--release` minus LTO; the build took "
+             f"{g['build_s']:.0f} s in this run, the whole section {g.get('elapsed_s', 0):.0f} s) with one `redis-server` (`--save '' --appendonly no`), all on "
+             "127.0.0.1. Three Envoys with 1 worker each, the same route to the upstream Envoy:\n")
+    L.append("- **plain**: no filter (the baseline);")
+    L.append("- **ours-global**: ratelimit-wasm with one global rule per `x-key` (`fixed_window`, "
+             f"{BIG:,} per 1s: never denies; `global.timeout` 1s, `failure_mode` deny); each request makes one "
+             "`ShouldRateLimit` call (descriptor `rule=g, x-key=<value>` with the limit as override);")
+    L.append("- **native-global**: Envoy's `envoy.filters.http.ratelimit` (domain `bench`, route `rate_limits` action "
+             "`request_headers` x-key -> `x-key`, gRPC V3 to the same cluster, `failure_mode_deny`, "
+             "`enable_x_ratelimit_headers: DRAFT_VERSION_03`); the service takes the limit from a YAML file "
+             f"(`descriptors: [{{key: x-key, rate_limit: {{unit: second, requests_per_unit: {BIG}}}}}]`).\n")
+    L.append(f"Load: wrk `--latency -d {g['seconds']}s` with {' and '.join(f'`-c {c}`' for c in concs)} connections "
+             "(closed loop: each connection sends its next request when the previous answer arrives, so with 1 "
+             "connection the latency is one request's own path, and with more it includes queueing), one `x-key` "
+             f"value, {g['rounds']} rounds in shuffled order after a warm-up; medians over the rounds. Latency is "
+             "wrk's, from sending the request to the end of the response.\n")
+    L.append("| variant | connections | p50 ms | p99 ms | req/s | added p50 ms (vs plain) | added p99 ms (vs plain) | service calls per request |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for c in concs:
+        for n in names:
+            if (n, c) not in m:
+                continue
+            p50, p99, rps = m[(n, c)]
+            dec = sum(r["decisions"] for r in lat[n][c]) / max(sum(r["requests"] for r in lat[n][c]), 1)
+            add50 = "-" if n == "plain" else f"{p50 - m[('plain', c)][0]:+.3f}"
+            add99 = "-" if n == "plain" else f"{p99 - m[('plain', c)][1]:+.3f}"
+            L.append(f"| {n} | {c} | {p50:.3f} | {p99:.3f} | {rps:,.0f} | {add50} | {add99} | {dec:.2f} |")
+    L.append("")
+    L.append("| ours / native | connections | total p50 | total p99 | added p50 | added p99 | req/s |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    for c in concs:
+        if not all((n, c) in m for n in names):
+            continue
+        o, nat, pl = m[("ours-global", c)], m[("native-global", c)], m[("plain", c)]
+        a50, n50, a99, n99 = o[0] - pl[0], nat[0] - pl[0], o[1] - pl[1], nat[1] - pl[1]
+        r50 = f"**{a50 / n50:.2f}x**" if n50 > 0 else "n/a"
+        r99 = f"**{a99 / n99:.2f}x**" if n99 > 0 else "n/a"
+        L.append(f"| ours / native | {c} | {o[0] / nat[0]:.2f}x | {o[1] / nat[1]:.2f}x | {r50} | {r99} | {o[2] / nat[2]:.2f}x |")
+    L.append("")
+    L.append("Per round, p50 / p99 ms:\n")
+    for c in concs:
+        for n in names:
+            L.append(f"- {n}, {c} connection(s): " + ", ".join(f"{r['p50']:.3f} / {r['p99']:.3f}" for r in lat[n][c]))
+    L.append("")
+    L.append(f"All of these processes (Envoys, upstream, service, Redis, wrk) share the machine's {os.cpu_count()} CPUs: "
+             "the Envoy under test on CPU 0, wrk and the upstream on CPU 1, the service (one tokio worker per CPU) and "
+             "Redis unpinned. Absolute latencies include that scheduling; compare the variants of the same run.\n")
+    if hd := g.get("headers"):
+        L.append("Headers each variant returned (one request):\n")
+        for n, (status, hdrs, _) in hd.items():
+            if n == "plain":
+                continue
+            L.append(f"- {n}: {status} " + ("; ".join(f"{k}: {v}" for k, v in hdrs) or "(none)"))
+        L.append("")
+    if load := g.get("load"):
+        x = load[0]
+        L.append("### Service decisions per second on one core\n")
+        L.append(f"A fresh service process pinned to CPU 1 (`taskset -c 1`, so its tokio runtime has 1 worker thread), "
+                 f"driven by `service/examples/rls_load.rs` (tonic client, {x['tasks']} concurrent calls over "
+                 f"{x['connections']} HTTP/2 connections, one descriptor per call shaped like ours' (`rule=g`, "
+                 f"`x-key=k0..k{x['keys'] - 1}`, limit override), 1 s warm-up then {x['seconds']:.0f} s measured) pinned "
+                 f"to CPU 0, with Redis on CPU {g['redis_cpu']}: the service's core is its own, and the load client and "
+                 f"Redis share the other. {len(load)} run(s), medians.\n")
+        busy = med([r["service_cpu_busy"] for r in load])
+        us = med([r["service_us_per_decision"] for r in load])
+        rus = med([r["redis_us_per_decision"] for r in load])
+        ps = [r["per_sec"] for r in load]
+        mid = sorted(load, key=lambda r: r["per_sec"])[len(load) // 2]
+        L.append("| decisions/s measured | min-max | service CPU busy | service CPU us/decision | one core's capacity (1 s / CPU per decision) | Redis CPU us/decision | call latency p50 / p99 ms |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|")
+        L.append(f"| {med(ps):,.0f} | {min(ps):,.0f}-{max(ps):,.0f} | {busy * 100:.0f}% | {us:.1f} | **{1e6 / us:,.0f}** | "
+                 f"{rus:.1f} | {mid['p50_us'] / 1000:.2f} / {mid['p99_us'] / 1000:.2f} |")
+        L.append("")
+        L.append("CPU = utime+stime from `/proc/PID/stat` over the client's run (warm-up included, same load) / wall "
+                 "time. When the service's core is not fully busy, the measured rate is bounded by the load client "
+                 "and Redis on the other CPU, and one core's capacity is the service CPU per decision turned into a "
+                 "rate (a machine with more cores would give the client and Redis their own).\n")
+    return L
+
+
 def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, elapsed: float) -> str:
     L: list[str] = []
     L.append("# Benchmarks: ratelimit-wasm vs Envoy's native filters\n")
@@ -606,15 +972,16 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
     labels = {
         "plain": "plain Envoy (router only)",
         "native": "native local_ratelimit, per-key, headers DRAFT_VERSION_03",
-        "ours": "ratelimit-wasm, 1 rule per x-key, headers both",
+        "ours": "ratelimit-wasm, 1 rule per x-key, headers x-ratelimit (as native)",
+        "ours-both": "ratelimit-wasm, same, headers both (IETF + X-RateLimit, 5 headers)",
         "native-429": "native local_ratelimit, over limit (429)",
         "ours-429": "ratelimit-wasm, over limit (429)",
         "noop-wasm": "probe: no-op Rust wasm filter",
-        "noop+calls": "probe: no-op + ours' host calls (allowed path)",
+        "noop+calls": "probe: no-op + ours' host calls (allowed path: time, header, get+set shared data, 3 response headers)",
         "noop+resp5": "probe: no-op + 5 response headers set",
         "noop-429": "probe: wasm filter that only sends ours' 429 reply",
     }
-    native_of = {"ours": "native", "ours-429": "native-429", "native": "native", "native-429": "native-429"}
+    native_of = {"ours": "native", "ours-both": "native", "ours-429": "native-429", "native": "native", "native-429": "native-429"}
     summary = {}
     for workers in params["workers"]:
         for name, *_ in SPEED_VARIANTS:
@@ -644,7 +1011,8 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
              "the median and range over the rounds; this cancels most of the machine's drift.\n")
     L.append("| comparison | workers | CPU/req ratio, median of rounds | range | req/s ratio, median | verdict |")
     L.append("|---|---:|---:|---:|---:|---|")
-    for a, b, what in (("ours", "native", "ours / native, allowed"), ("ours-429", "native-429", "ours / native, 429"),
+    for a, b, what in (("ours", "native", "ours / native, allowed"), ("ours-both", "native", "ours with both header sets / native, allowed"),
+                       ("ours-429", "native-429", "ours / native, 429"),
                        ("ours", "plain", "ours / plain, allowed"), ("native", "plain", "native / plain, allowed"),
                        ("noop-wasm", "plain", "no-op wasm / plain")):
         for workers in params["workers"]:
@@ -679,7 +1047,7 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
         L.append(f"| {workers} | {g('noop-wasm') - g('plain'):.1f} | {g('noop+calls') - g('noop-wasm'):.1f} | "
                  f"{g('noop+resp5') - g('noop-wasm'):.1f} | {g('ours') - g('noop+calls'):.1f} | {g('ours') - g('plain'):.1f} |")
     L.append("")
-    L.append("Over-limit path: ours' own work + its time/header/get_shared_data/metric calls = ours-429 - noop-429:")
+    L.append("Over-limit path: ours' own work + its time/header/get_shared_data calls = ours-429 - noop-429:")
     for workers in params["workers"]:
         g = lambda n: summary.get((n, workers), (float("nan"), 0))[0]  # noqa: E731
         L.append(f"- {workers} worker(s): noop-429 - native-429 = {g('noop-429') - g('native-429'):.1f} us (a wasm filter "
@@ -691,7 +1059,9 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                  "get_current_time per request, and turns the rendered headers into one replace_header_map_value each "
                  "(allowed) or one send_local_response (denied). Each value the host returns (header, shared data) is "
                  "copied into the VM through one more host-to-VM call (`proxy_on_memory_allocate`).\n")
-        L.append("| scenario | get_header_map_value | get_shared_data | set_shared_data | increment_metric | response headers |")
+        L.append("The core reports one count per request; the glue adds them up in wasm memory and makes one "
+                 "increment_metric host call per counter every 100 ms, not one per request.\n")
+        L.append("| scenario | get_header_map_value | get_shared_data | set_shared_data | counts (not host calls) | response headers |")
         L.append("|---|---:|---:|---:|---:|---:|")
         names = {"hot": "allowed, key already in the table (speed section)", "fresh": "allowed, new key every request (memory flood)",
                  "denied": "over limit (429 rows)"}
@@ -765,11 +1135,19 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                 L.append(f"| {labels[name].split(',')[0]} | {workers} | {' '.join(map(str, xs))} | {min(xs)} / {med(xs):g} / {max(xs)} | {over} of {len(xs)} |")
         L.append("")
 
+    if g := params.get("global"):
+        L.extend(render_global(g))
+    elif err := params.get("global_error"):
+        L.append("## Global: through a Redis-backed rate limit service\n")
+        L.append(f"Not measured in this run: {err}\n")
+
     L.append("## Not measured\n")
-    L.append("- The global path (a Redis-backed rate-limit service shared by many Envoys): no global service exists yet, "
-             "so there is nothing to compare with Envoy's native `envoy.filters.http.ratelimit`.")
-    L.append("- Latency percentiles: on a 2-CPU machine shared by Envoy, its upstream and the load generator they mostly "
-             "measure scheduling; CPU per request is the figure to compare.\n")
+    if "global" not in params and "global_error" not in params:
+        L.append("- The global path (ratelimit-service with Redis, ours vs Envoy's native `envoy.filters.http.ratelimit`): "
+                 "skipped in this run (`--skip global`).")
+    L.append("- Latency percentiles of the local filters: on a 2-CPU machine shared by Envoy, its upstream and the load "
+             "generator they mostly measure scheduling; CPU per request is the figure to compare. (The Global section "
+             "reports latency because there the request waits for a network call, which dominates.)\n")
     L.append("## How it was measured\n")
     L.append("- One upstream Envoy process (direct_response 200 \"ok\", 2 workers) behind every filtered Envoy. Each "
              "variant is its own Envoy process with listener -> [filter] -> router -> cluster `upstream`, started once, "
@@ -779,7 +1157,8 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
              "one bucket per distinct value), `max_dynamic_descriptors: 1000000`, route `rate_limits` action "
              "`request_headers` (x-key -> descriptor key x-key), `enable_x_ratelimit_headers: DRAFT_VERSION_03`, "
              "`always_consume_default_token_bucket: false` (one bucket per request, as ours).")
-    L.append("- Ours: one rule keyed by header `x-key`, `headers: both`, table_size 65,536. Allowed path: capacity "
+    L.append("- Ours: one rule keyed by header `x-key`, `headers: x-ratelimit` (the same three headers as native; the "
+             "`ours-both` rows add the two IETF headers), table_size 65,536. Allowed path: capacity "
              f"{BIG:,} per 1 s (never denies) on both sides.")
     L.append("- CPU placement (2+ CPUs): h2load and the upstream Envoy run on the last CPU (`taskset`), 1-worker Envoys "
              "under test on CPU 0; 2-worker Envoys are not pinned, so they share CPUs with the load generator.")
@@ -797,12 +1176,15 @@ def main() -> int:
     ap.add_argument("--requests", type=int)
     ap.add_argument("--flood-keys", type=int)
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,memory,accuracy")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,memory,accuracy,global")
+    ap.add_argument("--skip-global", action="store_true", help="same as --skip global")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 9)
     requests = args.requests or (5000 if args.quick else 10000)
     flood_keys = args.flood_keys or (100_000 if args.quick else 1_000_000)
     skip = set(filter(None, args.skip.split(",")))
+    if args.skip_global:
+        skip.add("global")
     t_start = time.monotonic()
     busy0, own0 = busy_seconds(), own_seconds()
 
@@ -840,6 +1222,15 @@ def main() -> int:
                 log(f"accuracy: {workers} workers")
                 a = params["accuracy"]
                 acc[workers] = accuracy(workdir, upstream, a["rounds"], a["limit"], a["total"], a["conns"], workers)
+        if "global" not in skip:
+            log("global: building ratelimit-service and its load client")
+            try:
+                params["global"] = global_section(workdir, upstream, rounds=2 if args.quick else 3,
+                                                  seconds=4 if args.quick else 6, concurrencies=[1, 16],
+                                                  load_runs=1 if args.quick else 3, load_seconds=3 if args.quick else 5)
+            except Exception as e:  # report it, keep the other sections' results
+                log(f"global section failed, skipped: {e}")
+                params["global_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     finally:
         upstream.stop()
     params["others_cpu"] = max(0.0, (busy_seconds() - busy0) - (own_seconds() - own0))

@@ -17,6 +17,7 @@ struct Steps {
     shared: bool,
     metric: bool,
     resp5: bool,
+    resp3: bool,
     deny: bool,
 }
 
@@ -46,6 +47,7 @@ impl RootContext for Root {
                 "shared" => self.steps.shared = true,
                 "metric" => self.steps.metric = true,
                 "resp5" => self.steps.resp5 = true,
+                "resp3" => self.steps.resp3 = true,
                 "deny" => self.steps.deny = true,
                 _ => return false,
             }
@@ -121,6 +123,13 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if self.steps.resp3 {
+            for (name, value) in
+                [("x-ratelimit-limit", "1000000000"), ("x-ratelimit-remaining", "999999999"), ("x-ratelimit-reset", "1")]
+            {
+                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+            }
+        }
         if self.steps.resp5 {
             for (name, value) in [
                 ("ratelimit-policy", "\"per-key\";q=1000000000;w=1"),
