@@ -22,6 +22,8 @@ pub enum Metric {
     ShadowDenied(usize),
     /// A key found its whole probe window live; the table-full policy was applied.
     TableFull,
+    /// A write lost the CAS race to another worker and was retried (contention on one key).
+    CasRetry,
     /// A request gave up after losing the CAS race too often (it is denied).
     CasRetriesExhausted,
     /// An idle slot (a limit whose quota had come back) was reused for another key.
@@ -315,6 +317,9 @@ impl Limiter {
             )?;
             for _ in 0..events.duplicates_folded {
                 observer.count(Metric::DuplicateFolded);
+            }
+            for _ in 0..events.cas_retries {
+                observer.count(Metric::CasRetry);
             }
             if events.confirm_exhausted {
                 observer.count(Metric::CasRetriesExhausted);

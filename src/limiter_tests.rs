@@ -274,8 +274,9 @@ fn an_insert_confirmed_first_makes_the_racing_writer_retry_on_its_slot() {
     let a_lookup = l.table().lookup(&store, fp, T0 + S).unwrap();
     assert!(matches!(a_lookup, Lookup::Vacant(s) if s.index == 0));
     let (b_ok, _) = consume(&l, &store, fp, T0 + S - 1, None);
-    let (a_ok, _) = consume(&l, &store, fp, T0 + S, Some(a_lookup));
+    let (a_ok, a_events) = consume(&l, &store, fp, T0 + S, Some(a_lookup));
     assert!(a_ok && b_ok);
+    assert_eq!(a_events.cas_retries, 1, "A's first write lost the race and was counted");
     let (third, _) = consume(&l, &store, fp, T0 + S, None);
     assert!(!third, "A found B's copy instead of creating a second bucket");
 }

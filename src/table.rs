@@ -135,6 +135,8 @@ pub enum Applied<D> {
 pub struct TableEvents {
     pub duplicates_folded: u32,
     pub confirm_exhausted: bool,
+    /// Writes that lost the CAS race to another worker and were retried.
+    pub cas_retries: u32,
 }
 
 pub struct Table<'a> {
@@ -260,6 +262,7 @@ impl<'a> Table<'a> {
                 return Ok(Applied::Stored { decision, index: snapshot.index, reclaimed });
             }
             // Lost the race: if the slot we wanted now holds our key, retry there.
+            events.cas_retries += 1;
             let again = self.read(store, snapshot.index)?;
             lookup = if again.slot.fingerprint == fp.0 {
                 Lookup::Found(again)

@@ -63,6 +63,7 @@ impl Counters {
             Metric::DuplicateFolded => 3 * r + 3,
             Metric::StoreError => 3 * r + 4,
             Metric::GlobalFailure => 3 * r + 5,
+            Metric::CasRetry => 3 * r + 6,
         }
     }
 
