@@ -27,13 +27,15 @@ struct Counters {
 }
 
 /// Counters that are not per rule, after the three per-rule groups.
-const GLOBAL_COUNTERS: [&str; 6] = [
+/// Their order is the order of [`Counters::slot`].
+const GLOBAL_COUNTERS: [&str; 7] = [
     "table_full",
     "cas_retries_exhausted",
     "slot_reclaimed",
     "duplicate_folded",
     "store_errors",
     "global_failures",
+    "cas_retries",
 ];
 
 impl Counters {
