@@ -16,6 +16,18 @@ pub struct LimitReport<'a> {
     pub reset_seconds: u64,
 }
 
+/// Which of several limits to report: the lowest remaining, then the longer wait. Every report
+/// (local limits, the service's answer, and the choice between the two) orders by this.
+pub fn more_restrictive(a_remaining: u64, a_reset: u64, b_remaining: u64, b_reset: u64) -> bool {
+    (a_remaining, std::cmp::Reverse(a_reset)) < (b_remaining, std::cmp::Reverse(b_reset))
+}
+
+impl LimitReport<'_> {
+    pub fn is_more_restrictive_than(&self, other: &LimitReport<'_>) -> bool {
+        more_restrictive(self.remaining, self.reset_seconds, other.remaining, other.reset_seconds)
+    }
+}
+
 /// The headers for a response: `report` is the most restrictive limit (if any applied), and
 /// `retry_after` is set on denials.
 pub fn render(

@@ -461,10 +461,7 @@ impl Limiter {
                 if denial.is_none_or(|d| described.reset_seconds > d.reset_seconds) {
                     denial = Some(described);
                 }
-            } else if report.is_none_or(|r| {
-                (described.remaining, std::cmp::Reverse(described.reset_seconds))
-                    < (r.remaining, std::cmp::Reverse(r.reset_seconds))
-            }) {
+            } else if report.is_none_or(|r| described.is_more_restrictive_than(&r)) {
                 report = Some(described);
             }
         }
@@ -624,9 +621,9 @@ fn table_full_denial<'a>() -> Verdict<'a> {
     Verdict::Deny { report: None, retry_after_seconds: Some(TABLE_FULL_RETRY_AFTER_SECONDS), reason: None }
 }
 
-/// Lowest remaining first; then the longer wait; then the earlier limit (already held).
+/// On a tie the earlier limit, already held, stays.
 fn more_restrictive(a: &Report<'_>, b: &Report<'_>) -> bool {
-    (a.remaining, std::cmp::Reverse(a.reset_seconds)) < (b.remaining, std::cmp::Reverse(b.reset_seconds))
+    crate::headers::more_restrictive(a.remaining, a.reset_seconds, b.remaining, b.reset_seconds)
 }
 
 #[cfg(test)]

@@ -333,15 +333,7 @@ impl Filter {
         }
         let local = waiting.local.as_ref().map(OwnedReport::view);
         let report = match (local, verdict.report) {
-            (Some(l), Some(g)) => Some(
-                if (g.remaining, std::cmp::Reverse(g.reset_seconds))
-                    < (l.remaining, std::cmp::Reverse(l.reset_seconds))
-                {
-                    g
-                } else {
-                    l
-                },
-            ),
+            (Some(l), Some(g)) => Some(if g.is_more_restrictive_than(&l) { g } else { l }),
             (l, g) => l.or(g),
         };
         self.pending = render(config.headers, report.as_ref(), None);
