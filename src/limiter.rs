@@ -133,6 +133,25 @@ struct Item<'a> {
     skip: bool,
 }
 
+impl Item<'_> {
+    /// What this item took, once its write is stored.
+    fn consumed(&self) -> Option<Consumed> {
+        Some(Consumed {
+            fp: self.fp,
+            index: self.stored_at?,
+            cost: self.cost,
+            algorithm: self.limit.algorithm,
+        })
+    }
+}
+
+impl Consumed {
+    /// Gives it back: `Ok(false)` when other workers kept winning the CAS race.
+    fn give_back(&self, store: &dyn SharedStore, table: &Table<'_>, now: u64) -> Result<bool, StoreError> {
+        table.update_at(store, self.fp, self.index, |state| self.algorithm.refund(state, now, self.cost))
+    }
+}
+
 /// An immutable, configured limiter; shared by every request of a worker.
 pub struct Limiter {
     config: Config,
@@ -371,17 +390,7 @@ impl Limiter {
 
         // Only a later global denial needs this; without global rules nothing is allocated.
         let consumed = if self.config.global.is_some() {
-            items
-                .iter()
-                .filter_map(|i| {
-                    Some(Consumed {
-                        fp: i.fp,
-                        index: i.stored_at?,
-                        cost: i.cost,
-                        algorithm: i.limit.algorithm,
-                    })
-                })
-                .collect()
+            items.iter().filter_map(Item::consumed).collect()
         } else {
             Vec::new()
         };
@@ -411,7 +420,7 @@ impl Limiter {
     ) {
         let table = self.table();
         for c in consumed {
-            match table.update_at(store, c.fp, c.index, |state| c.algorithm.refund(state, now, c.cost)) {
+            match c.give_back(store, &table, now) {
                 Ok(true) => {}
                 Ok(false) => observer.count(Metric::CasRetriesExhausted),
                 Err(_) => observer.count(Metric::StoreError),
@@ -554,10 +563,8 @@ impl Limiter {
         now: u64,
         observer: &dyn Observer,
     ) -> Result<(), StoreError> {
-        for item in consumed {
-            let Some(index) = item.stored_at else { continue };
-            let (algorithm, cost) = (&item.limit.algorithm, item.cost);
-            if !table.update_at(store, item.fp, index, |state| algorithm.refund(state, now, cost))? {
+        for c in consumed.iter().filter_map(Item::consumed) {
+            if !c.give_back(store, table, now)? {
                 observer.count(Metric::CasRetriesExhausted);
             }
         }
