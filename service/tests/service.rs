@@ -5,6 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use tonic::transport::Channel;
 
 const ALGORITHMS: [&str; 3] = ["fixed_window", "sliding_window", "token_bucket"];
 
@@ -74,20 +76,23 @@ async fn override_limit_with_default_algorithm_and_cost() {
 async fn exact_under_concurrency_for_each_algorithm() {
     let redis = RedisServer::start();
     let dir = TempDir::new("cfg");
+    let svc = service_with_every_algorithm_at_50(&dir, &["--redis-url", &redis.url()]);
+    each_algorithm_admits_exactly_50_of_400(&svc.client().await).await;
+}
+
+/// The service with one limit of 50 per algorithm, and a generous Redis timeout: 400 calls at once
+/// on a busy 2-core machine.
+fn service_with_every_algorithm_at_50(dir: &TempDir, redis: &[&str]) -> Service {
     let cfg = dir.path().join("limits.yaml");
     write_file(&cfg, &config_all_algorithms(50));
-    // A generous Redis timeout: 400 calls at once on a busy 2-core machine.
-    let svc = Service::start(&[
-        "--redis-url",
-        &redis.url(),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--redis-timeout-ms",
-        "10000",
-    ]);
-    let c = svc.client().await;
+    let mut args = redis.to_vec();
+    args.extend(["--config", cfg.to_str().unwrap(), "--redis-timeout-ms", "10000"]);
+    Service::start(&args)
+}
+
+async fn each_algorithm_admits_exactly_50_of_400(c: &RateLimitServiceClient<Channel>) {
     for a in ALGORITHMS {
-        let ok = concurrent_ok(&c, "algs", desc(&[("alg", a)]), 400).await;
+        let ok = concurrent_ok(c, "algs", desc(&[("alg", a)]), 400).await;
         assert_eq!(ok, 50, "{a}");
     }
 }
@@ -346,22 +351,10 @@ fn startup_errors_are_one_clear_line() {
 async fn redis_cluster_is_exact_too() {
     let cluster = RedisCluster::start();
     let dir = TempDir::new("cfg");
-    let cfg = dir.path().join("limits.yaml");
-    write_file(&cfg, &config_all_algorithms(50));
-    let svc = Service::start(&[
-        "--redis-cluster",
-        "--redis-url",
-        &cluster.urls(),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--redis-timeout-ms",
-        "10000",
-    ]);
+    let urls = cluster.urls();
+    let svc = service_with_every_algorithm_at_50(&dir, &["--redis-cluster", "--redis-url", &urls]);
     let c = svc.client().await;
-    for a in ALGORITHMS {
-        let ok = concurrent_ok(&c, "algs", desc(&[("alg", a)]), 400).await;
-        assert_eq!(ok, 50, "{a}");
-    }
+    each_algorithm_admits_exactly_50_of_400(&c).await;
     // Many descriptors, spread over the three masters' slots.
     let mut c2 = c.clone();
     for i in 0..30 {
