@@ -85,8 +85,9 @@ async fn exact_under_concurrency_for_each_algorithm() {
 fn service_with_every_algorithm_at_50(dir: &TempDir, redis: &[&str]) -> Service {
     let cfg = dir.path().join("limits.yaml");
     write_file(&cfg, &config_all_algorithms(50));
+    let cfg = cfg.to_string_lossy();
     let mut args = redis.to_vec();
-    args.extend(["--config", cfg.to_str().unwrap(), "--redis-timeout-ms", "10000"]);
+    args.extend(["--config", &cfg, "--redis-timeout-ms", "10000"]);
     Service::start(&args)
 }
 
