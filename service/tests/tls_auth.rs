@@ -24,6 +24,7 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_acl_user() {
+    clear_of_hour_edge();
     if Command::new("openssl").arg("version").output().is_err() {
         eprintln!("SKIPPED tls_with_acl_user: the openssl command is not installed");
         return;

@@ -554,6 +554,15 @@ def fresh_key(label: str = "k") -> str:
     return f"{label}-{os.getpid()}-{time.time_ns()}"
 
 
+def clear_of_window_edge(window_s: int, needed_s: float) -> None:
+    """Sleep, if needed, until at least `needed_s` is left of the current fixed window of `window_s`
+    seconds (windows are aligned to the Unix epoch, in the filter and in the service). A test that
+    counts requests in one window must not straddle two, or it fails by the time of day."""
+    left = window_s - time.time() % window_s
+    if left < needed_s:
+        time.sleep(left + 0.05)
+
+
 def custom_stat(envoy: Envoy, name: str):
     """Value of a proxy-wasm metric by the name the filter defined (Envoy stores it as
     'wasmcustom.<name>'); None if it does not exist."""

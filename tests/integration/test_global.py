@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, custom_stat, do_request, fresh_key, run_parallel
+from conftest import REPO, clear_of_window_edge, custom_stat, do_request, fresh_key, run_parallel
 from processes import SERVICE_BIN, Redis, Service, redis_cli
 
 LIMIT = 50
@@ -51,6 +51,7 @@ def per_key_rule(name="shared", limit=LIMIT, window="day", **extra):
 def exact_rounds(envoys, rounds, key_label, report, label):
     admitted = []
     per_conn = REQUESTS // CONNECTIONS
+    clear_of_window_edge(86400, 180)  # per_key_rule's default day window
     for rnd in range(rounds):
         key = fresh_key(f"{key_label}{rnd}")
         results = []
@@ -94,6 +95,7 @@ def test_allowed_and_denied_responses_carry_the_service_figures(envoy_factory, s
     redis = stack(Redis(tmp_path / "redis"))
     service = stack(Service(tmp_path / "service", redis.url))
     envoy = envoy_factory(global_config([per_key_rule(limit=3, window="1m")]), rls_port=service.grpc_port)
+    clear_of_window_edge(60, 20)
     key = {"x-key": fresh_key()}
     first = envoy.request("/", key)
     assert first.status == 200
@@ -123,6 +125,7 @@ def test_a_local_denial_costs_no_call(envoy_factory, stack, tmp_path):
     local = {"name": "local", "key": [{"source": "header", "name": "x-key"}],
              "limit": {"capacity": 1, "refill_period": "1h"}}
     envoy = envoy_factory(global_config([local, per_key_rule(limit=10, window="1h")]), rls_port=service.grpc_port)
+    clear_of_window_edge(3600, 60)
     key = {"x-key": fresh_key()}
     assert [envoy.request("/", key).status for _ in range(3)] == [200, 429, 429]
     assert decisions(service) == 1
@@ -135,6 +138,7 @@ def test_a_global_denial_gives_the_local_tokens_back(envoy_factory, stack, tmp_p
              "limit": {"capacity": 5, "refill_period": "24h"}}
     envoy = envoy_factory(global_config([local, per_key_rule(limit=2, window="1h")], status_path="/rl"),
                           rls_port=service.grpc_port)
+    clear_of_window_edge(3600, 60)
     key = {"x-key": fresh_key()}
     assert [envoy.request("/", key).status for _ in range(4)] == [200, 200, 429, 429]
     standing = json.loads(envoy.request("/rl", key).body)["limits"]
@@ -197,6 +201,7 @@ def test_redis_down_applies_the_failure_mode_and_decisions_resume(envoy_factory,
         time.sleep(0.2)
     assert service.healthz() == 200
     # Decisions resume without restarting anything (Redis came back empty).
+    clear_of_window_edge(3600, 10)
     assert [envoy.request("/open", key).status for _ in range(3)] == [200, 200, 429]
 
 
@@ -204,6 +209,7 @@ def test_a_restarted_service_keeps_the_counts_in_redis(envoy_factory, stack, tmp
     redis = stack(Redis(tmp_path / "redis"))
     service = stack(Service(tmp_path / "service", redis.url))
     envoy = envoy_factory(global_config([per_key_rule(limit=5, window="1h")]), rls_port=service.grpc_port)
+    clear_of_window_edge(3600, 60)
     key = {"x-key": fresh_key()}
     assert [envoy.request("/", key).status for _ in range(3)] == [200] * 3
     service.restart()

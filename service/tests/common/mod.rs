@@ -59,6 +59,22 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Sleeps, if needed, until at least `needed` is left of the current window of `window` (windows are
+/// aligned to the Unix epoch, as the service's fixed windows are). A test that counts requests in
+/// one window must not straddle two: it would see the count reset and fail by the time of day.
+pub fn clear_of_window_edge(window: Duration, needed: Duration) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let left = window.as_millis() - now.as_millis() % window.as_millis();
+    if left < needed.as_millis() {
+        std::thread::sleep(Duration::from_millis(left as u64 + 50));
+    }
+}
+
+/// Sleeps past the hour's edge if it is under a minute away; see [`clear_of_window_edge`].
+pub fn clear_of_hour_edge() {
+    clear_of_window_edge(Duration::from_secs(3600), Duration::from_secs(60));
+}
+
 /// Waits (bounded) until `f` holds.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
