@@ -520,6 +520,13 @@ def speed(workdir: Path, upstream: Envoy, rounds: int, n: int, clients: int, wor
                     raise RuntimeError(f"{name} w{workers}: expected all {spec[4]}, got {res}")
                 results.setdefault((name, workers), []).append(res)
             log(f"speed: round {r + 1}/{rounds} done")
+        # Contention on the one hot key: how often a worker's compare-and-swap lost to another's.
+        for (name, workers), e in envoys.items():
+            if name.startswith("ours"):
+                prefix = "wasmcustom.ratelimit_wasm.bench."
+                results.setdefault("cas", {})[(name, workers)] = {
+                    "retries": e.stat(prefix + "cas_retries"),
+                    "requests": e.stat(prefix + "per-key.allowed") + e.stat(prefix + "per-key.denied")}
         if perf_out is not None and shutil.which("perf"):
             for name in ("ours", "noop+calls", "native"):
                 if (name, 1) in envoys:
@@ -1055,6 +1062,14 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
         L.append(f"- {workers} worker(s): noop-429 - native-429 = {g('noop-429') - g('native-429'):.1f} us (a wasm filter "
                  f"answering at all), ours-429 - noop-429 = {g('ours-429') - g('noop-429'):.1f} us")
     L.append("")
+    if cas := res.get("cas"):
+        L.append("CAS retries on the one hot key (ours' `cas_retries` counter over every request the variant served; a "
+                 "retry is one more get + set pair after another worker changed the slot first; the 429 path only reads):\n")
+        for (name, workers), c in sorted(cas.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            per_k = c["retries"] / max(c["requests"], 1) * 1000
+            L.append(f"- {labels[name]}, {workers} worker(s): {c['retries']:,} retries in {c['requests']:,} requests "
+                     f"({per_k:.1f} per 1,000)")
+        L.append("")
     if cc := params.get("callcount"):
         L.append("Host calls per request made by ours, counted by running its core natively on the same configs against "
                  "the in-memory store that imitates Envoy's shared data (`bench/callcount`); the wasm glue adds 1 "
