@@ -69,6 +69,10 @@ pub struct Args {
     /// First part of every Redis key.
     #[arg(long, env = "RATELIMIT_KEY_PREFIX", default_value = "rl")]
     pub key_prefix: String,
+    /// Shadow mode for every limit: count and report as usual, but always answer OK
+    /// (envoyproxy/ratelimit's SHADOW_MODE).
+    #[arg(long, env = "SHADOW_MODE")]
+    pub shadow_mode: bool,
 }
 
 impl Args {
@@ -128,6 +132,7 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
         metrics: metrics.clone(),
         default_algorithm: args.default_algorithm,
         key_prefix: args.key_prefix.clone(),
+        shadow_mode: args.shadow_mode,
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -219,11 +224,12 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
         tokio::spawn(http::serve(http_listener, store.clone(), metrics.clone(), shutdown.clone()));
 
     info!(
-        "listening grpc={grpc_local} http={http_local} redis={}{} algorithm={} domains=[{}]",
+        "listening grpc={grpc_local} http={http_local} redis={}{} algorithm={} domains=[{}]{}",
         opts.display_urls(),
         if opts.cluster { " (cluster)" } else { "" },
         args.default_algorithm,
-        domains.join(", ")
+        domains.join(", "),
+        if args.shadow_mode { " shadow_mode=on (never denies)" } else { "" }
     );
 
     let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);

@@ -23,6 +23,8 @@ pub struct Limiter {
     pub metrics: Arc<Metrics>,
     pub default_algorithm: Algorithm,
     pub key_prefix: String,
+    /// Every limit in shadow mode (`--shadow-mode`), whatever its configuration says.
+    pub shadow_mode: bool,
 }
 
 static REDIS_ERROR_LOG: Throttle = Throttle::new(10_000);
@@ -80,7 +82,7 @@ impl Limiter {
                 unit,
                 hits,
             },
-            shadow: rule.map(|r| r.shadow_mode).unwrap_or(false),
+            shadow: self.shadow_mode || rule.is_some_and(|r| r.shadow_mode),
             name,
         })
     }

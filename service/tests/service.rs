@@ -210,6 +210,28 @@ async fn denied_request_consumes_from_no_descriptor_and_shadow_unlimited_nolimit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_flag_never_denies_but_counts_and_reports() {
+    clear_of_hour_edge();
+    let redis = RedisServer::start();
+    // The flag covers overrides too, not only the configuration file's entries.
+    let svc = Service::start(&["--redis-url", &redis.url(), "--shadow-mode"]);
+    assert!(svc.log_contains("shadow_mode=on"));
+    let mut c = svc.client().await;
+    let d = || vec![desc_limit(&[("k", "v")], 2, HOUR)];
+    for expected_remaining in [1, 0, 0, 0] {
+        let r = call(&mut c, "sh", d()).await.unwrap();
+        assert_eq!((r.overall_code, r.statuses[0].code), (OK, OK));
+        assert_eq!(r.statuses[0].limit_remaining, expected_remaining);
+    }
+    let (_, body) = svc.http_get("/metrics");
+    assert!(
+        body.contains("ratelimit_service_descriptors_total{domain=\"sh\",code=\"shadow_over_limit\"} 2"),
+        "{body}"
+    );
+    assert!(body.contains("ratelimit_service_decisions_total{domain=\"sh\",code=\"ok\"} 4"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_hot_reload_and_bad_file_keeps_old_config() {
     clear_of_hour_edge();
     let redis = RedisServer::start();

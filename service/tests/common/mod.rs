@@ -253,13 +253,17 @@ impl Service {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
                     eprintln!("[service] {line}");
-                    if let Some(rest) = line.split(" listening grpc=").nth(1) {
+                    let addrs = line.split(" listening grpc=").nth(1).map(|rest| {
                         let mut it = rest.split_whitespace();
                         let g: SocketAddr = it.next().unwrap().parse().unwrap();
                         let h: SocketAddr = it.next().unwrap().trim_start_matches("http=").parse().unwrap();
-                        let _ = tx.send((g, h));
-                    }
+                        (g, h)
+                    });
+                    // Logged before `start` returns, so a test can look for the listening line.
                     log.lock().unwrap().push(line);
+                    if let Some(a) = addrs {
+                        let _ = tx.send(a);
+                    }
                 }
             });
         }
