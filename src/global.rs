@@ -136,20 +136,43 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// What a call to the service is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Decide the request: every descriptor carries the rule's cost as its hits.
+    Decide,
+    /// Answer the status endpoint: hits 0, so the service reports without counting. Rules apply
+    /// by their header conditions only, as for the local standings: the status request has its
+    /// own path and method.
+    Status,
+}
+
 /// The descriptors for every global rule that applies to `request`; `Ok(None)` when none does.
-pub fn prepare(config: &Config, request: &dyn Request) -> Result<Option<GlobalCall>, Refusal> {
+pub fn prepare(
+    config: &Config,
+    request: &dyn Request,
+    purpose: Purpose,
+) -> Result<Option<GlobalCall>, Refusal> {
     let Some(service) = &config.global else { return Ok(None) };
     let mut descriptors = Vec::new();
     let mut origins = Vec::new();
     let mut deny_on_failure = false;
     for (index, rule) in config.rules.iter().enumerate() {
         let Some(failure_mode) = rule.global else { continue };
-        if !rule.matcher.matches(request) {
+        let applies = match purpose {
+            Purpose::Decide => rule.matcher.matches(request),
+            Purpose::Status => rule.matcher.headers_match(request),
+        };
+        if !applies {
             continue;
         }
         let Some(parts) = key_entries(rule, request) else { continue };
-        let cost =
-            crate::limiter::cost_of(rule, request).map_err(|reason| Refusal { rule: index, reason })?;
+        let cost = match purpose {
+            Purpose::Decide => {
+                crate::limiter::cost_of(rule, request).map_err(|reason| Refusal { rule: index, reason })?
+            }
+            Purpose::Status => 0,
+        };
         let (plan, limits): (Option<(usize, &str)>, &[Limit]) = match &rule.limits {
             Limits::Fixed(limits) => (None, limits),
             Limits::Plans(plans) => {
@@ -311,10 +334,13 @@ mod tests {
     fn a_global_rule_becomes_one_descriptor_with_its_limit_and_cost() {
         let c = config(PER_USER);
         assert_eq!(c.global.as_ref().map(|g| g.timeout_ms), Some(25));
-        let call =
-            prepare(&c, &TestRequest::get("/").with_header("x-user", "alice").with_header("x-cost", "3"))
-                .unwrap()
-                .unwrap();
+        let call = prepare(
+            &c,
+            &TestRequest::get("/").with_header("x-user", "alice").with_header("x-cost", "3"),
+            Purpose::Decide,
+        )
+        .unwrap()
+        .unwrap();
         let request = RateLimitRequest::decode(call.message.as_slice()).unwrap();
         assert_eq!(request.domain, "edge");
         assert_eq!(request.hits_addend, 3);
@@ -329,13 +355,17 @@ mod tests {
     #[test]
     fn rules_that_do_not_apply_send_nothing() {
         let c = config(PER_USER);
-        assert_eq!(prepare(&c, &TestRequest::get("/")), Ok(None));
+        assert_eq!(prepare(&c, &TestRequest::get("/"), Purpose::Decide), Ok(None));
     }
 
     #[test]
     fn a_refused_cost_is_refused_before_asking() {
         let c = config(PER_USER);
-        let r = prepare(&c, &TestRequest::get("/").with_header("x-user", "a").with_header("x-cost", "11"));
+        let r = prepare(
+            &c,
+            &TestRequest::get("/").with_header("x-user", "a").with_header("x-cost", "11"),
+            Purpose::Decide,
+        );
         assert_eq!(r.err().map(|e| e.reason), Some("cost 11 from x-cost exceeds the maximum 10".into()));
     }
 
@@ -349,7 +379,7 @@ mod tests {
               "vip":{"unlimited":true}}}"#,
         );
         let req = TestRequest::get("/").with_source("10.1.2.3:4444");
-        let call = prepare(&c, &req).unwrap().unwrap();
+        let call = prepare(&c, &req, Purpose::Decide).unwrap().unwrap();
         assert!(call.deny_on_failure);
         let request = RateLimitRequest::decode(call.message.as_slice()).unwrap();
         let keys: Vec<Vec<_>> = request
@@ -360,13 +390,13 @@ mod tests {
         assert_eq!(keys[0], vec!["rule=api", "plan=free", "limit=api.s", "remote_address=10.1.2.3"]);
         assert_eq!(request.descriptors[1].limit, Some(RateLimitOverride { requests_per_unit: 100, unit: 5 }));
         assert_eq!(call.origins[1], DescriptorOrigin { rule: 0, plan: Some(0), limit: Some(1) });
-        assert_eq!(prepare(&c, &req.clone().with_header("x-plan", "vip")), Ok(None));
+        assert_eq!(prepare(&c, &req.clone().with_header("x-plan", "vip"), Purpose::Decide), Ok(None));
     }
 
     #[test]
     fn a_global_rule_may_leave_the_limit_to_the_service() {
         let c = config(r#"{"name":"svc","global":true,"key":[{"source":"constant","value":"all"}]}"#);
-        let call = prepare(&c, &TestRequest::get("/")).unwrap().unwrap();
+        let call = prepare(&c, &TestRequest::get("/"), Purpose::Decide).unwrap().unwrap();
         let request = RateLimitRequest::decode(call.message.as_slice()).unwrap();
         assert_eq!(request.descriptors[0].limit, None);
         assert_eq!(

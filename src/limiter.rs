@@ -4,7 +4,7 @@
 use crate::algorithm::{ceil_seconds, Algorithm, Decision};
 use crate::config::FailureMode;
 use crate::config::{Config, Cost, Limit, Limits, PlanSource, Plans, Rule, TableFullPolicy};
-use crate::global::{Answer, GlobalCall};
+use crate::global::{Answer, GlobalCall, LimitStatus};
 use crate::headers::LimitReport;
 use crate::jwt;
 use crate::keys::{key_text, request_key, Fingerprint};
@@ -116,6 +116,15 @@ pub struct Standing<'a> {
     pub reset_seconds: u64,
 }
 
+/// A global rule's standing as the service reported it.
+pub struct GlobalStanding<'a> {
+    pub rule: &'a Rule,
+    pub plan: Option<&'a str>,
+    /// The configured limit; `None` when the service's own configuration holds the limit.
+    pub limit: Option<&'a Limit>,
+    pub status: LimitStatus,
+}
+
 /// The Retry-After sent when the table itself is the reason for a denial.
 const TABLE_FULL_RETRY_AFTER_SECONDS: u64 = 1;
 
@@ -199,7 +208,7 @@ impl Limiter {
         let table = self.table();
         let mut out = Vec::new();
         for rule in &self.config.rules {
-            // A global rule's standing would cost a call that counts as a request: not shown.
+            // Global rules: the service reports them, see `global_standings`.
             if rule.global.is_some() || !rule.matcher.headers_match(request) {
                 continue;
             }
@@ -488,13 +497,41 @@ impl Limiter {
     }
 
     fn origin_name(&self, origin: &crate::global::DescriptorOrigin) -> &str {
-        let Some(rule) = self.config.rules.get(origin.rule) else { return "" };
-        let limit = match (&rule.limits, origin.plan, origin.limit) {
-            (Limits::Fixed(limits), _, Some(l)) => limits.get(l),
-            (Limits::Plans(p), Some(plan), Some(l)) => p.plans.get(plan).and_then(|p| p.limits.get(l)),
-            _ => None,
+        match self.origin_parts(origin) {
+            Some((rule, _, limit)) => limit.map_or(rule.name.as_str(), |l| l.name.as_str()),
+            None => "",
+        }
+    }
+
+    /// The rule, plan name and configured limit a descriptor was built from (no limit when the
+    /// service's own configuration decides).
+    fn origin_parts(
+        &self,
+        origin: &crate::global::DescriptorOrigin,
+    ) -> Option<(&Rule, Option<&str>, Option<&Limit>)> {
+        let rule = self.config.rules.get(origin.rule)?;
+        let (plan, limit) = match (&rule.limits, origin.plan) {
+            (Limits::Fixed(limits), _) => (None, origin.limit.and_then(|l| limits.get(l))),
+            (Limits::Plans(p), Some(plan)) => {
+                let plan = p.plans.get(plan);
+                (plan.map(|p| p.name.as_str()), plan.and_then(|p| origin.limit.and_then(|l| p.limits.get(l))))
+            }
+            (Limits::Plans(_), None) => (None, None),
         };
-        limit.map_or(rule.name.as_str(), |l| l.name.as_str())
+        Some((rule, plan, limit))
+    }
+
+    /// The caller's standing in its global rules, from the service's answer to a status call
+    /// (`Purpose::Status`, hits 0). Counts nothing: no request was decided.
+    pub fn global_standings<'a>(&'a self, call: &GlobalCall, answer: &Answer) -> Vec<GlobalStanding<'a>> {
+        answer
+            .limits
+            .iter()
+            .filter_map(|(index, status)| {
+                let (rule, plan, limit) = self.origin_parts(call.origins.get(*index)?)?;
+                Some(GlobalStanding { rule, plan, limit, status: *status })
+            })
+            .collect()
     }
 
     /// A request whose cost no limit can ever hold: denied with a reason (no Retry-After), or

@@ -536,8 +536,8 @@ fn the_status_reports_every_applicable_limit_without_consuming() {
         let summary: Vec<_> = standings.iter().map(|s| (s.limit.name.as_str(), s.remaining)).collect();
         assert_eq!(summary, vec![("api.second", 2), ("api.day", 4)]);
     }
-    let json = crate::status::status_json(&l.standings(&store, &keyed("k"), T0).unwrap(), T0);
-    assert!(json.starts_with(r#"{"limits":[{"rule":"api","limit":"api.second","algorithm":"fixed_window","quota":3,"window":1,"remaining":2,"reset":1,"shadow":false}"#), "{json}");
+    let json = crate::status::status_json(&l.standings(&store, &keyed("k"), T0).unwrap(), &[], None, T0);
+    assert!(json.starts_with(r#"{"limits":[{"rule":"api","limit":"api.second","algorithm":"fixed_window","quota":3,"window":1,"remaining":2,"reset":1,"shadow":false,"global":false}"#), "{json}");
     assert!(l.standings(&store, &TestRequest::get("/"), T0).unwrap().is_empty(), "no key, no limits");
 }
 
@@ -575,7 +575,7 @@ fn the_violation_log_can_include_the_raw_key() {
 
 mod global {
     use super::*;
-    use crate::global::{prepare, Answer, LimitStatus};
+    use crate::global::{prepare, Answer, LimitStatus, Purpose};
 
     const CONFIG: &str = r#"{"global":{"cluster":"rls","domain":"edge"},"rules":[
         {"name":"local","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":5,"refill_period":"1h"}},
@@ -607,7 +607,7 @@ mod global {
     fn an_over_limit_answer_denies_with_the_service_reset() {
         let (l, _) = limiter(CONFIG);
         let m = Counts::default();
-        let call = prepare(l.config(), &keyed("k")).unwrap().unwrap();
+        let call = prepare(l.config(), &keyed("k"), Purpose::Decide).unwrap().unwrap();
         let answer = Answer { over_limit: true, limits: vec![(0, status(true, 0, 42))] };
         let v = l.global_verdict(&call, Ok(answer), &m);
         assert!(v.deny);
@@ -620,7 +620,9 @@ mod global {
     fn an_ok_answer_reports_the_most_restrictive_status() {
         let (l, _) = limiter(CONFIG);
         let m = Counts::default();
-        let call = prepare(l.config(), &TestRequest::get("/pay").with_header("x-key", "k")).unwrap().unwrap();
+        let call = prepare(l.config(), &TestRequest::get("/pay").with_header("x-key", "k"), Purpose::Decide)
+            .unwrap()
+            .unwrap();
         assert_eq!(call.origins.len(), 2);
         let answer =
             Answer { over_limit: false, limits: vec![(0, status(false, 7, 30)), (1, status(false, 2, 1))] };
@@ -631,12 +633,54 @@ mod global {
     }
 
     #[test]
+    fn the_status_asks_the_service_with_zero_hits_whatever_the_path() {
+        let (l, _) = limiter(CONFIG);
+        // The status request's own path: `closed` (path /pay) still applies, by its key alone.
+        let call = prepare(
+            l.config(),
+            &TestRequest::get("/ratelimit/status").with_header("x-key", "k"),
+            Purpose::Status,
+        )
+        .unwrap()
+        .unwrap();
+        let sent =
+            <crate::global::RateLimitRequest as prost::Message>::decode(call.message.as_slice()).unwrap();
+        let hits: Vec<_> = sent.descriptors.iter().map(|d| d.hits_addend.as_ref().map(|h| h.value)).collect();
+        assert_eq!(hits, vec![Some(0), Some(0)]);
+        assert_eq!(
+            prepare(l.config(), &TestRequest::get("/ratelimit/status"), Purpose::Status),
+            Ok(None),
+            "no key"
+        );
+    }
+
+    #[test]
+    fn global_standings_name_each_limit_and_count_nothing() {
+        let (l, _) = limiter(CONFIG);
+        let call = prepare(l.config(), &TestRequest::get("/s").with_header("x-key", "k"), Purpose::Status)
+            .unwrap()
+            .unwrap();
+        let answer =
+            Answer { over_limit: false, limits: vec![(0, status(false, 7, 30)), (1, status(true, 0, 1))] };
+        let standings = l.global_standings(&call, &answer);
+        let json = crate::status::status_json(&[], &standings, None, T0);
+        assert_eq!(
+            json,
+            r#"{"limits":[{"rule":"open","limit":"open","algorithm":"fixed_window","quota":10,"window":60,"remaining":7,"reset":30,"shadow":false,"global":true},{"rule":"closed","limit":"closed","algorithm":"fixed_window","quota":10,"window":60,"remaining":0,"reset":1,"shadow":false,"global":true}]}"#
+        );
+        let failed = crate::status::status_json(&[], &[], Some("gRPC status 14"), T0);
+        assert_eq!(failed, r#"{"limits":[],"global_error":"gRPC status 14"}"#);
+    }
+
+    #[test]
     fn a_failure_applies_the_failure_mode_of_the_rules_involved() {
         let (l, _) = limiter(CONFIG);
         let m = Counts::default();
-        let open = prepare(l.config(), &keyed("k")).unwrap().unwrap();
+        let open = prepare(l.config(), &keyed("k"), Purpose::Decide).unwrap().unwrap();
         assert!(!l.global_verdict(&open, Err("timeout".into()), &m).deny);
-        let both = prepare(l.config(), &TestRequest::get("/pay").with_header("x-key", "k")).unwrap().unwrap();
+        let both = prepare(l.config(), &TestRequest::get("/pay").with_header("x-key", "k"), Purpose::Decide)
+            .unwrap()
+            .unwrap();
         let v = l.global_verdict(&both, Err("timeout".into()), &m);
         assert!(v.deny);
         assert_eq!(v.retry_after_seconds, Some(1));

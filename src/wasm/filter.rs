@@ -4,7 +4,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::config::{self, Config};
-use crate::global::{self, GlobalCall};
+use crate::global::{self, Answer, GlobalCall, Purpose};
 use crate::headers::{render, LimitReport};
 use crate::limiter::{Consumed, Limiter, Metric, Observer, Verdict};
 use crate::request::Request;
@@ -241,12 +241,20 @@ impl OwnedReport {
     }
 }
 
+/// What a paused request waits for from the rate limit service.
+enum Awaiting {
+    /// The decision on its global rules.
+    Decision(Waiting),
+    /// The standing in its global rules, for the status endpoint.
+    Status(GlobalCall),
+}
+
 pub struct Filter {
     /// `None` when the plugin is not configured: the filter then lets everything through.
     shared: Option<Rc<Shared>>,
     /// Headers to add to the upstream response.
     pending: Vec<(&'static str, String)>,
-    waiting: Option<Waiting>,
+    waiting: Option<Awaiting>,
     /// A gRPC call started by the last callback, for the ABI layer to route its answer here.
     new_call: Option<u32>,
 }
@@ -267,7 +275,7 @@ impl Filter {
         let now = host::now_nanos();
         if let Some(status_path) = &config.status_path {
             if is_status_request(status_path) {
-                return answer_status(limiter, now);
+                return self.answer_status(&shared, now);
             }
         }
         let (local, consumed) = match limiter.check(&HostStore, &HostRequest, now, &shared.events) {
@@ -277,7 +285,7 @@ impl Filter {
                 return deny(config, described.as_ref(), retry_after_seconds, reason.as_deref());
             }
         };
-        let call = match global::prepare(config, &HostRequest) {
+        let call = match global::prepare(config, &HostRequest, Purpose::Decide) {
             Ok(Some(call)) => call,
             Ok(None) => {
                 self.pending = render(config.headers, local.as_ref(), None);
@@ -299,7 +307,11 @@ impl Filter {
         ) {
             Ok(token) => {
                 self.new_call = Some(token);
-                self.waiting = Some(Waiting { call, consumed, local: local.as_ref().map(OwnedReport::of) });
+                self.waiting = Some(Awaiting::Decision(Waiting {
+                    call,
+                    consumed,
+                    local: local.as_ref().map(OwnedReport::of),
+                }));
                 ACTION_PAUSE
             }
             Err(status) => {
@@ -317,13 +329,20 @@ impl Filter {
 
     /// The service answered (`Ok(body)`) or the call failed (`Err(grpc status)`).
     pub fn on_global_answer(&mut self, context_id: u32, answer: Result<Vec<u8>, u32>) {
-        let (Some(shared), Some(waiting)) = (self.shared.clone(), self.waiting.take()) else { return };
+        let (Some(shared), Some(awaiting)) = (self.shared.clone(), self.waiting.take()) else { return };
         host::set_effective_context(context_id);
         let limiter = &shared.limiter;
         let config = limiter.config();
         let answer = match answer {
             Ok(body) => global::read_answer(&body),
             Err(status) => Err(format!("gRPC status {status}{}", grpc_status_hint(status))),
+        };
+        let waiting = match awaiting {
+            Awaiting::Decision(waiting) => waiting,
+            Awaiting::Status(call) => {
+                let _ = respond_status(&shared, host::now_nanos(), Some((&call, answer)));
+                return;
+            }
         };
         let verdict = limiter.global_verdict(&waiting.call, answer, &shared.events);
         if verdict.deny {
@@ -338,6 +357,34 @@ impl Filter {
         };
         self.pending = render(config.headers, report.as_ref(), None);
         host::resume_request();
+    }
+
+    /// The status endpoint. With global rules that apply, first asks the service (hits 0) and
+    /// answers when it replies.
+    fn answer_status(&mut self, shared: &Shared, now: u64) -> u32 {
+        let config = shared.limiter.config();
+        let (Some(service), Ok(Some(call))) =
+            (&config.global, global::prepare(config, &HostRequest, Purpose::Status))
+        else {
+            return respond_status(shared, now, None);
+        };
+        match host::grpc_call(
+            &service.cluster,
+            global::SERVICE,
+            global::METHOD,
+            &call.message,
+            service.timeout_ms,
+        ) {
+            Ok(token) => {
+                self.new_call = Some(token);
+                self.waiting = Some(Awaiting::Status(call));
+                ACTION_PAUSE
+            }
+            Err(status) => {
+                let reason = format!("cannot call cluster {:?} (host status {status})", service.cluster);
+                respond_status(shared, now, Some((&call, Err(reason))))
+            }
+        }
     }
 
     pub fn on_response_headers(&mut self) -> u32 {
@@ -372,21 +419,28 @@ fn deny(
     respond(config.deny.status, &headers, config.deny.body.as_bytes())
 }
 
-fn answer_status(limiter: &Limiter, now: u64) -> u32 {
-    match limiter.standings(&HostStore, &HostRequest, now) {
-        Ok(standings) => {
-            let body = status_json(&standings, now);
-            respond(
-                200,
-                &[("content-type", "application/json"), ("cache-control", "no-store")],
-                body.as_bytes(),
-            )
-        }
+/// Sends the status JSON: the local standings, and the global ones from the service's answer to
+/// `global` (or why there is none).
+fn respond_status(shared: &Shared, now: u64, global: Option<(&GlobalCall, Result<Answer, String>)>) -> u32 {
+    let limiter = &shared.limiter;
+    let local = match limiter.standings(&HostStore, &HostRequest, now) {
+        Ok(standings) => standings,
         Err(e) => {
             host::log(LogLevel::Warn, &format!("ratelimit-wasm: status unavailable: {e:?}"));
-            respond(503, &[("content-type", "text/plain")], b"rate limit status unavailable\n")
+            return respond(503, &[("content-type", "text/plain")], b"rate limit status unavailable\n");
         }
-    }
+    };
+    let (global, error) = match global {
+        None => (Vec::new(), None),
+        Some((call, Ok(answer))) => (limiter.global_standings(call, &answer), None),
+        Some((_, Err(reason))) => {
+            shared.events.count(Metric::GlobalFailure);
+            shared.events.global_failure(&reason);
+            (Vec::new(), Some(reason))
+        }
+    };
+    let body = status_json(&local, &global, error.as_deref(), now);
+    respond(200, &[("content-type", "application/json"), ("cache-control", "no-store")], body.as_bytes())
 }
 
 /// `GET` or `HEAD` on `status_path` (any query string).

@@ -142,7 +142,29 @@ def test_a_global_denial_gives_the_local_tokens_back(envoy_factory, stack, tmp_p
     key = {"x-key": fresh_key()}
     assert [envoy.request("/", key).status for _ in range(4)] == [200, 200, 429, 429]
     standing = json.loads(envoy.request("/rl", key).body)["limits"]
-    assert [(l["rule"], l["remaining"]) for l in standing] == [("local", 3)]
+    assert [(l["rule"], l["global"], l["remaining"]) for l in standing] == [("local", False, 3), ("shared", True, 0)]
+
+
+def test_the_status_endpoint_shows_global_rules_without_consuming(envoy_factory, stack, tmp_path):
+    redis = stack(Redis(tmp_path / "redis"))
+    service = stack(Service(tmp_path / "service", redis.url))
+    envoy = envoy_factory(global_config([per_key_rule(limit=3, window="1h")], status_path="/rl"),
+                          rls_port=service.grpc_port)
+    clear_of_window_edge(3600, 60)
+    key = {"x-key": fresh_key()}
+    assert envoy.request("/", key).status == 200
+    for _ in range(3):
+        [entry] = json.loads(envoy.request("/rl", key).body)["limits"]
+        assert {k: entry[k] for k in ("rule", "algorithm", "quota", "window", "remaining", "global")} == {
+            "rule": "shared", "algorithm": "fixed_window", "quota": 3, "window": 3600, "remaining": 2, "global": True}
+        assert 0 < entry["reset"] <= 3600
+    # The three status calls took nothing: two requests are left.
+    assert [envoy.request("/", key).status for _ in range(3)] == [200, 200, 429]
+    service.stop()
+    r = envoy.request("/rl", key)
+    assert r.status == 200
+    body = json.loads(r.body)
+    assert body["limits"] == [] and body["global_error"].startswith("gRPC status"), body
 
 
 def test_envoy_native_ratelimit_filter_uses_our_service(envoy_factory, stack, tmp_path):
