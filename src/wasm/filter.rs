@@ -3,7 +3,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, GlobalService};
 use crate::global::{self, Answer, GlobalCall, Purpose};
 use crate::headers::{render, LimitReport};
 use crate::limiter::{Consumed, Limiter, Metric, Observer, Verdict};
@@ -298,15 +298,8 @@ impl Filter {
             }
         };
         let Some(service) = &config.global else { return ACTION_CONTINUE };
-        match host::grpc_call(
-            &service.cluster,
-            global::SERVICE,
-            global::METHOD,
-            &call.message,
-            service.timeout_ms,
-        ) {
-            Ok(token) => {
-                self.new_call = Some(token);
+        match self.start_call(service, &call) {
+            Ok(()) => {
                 self.waiting = Some(Awaiting::Decision(Waiting {
                     call,
                     consumed,
@@ -314,8 +307,7 @@ impl Filter {
                 }));
                 ACTION_PAUSE
             }
-            Err(status) => {
-                let reason = format!("cannot call cluster {:?} (host status {status})", service.cluster);
+            Err(reason) => {
                 let verdict = limiter.global_verdict(&call, Err(reason), &shared.events);
                 if verdict.deny {
                     limiter.give_back(&HostStore, &consumed, now, &shared.events);
@@ -368,23 +360,27 @@ impl Filter {
         else {
             return respond_status(shared, now, None);
         };
-        match host::grpc_call(
+        match self.start_call(service, &call) {
+            Ok(()) => {
+                self.waiting = Some(Awaiting::Status(call));
+                ACTION_PAUSE
+            }
+            Err(reason) => respond_status(shared, now, Some((&call, Err(reason)))),
+        }
+    }
+
+    /// Sends `call` to the rate limit service; its answer comes back through `on_global_answer`.
+    fn start_call(&mut self, service: &GlobalService, call: &GlobalCall) -> Result<(), String> {
+        let token = host::grpc_call(
             &service.cluster,
             global::SERVICE,
             global::METHOD,
             &call.message,
             service.timeout_ms,
-        ) {
-            Ok(token) => {
-                self.new_call = Some(token);
-                self.waiting = Some(Awaiting::Status(call));
-                ACTION_PAUSE
-            }
-            Err(status) => {
-                let reason = format!("cannot call cluster {:?} (host status {status})", service.cluster);
-                respond_status(shared, now, Some((&call, Err(reason))))
-            }
-        }
+        )
+        .map_err(|status| format!("cannot call cluster {:?} (host status {status})", service.cluster))?;
+        self.new_call = Some(token);
+        Ok(())
     }
 
     pub fn on_response_headers(&mut self) -> u32 {
