@@ -3,7 +3,7 @@
 
 use std::hash::{DefaultHasher, Hasher};
 
-use crate::config::{KeyPart, MissingKeyPolicy, Rule};
+use crate::config::{KeyPart, LimitKind, MissingKeyPolicy, Rule};
 use crate::jwt;
 use crate::request::Request;
 
@@ -82,11 +82,14 @@ pub struct RuleKey {
 
 impl RuleKey {
     /// The fingerprint of one limit's bucket: the rule key, the plan (limits of different plans
-    /// are different buckets) and the limit's position in its list.
-    pub fn limit(&self, plan: Option<&str>, limit_index: usize) -> Fingerprint {
+    /// are different buckets), the limit's position in its list and its algorithm. The algorithm
+    /// is part of it because each reads the stored state its own way: a configuration that
+    /// changes a limit's algorithm starts that limit afresh instead of misreading the old state.
+    pub fn limit(&self, plan: Option<&str>, limit_index: usize, kind: LimitKind) -> Fingerprint {
         let mut hasher = self.hasher.clone();
         write_part(&mut hasher, 0xfe, plan.unwrap_or("").as_bytes());
         hasher.write_u64(limit_index as u64);
+        hasher.write_u8(kind as u8);
         Fingerprint::from_hash(hasher.finish())
     }
 }
@@ -215,7 +218,7 @@ mod tests {
 
     /// The fingerprint of the rule's only limit, for comparisons.
     fn request_key(seed: u64, rule: &Rule, request: &TestRequest) -> Option<Fingerprint> {
-        super::request_key(seed, rule, request).map(|k| k.limit(None, 0))
+        super::request_key(seed, rule, request).map(|k| k.limit(None, 0, LimitKind::TokenBucket))
     }
 
     fn rule(key_json: &str, missing: &str) -> Rule {
@@ -302,9 +305,11 @@ mod tests {
     fn limits_and_plans_of_one_key_are_separate_buckets() {
         let r = rule(r#"[{"source":"header","name":"x"}]"#, "skip");
         let key = super::request_key(1, &r, &TestRequest::get("/").with_header("x", "a")).unwrap();
-        assert_ne!(key.limit(None, 0), key.limit(None, 1));
-        assert_ne!(key.limit(Some("free"), 0), key.limit(Some("pro"), 0));
-        assert_eq!(key.limit(Some("free"), 0), key.limit(Some("free"), 0));
+        let tb = LimitKind::TokenBucket;
+        assert_ne!(key.limit(None, 0, tb), key.limit(None, 1, tb));
+        assert_ne!(key.limit(Some("free"), 0, tb), key.limit(Some("pro"), 0, tb));
+        assert_eq!(key.limit(Some("free"), 0, tb), key.limit(Some("free"), 0, tb));
+        assert_ne!(key.limit(None, 0, tb), key.limit(None, 0, LimitKind::FixedWindow), "another algorithm");
     }
 
     #[test]

@@ -215,7 +215,7 @@ impl Limiter {
             let Some(key) = request_key(self.seed, rule, request) else { continue };
             let (plan, limits) = limits_for(rule, request);
             for (index, limit) in limits.iter().enumerate() {
-                let state = table.lookup(store, key.limit(plan, index), now)?.state();
+                let state = table.lookup(store, key.limit(plan, index, limit.kind), now)?.state();
                 let d = limit.algorithm.status(state, now);
                 out.push(Standing {
                     rule,
@@ -251,7 +251,7 @@ impl Limiter {
             let cost = match cost_of(rule, request) {
                 Ok(cost) => cost,
                 Err(reason) => {
-                    let fp = key.limit(plan, 0);
+                    let fp = key.limit(plan, 0, limits[0].kind);
                     if let Some(verdict) =
                         self.refuse_cost(index, None, plan, fp, 0, reason, request, observer, now)
                     {
@@ -261,7 +261,7 @@ impl Limiter {
                 }
             };
             for (limit_index, limit) in limits.iter().enumerate() {
-                let fp = key.limit(plan, limit_index);
+                let fp = key.limit(plan, limit_index, limit.kind);
                 if cost > limit.algorithm.capacity() {
                     let reason = format!(
                         "cost {cost} exceeds the capacity {} of limit {:?}",

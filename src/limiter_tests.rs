@@ -201,7 +201,11 @@ fn key_at_home_zero(l: &Limiter) -> (TestRequest, crate::keys::Fingerprint) {
     (0..1000)
         .map(|i| keyed(&format!("k{i}")))
         .find_map(|r| {
-            let fp = request_key(42, &l.config().rules[0], &r)?.limit(None, 0);
+            let fp = request_key(42, &l.config().rules[0], &r)?.limit(
+                None,
+                0,
+                crate::config::LimitKind::TokenBucket,
+            );
             (fp.0 % 8 == 0).then_some((r, fp))
         })
         .unwrap()
@@ -701,4 +705,33 @@ fn a_new_key_in_a_sparse_table_costs_three_reads_and_two_writes() {
     l.check(&store, &keyed("fresh"), T0, &m);
     let after = store.calls();
     assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "a known key: one read, one write");
+}
+
+/// A limiter with another configuration over the same shared data, as after a configuration push.
+fn reconfigured(json: &str, store: &MemoryStore) -> Limiter {
+    let limiter = Limiter::new(Config::parse(json.as_bytes()).unwrap(), 42);
+    limiter.table().initialize(store).unwrap();
+    limiter
+}
+
+#[test]
+fn a_pushed_configuration_keeps_what_clients_used() {
+    let (l, store) = limiter(&rule_json("api", r#""limit":{"capacity":2,"refill_period":"1h"}"#));
+    let m = Counts::default();
+    assert_eq!((0..3).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count(), 2);
+    // Same rule, twice the capacity at the same rate per token: the bucket keeps the time until it
+    // is full again (1 h), which is 2 of the new 4 tokens.
+    let doubled = reconfigured(&rule_json("api", r#""limit":{"capacity":4,"refill_period":"2h"}"#), &store);
+    assert_eq!(doubled.standings(&store, &keyed("k"), T0).unwrap()[0].remaining, 2);
+    assert_eq!((0..3).filter(|_| allowed(doubled.check(&store, &keyed("k"), T0, &m))).count(), 2);
+}
+
+#[test]
+fn a_limit_whose_algorithm_changes_starts_afresh_instead_of_misreading_the_state() {
+    let (l, store) = limiter(&rule_json("api", r#""limit":{"capacity":2,"refill_period":"1h"}"#));
+    let m = Counts::default();
+    assert_eq!((0..3).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count(), 2);
+    let window = r#""limit":{"algorithm":"fixed_window","requests":2,"window":"1h"}"#;
+    let windowed = reconfigured(&rule_json("api", window), &store);
+    assert_eq!((0..3).filter(|_| allowed(windowed.check(&store, &keyed("k"), T0, &m))).count(), 2);
 }
