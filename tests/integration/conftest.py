@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -254,6 +255,9 @@ class Envoy:
     host: str
     port: int
     concurrency: int
+    # Set when the ingress listener comes from a file (LDS), so its filter config can be pushed.
+    relisten: "Callable[[dict | str], dict] | None" = None
+    lds_path: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -271,6 +275,20 @@ class Envoy:
 
     def stop(self) -> None:
         _stop(self.proc)
+
+    def push_filter_config(self, filter_config: dict | str, wait: bool = True) -> None:
+        """Replace the filter's configuration at runtime, as Istio does on a WasmPlugin change: a
+        new ingress listener through LDS (file-based here). With `wait`, returns once Envoy took it."""
+        assert self.relisten and self.lds_path, "start the Envoy with dynamic=True"
+        stat = "listener_manager.lds.update_success"
+        before = self.stats(stat).get(stat, 0)
+        _write_lds(self.lds_path, self.relisten(filter_config))
+        if not wait:
+            return
+        deadline = time.monotonic() + 30
+        while self.stats(stat).get(stat, 0) <= before:
+            assert time.monotonic() < deadline, "Envoy did not take the new listener\n" + self.log()[-4000:]
+        self.port = _listener_port(self.admin_url, "ingress")
 
     # --- memory and stats -----------------------------------------------------------------
     def rss_kib(self) -> int:
@@ -339,6 +357,16 @@ class EnvoyStartError(RuntimeError):
         self.log = log
 
 
+def _write_lds(path: Path, listener: dict) -> None:
+    """One LDS resource, written so that Envoy's file watch sees a single complete move."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({
+        "version_info": str(time.time_ns()),
+        "resources": [{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **listener}],
+    }))
+    os.replace(tmp, path)
+
+
 def _listener_port(admin_url: str, name: str) -> int:
     with urllib.request.urlopen(admin_url + "/listeners?format=json", timeout=10) as r:
         data = json.loads(r.read())
@@ -356,6 +384,7 @@ def start_envoy(
     concurrency: int = 2,
     log_level: str = "info",
     expect_failure: bool = False,
+    dynamic: bool = False,
     **render_kw,
 ):
     """Start Envoy and wait until /ready. Returns an `Envoy`. With expect_failure=True, waits for
@@ -366,7 +395,19 @@ def start_envoy(
     for attempt in range(5):
         upstream_port = free_port()
         cfg_path = workdir / f"envoy-{attempt}.json"
-        cfg_path.write_text(json.dumps(render_bootstrap(filter_config, wasm_path, upstream_port, **render_kw), indent=1))
+        bootstrap = render_bootstrap(filter_config, wasm_path, upstream_port, **render_kw)
+        relisten = lds_path = None
+        if dynamic:
+            # The ingress listener moves to a file Envoy watches (LDS), the rest stays static.
+            def relisten(cfg, port=upstream_port):
+                return render_bootstrap(cfg, wasm_path, port, **render_kw)["static_resources"]["listeners"][0]
+
+            lds_path = workdir / f"lds-{attempt}.json"
+            _write_lds(lds_path, bootstrap["static_resources"]["listeners"].pop(0))
+            bootstrap["node"] = {"id": "test", "cluster": "test"}
+            bootstrap["dynamic_resources"] = {"lds_config": {
+                "path_config_source": {"path": str(lds_path)}, "resource_api_version": "V3"}}
+        cfg_path.write_text(json.dumps(bootstrap, indent=1))
         admin_path = workdir / f"admin-{attempt}.txt"
         log_path = workdir / f"envoy-{attempt}.log"
         cmd = [
@@ -396,6 +437,7 @@ def start_envoy(
         if expect_failure:
             env.stop()
             raise AssertionError("Envoy started although it was expected to fail\n" + env.log()[-4000:])
+        env.relisten, env.lds_path = relisten, lds_path
         return env
     raise last_err  # type: ignore[misc]
 
