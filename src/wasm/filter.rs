@@ -142,7 +142,7 @@ impl Root {
         };
         let store = HostStore;
         let table = Table::new(&config.key_prefix, config.table_size);
-        let seed = match table.shared_seed(&store, mix(host::now_nanos())) {
+        let seed = match table.shared_seed(&store, random_seed()) {
             Ok(seed) => seed,
             Err(e) => {
                 host::log(LogLevel::Error, &format!("ratelimit-wasm: shared data unavailable: {e:?}"));
@@ -190,12 +190,11 @@ impl Root {
     }
 }
 
-/// SplitMix64 finaliser: spreads a clock reading over all 64 bits for the hash seed.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+/// A seed nobody outside can guess, so clients cannot pick keys that collide in the table: std's
+/// hash-map keys come from the host's `random_get` (WASI), which the module already uses.
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(host::now_nanos())
 }
 
 /// A request paused while the rate limit service decides its global rules.
