@@ -125,6 +125,24 @@ pub struct GlobalStanding<'a> {
     pub status: LimitStatus,
 }
 
+impl<'a> GlobalStanding<'a> {
+    /// The name the headers and the status give this limit.
+    pub fn limit_name(&self) -> &'a str {
+        global_limit_name(self.rule, self.limit)
+    }
+}
+
+/// A global limit's name: the configured limit's, or the rule's when the service holds the limit.
+fn global_limit_name<'a>(rule: &'a Rule, limit: Option<&'a Limit>) -> &'a str {
+    limit.map_or(rule.name.as_str(), |l| l.name.as_str())
+}
+
+/// The service could not be asked or gave no usable answer: counted, and logged (rate-limited).
+fn global_failed(reason: &str, observer: &dyn Observer) {
+    observer.count(Metric::GlobalFailure);
+    observer.global_failure(reason);
+}
+
 /// The Retry-After sent when the table itself is the reason for a denial.
 const TABLE_FULL_RETRY_AFTER_SECONDS: u64 = 1;
 
@@ -448,8 +466,7 @@ impl Limiter {
         let answer = match answer {
             Ok(answer) => answer,
             Err(reason) => {
-                observer.count(Metric::GlobalFailure);
-                observer.global_failure(&reason);
+                global_failed(&reason, observer);
                 let deny = call.deny_on_failure;
                 for origin in &call.origins {
                     let rule = &self.config.rules[origin.rule];
@@ -497,10 +514,7 @@ impl Limiter {
     }
 
     fn origin_name(&self, origin: &crate::global::DescriptorOrigin) -> &str {
-        match self.origin_parts(origin) {
-            Some((rule, _, limit)) => limit.map_or(rule.name.as_str(), |l| l.name.as_str()),
-            None => "",
-        }
+        self.origin_parts(origin).map_or("", |(rule, _, limit)| global_limit_name(rule, limit))
     }
 
     /// The rule, plan name and configured limit a descriptor was built from (no limit when the
@@ -522,16 +536,23 @@ impl Limiter {
     }
 
     /// The caller's standing in its global rules, from the service's answer to a status call
-    /// (`Purpose::Status`, hits 0). Counts nothing: no request was decided.
-    pub fn global_standings<'a>(&'a self, call: &GlobalCall, answer: &Answer) -> Vec<GlobalStanding<'a>> {
-        answer
+    /// (`Purpose::Status`, hits 0). Counts no request, since none was decided; a failure is counted
+    /// and logged like any other, and its reason returned.
+    pub fn global_standings<'a>(
+        &'a self,
+        call: &GlobalCall,
+        answer: Result<Answer, String>,
+        observer: &dyn Observer,
+    ) -> Result<Vec<GlobalStanding<'a>>, String> {
+        let answer = answer.inspect_err(|reason| global_failed(reason, observer))?;
+        Ok(answer
             .limits
             .iter()
             .filter_map(|(index, status)| {
                 let (rule, plan, limit) = self.origin_parts(call.origins.get(*index)?)?;
                 Some(GlobalStanding { rule, plan, limit, status: *status })
             })
-            .collect()
+            .collect())
     }
 
     /// A request whose cost no limit can ever hold: denied with a reason (no Retry-After), or

@@ -666,13 +666,17 @@ mod global {
             .unwrap();
         let answer =
             Answer { over_limit: false, limits: vec![(0, status(false, 7, 30)), (1, status(true, 0, 1))] };
-        let standings = l.global_standings(&call, &answer);
+        let m = Counts::default();
+        let standings = l.global_standings(&call, Ok(answer), &m).unwrap();
+        assert!(m.0.lock().unwrap().is_empty(), "a status call decides no request");
         let json = crate::status::status_json(&[], &standings, None, T0);
         assert_eq!(
             json,
             r#"{"limits":[{"rule":"open","limit":"open","algorithm":"fixed_window","quota":10,"window":60,"remaining":7,"reset":30,"shadow":false,"global":true},{"rule":"closed","limit":"closed","algorithm":"fixed_window","quota":10,"window":60,"remaining":0,"reset":1,"shadow":false,"global":true}]}"#
         );
-        let failed = crate::status::status_json(&[], &[], Some("gRPC status 14"), T0);
+        let failed = l.global_standings(&call, Err("gRPC status 14".into()), &m).map(|_| ()).unwrap_err();
+        assert_eq!(m.get(Metric::GlobalFailure), 1);
+        let failed = crate::status::status_json(&[], &[], Some(&failed), T0);
         assert_eq!(failed, r#"{"limits":[],"global_error":"gRPC status 14"}"#);
     }
 

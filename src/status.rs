@@ -55,7 +55,7 @@ pub fn status_json(
     });
     let global_entries = global.iter().map(|g| StatusEntry {
         rule: &g.rule.name,
-        limit: g.limit.map_or(g.rule.name.as_str(), |l| l.name.as_str()),
+        limit: g.limit_name(),
         plan: g.plan,
         algorithm: g.limit.map_or("service", |l| l.kind.as_str()),
         quota: g.status.quota,

@@ -425,15 +425,12 @@ fn respond_status(shared: &Shared, now: u64, global: Option<(&GlobalCall, Result
             return respond(503, &[("content-type", "text/plain")], b"rate limit status unavailable\n");
         }
     };
-    let (global, error) = match global {
-        None => (Vec::new(), None),
-        Some((call, Ok(answer))) => (limiter.global_standings(call, &answer), None),
-        Some((_, Err(reason))) => {
-            shared.events.count(Metric::GlobalFailure);
-            shared.events.global_failure(&reason);
-            (Vec::new(), Some(reason))
-        }
-    };
+    let (global, error) =
+        match global.map(|(call, answer)| limiter.global_standings(call, answer, &shared.events)) {
+            None => (Vec::new(), None),
+            Some(Ok(standings)) => (standings, None),
+            Some(Err(reason)) => (Vec::new(), Some(reason)),
+        };
     let body = status_json(&local, &global, error.as_deref(), now);
     respond(200, &[("content-type", "application/json"), ("cache-control", "no-store")], body.as_bytes())
 }
