@@ -1072,9 +1072,10 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
         L.append("")
     if cc := params.get("callcount"):
         L.append("Host calls per request made by ours, counted by running its core natively on the same configs against "
-                 "the in-memory store that imitates Envoy's shared data (`bench/callcount`); the wasm glue adds 1 "
-                 "get_current_time per request, and turns the rendered headers into one replace_header_map_value each "
-                 "(allowed) or one send_local_response (denied). Each value the host returns (header, shared data) is "
+                 "the in-memory store that imitates Envoy's shared data (`bench/callcount`, which runs the request's "
+                 "moments as the glue does: decide, then settle or the local reply, then end); the wasm glue adds 1 "
+                 "get_current_time per request, and turns the headers into one replace_header_map_value each "
+                 "(allowed) or one send_local_response (denied; its headers include content-type). Each value the host returns (header, shared data) is "
                  "copied into the VM through one more host-to-VM call (`proxy_on_memory_allocate`).\n")
         L.append("The core reports one count per request; the glue adds them up in wasm memory and makes one "
                  "increment_metric host call per counter every 100 ms, not one per request.\n")

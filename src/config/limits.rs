@@ -5,12 +5,13 @@ use std::num::NonZeroU32;
 
 use serde::{Deserialize, Deserializer};
 
+use super::duration::Duration;
 use super::{header_name, is_name, ConfigError, MAX_NAME_LEN};
-use crate::algorithm::{ceil_seconds, Algorithm};
-use crate::duration::{Duration, NANOS_PER_SECOND};
-use crate::fixed_window::{FixedWindow, Window};
-use crate::sliding_window::SlidingWindow;
-use crate::token_bucket::TokenBucket;
+use crate::algorithm::fixed_window::{FixedWindow, Window};
+use crate::algorithm::sliding_window::SlidingWindow;
+use crate::algorithm::time::{ceil_seconds, NANOS_PER_SECOND};
+use crate::algorithm::token_bucket::TokenBucket;
+use crate::algorithm::Algorithm;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -88,7 +89,9 @@ pub struct Plans {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Limits {
-    Fixed(Vec<Limit>),
+    /// The same limits for every request.
+    List(Vec<Limit>),
+    /// Limits by the request's plan.
     Plans(Plans),
 }
 
@@ -96,7 +99,7 @@ impl Limits {
     /// Every limit of the rule, whatever the plan.
     pub fn all(&self) -> Box<dyn Iterator<Item = &Limit> + '_> {
         match self {
-            Limits::Fixed(limits) => Box::new(limits.iter()),
+            Limits::List(limits) => Box::new(limits.iter()),
             Limits::Plans(p) => Box::new(p.plans.iter().flat_map(|plan| plan.limits.iter())),
         }
     }
@@ -148,9 +151,9 @@ impl<'de> Deserialize<'de> for RawWindow {
         let text = String::deserialize(deserializer)?;
         match text.as_str() {
             "month" => Ok(RawWindow(Window::Month, "month")),
-            "day" => Ok(RawWindow(Window::Fixed(86_400 * NANOS_PER_SECOND), "day")),
+            "day" => Ok(RawWindow(Window::Length(86_400 * NANOS_PER_SECOND), "day")),
             _ => Duration::parse(&text)
-                .map(|d| RawWindow(Window::Fixed(d.as_nanos()), ""))
+                .map(|d| RawWindow(Window::Length(d.as_nanos()), ""))
                 .map_err(|e| serde::de::Error::custom(format!("{e}, or \"day\" or \"month\""))),
         }
     }
@@ -230,16 +233,16 @@ pub(super) fn compile_limits(path: &str, rule: &str, raw: RawLimitSet) -> Result
     let given = [raw.limit.is_some(), raw.limits.is_some(), raw.plans.is_some()];
     let count = given.iter().filter(|g| **g).count();
     if count == 0 && raw.may_be_empty && raw.plan.is_none() && raw.default_plan.is_none() {
-        return Ok(Limits::Fixed(Vec::new()));
+        return Ok(Limits::List(Vec::new()));
     }
     if count != 1 {
         return Err(ConfigError::at(path, "give exactly one of limit, limits or plans"));
     }
     if let Some(limit) = raw.limit {
-        return Ok(Limits::Fixed(vec![compile_limit(&format!("{path}.limit"), rule, false, limit)?]));
+        return Ok(Limits::List(vec![compile_limit(&format!("{path}.limit"), rule, false, limit)?]));
     }
     if let Some(limits) = raw.limits {
-        return Ok(Limits::Fixed(compile_limit_list(&format!("{path}.limits"), rule, limits)?));
+        return Ok(Limits::List(compile_limit_list(&format!("{path}.limits"), rule, limits)?));
     }
     let plans_raw = raw.plans.unwrap_or_default();
     let source = match raw.plan {
@@ -313,6 +316,16 @@ fn compile_limit_list(path: &str, rule: &str, raw: Vec<RawLimit>) -> Result<Vec<
 
 fn compile_limit(path: &str, rule: &str, several: bool, raw: RawLimit) -> Result<Limit, ConfigError> {
     let kind = raw.algorithm.unwrap_or(LimitKind::TokenBucket);
+    refuse_foreign_fields(path, kind, &raw)?;
+    let Compiled { algorithm, quota, window_seconds, default_name } = compile_algorithm(path, kind, &raw)?;
+    let name = limit_name(path, rule, several, raw.name, default_name)?;
+    let policy = window_seconds.map(|w| format!("\"{name}\";q={quota};w={w}"));
+    let rls_unit = rls_unit(&algorithm);
+    Ok(Limit { name, kind, algorithm, quota, window_seconds, policy, rls_unit })
+}
+
+/// A field that belongs to another algorithm is refused, naming the fields this one takes.
+fn refuse_foreign_fields(path: &str, kind: LimitKind, raw: &RawLimit) -> Result<(), ConfigError> {
     let present = [
         ("capacity", raw.capacity.is_some()),
         ("refill_tokens", raw.refill_tokens.is_some()),
@@ -334,71 +347,104 @@ fn compile_limit(path: &str, rule: &str, several: bool, raw: RawLimit) -> Result
             ));
         }
     }
+    Ok(())
+}
+
+/// One limit's algorithm with what its headers say of it.
+struct Compiled {
+    algorithm: Algorithm,
+    /// `q` of the policy.
+    quota: u64,
+    /// `w` of the policy, when it does not vary.
+    window_seconds: Option<u64>,
+    /// The limit's name when a rule has several and this one has none: its period or window.
+    default_name: String,
+}
+
+fn compile_algorithm(path: &str, kind: LimitKind, raw: &RawLimit) -> Result<Compiled, ConfigError> {
     let missing = |field: &str| {
         ConfigError::at(path, format!("missing field `{field}` for algorithm \"{}\"", kind.as_str()))
     };
-    let (algorithm, quota, window_seconds, default_name) = match kind {
+    match kind {
         LimitKind::TokenBucket => {
             let capacity = raw.capacity.ok_or_else(|| missing("capacity"))?.get();
             let period = raw.refill_period.ok_or_else(|| missing("refill_period"))?;
             let tokens = raw.refill_tokens.map_or(capacity, NonZeroU32::get);
             let bucket = bucket(path, "refill_tokens", capacity, tokens, period)?;
-            (
-                Algorithm::TokenBucket(bucket),
-                u64::from(capacity),
-                Some(bucket.window_seconds()),
-                period.to_string(),
-            )
+            Ok(Compiled {
+                algorithm: Algorithm::TokenBucket(bucket),
+                quota: u64::from(capacity),
+                window_seconds: Some(bucket.window_seconds()),
+                default_name: period.to_string(),
+            })
         }
         LimitKind::Gcra => {
             let requests = raw.requests.ok_or_else(|| missing("requests"))?.get();
             let period = raw.period.ok_or_else(|| missing("period"))?;
             let burst = raw.burst.map_or(1, NonZeroU32::get);
             let bucket = bucket(path, "requests", burst, requests, period)?;
-            (
-                Algorithm::TokenBucket(bucket),
-                u64::from(requests),
-                Some(ceil_seconds(period.as_nanos())),
-                period.to_string(),
-            )
+            Ok(Compiled {
+                algorithm: Algorithm::TokenBucket(bucket),
+                quota: u64::from(requests),
+                window_seconds: Some(ceil_seconds(period.as_nanos())),
+                default_name: period.to_string(),
+            })
         }
         LimitKind::FixedWindow => {
             let requests = raw.requests.ok_or_else(|| missing("requests"))?.get();
-            let RawWindow(window, label) = raw.window.ok_or_else(|| missing("window"))?;
-            let seconds = match window {
-                Window::Fixed(nanos) => Some(ceil_seconds(nanos)),
-                Window::Month => None,
-            };
-            let name = match window {
-                Window::Fixed(nanos) if label.is_empty() => {
-                    Duration::from_nanos(nanos).map(|d| d.to_string())
-                }
-                _ => None,
-            }
-            .unwrap_or_else(|| label.to_owned());
-            (
-                Algorithm::FixedWindow(FixedWindow { limit: u64::from(requests), window }),
-                u64::from(requests),
-                seconds,
-                name,
-            )
+            let window = raw.window.ok_or_else(|| missing("window"))?;
+            Ok(fixed_window(requests, window))
         }
         LimitKind::SlidingWindow => {
             let requests = raw.requests.ok_or_else(|| missing("requests"))?.get();
             let RawWindow(window, _) = raw.window.ok_or_else(|| missing("window"))?;
-            let Window::Fixed(nanos) = window else {
+            let Window::Length(nanos) = window else {
                 return Err(ConfigError::at(
                     format!("{path}.window"),
                     "a sliding window needs a fixed length; use algorithm \"fixed_window\" for calendar months",
                 ));
             };
-            let name = Duration::from_nanos(nanos).map_or_else(String::new, |d| d.to_string());
-            let algorithm =
-                Algorithm::SlidingWindow(SlidingWindow { limit: u64::from(requests), window: nanos });
-            (algorithm, u64::from(requests), Some(ceil_seconds(nanos)), name)
+            Ok(Compiled {
+                algorithm: Algorithm::SlidingWindow(SlidingWindow {
+                    limit: u64::from(requests),
+                    window: nanos,
+                }),
+                quota: u64::from(requests),
+                window_seconds: Some(ceil_seconds(nanos)),
+                default_name: Duration::from_nanos(nanos).map_or_else(String::new, |d| d.to_string()),
+            })
         }
+    }
+}
+
+fn fixed_window(requests: u32, RawWindow(window, label): RawWindow) -> Compiled {
+    let window_seconds = match window {
+        Window::Length(nanos) => Some(ceil_seconds(nanos)),
+        Window::Month => None,
     };
-    let limit_name = match raw.name {
+    let default_name = match window {
+        Window::Length(nanos) if label.is_empty() => Duration::from_nanos(nanos).map(|d| d.to_string()),
+        _ => None,
+    }
+    .unwrap_or_else(|| label.to_owned());
+    Compiled {
+        algorithm: Algorithm::FixedWindow(FixedWindow { limit: u64::from(requests), window }),
+        quota: u64::from(requests),
+        window_seconds,
+        default_name,
+    }
+}
+
+/// The name in the headers: the rule's, or `rule.limit` when a rule has several limits or the
+/// limit is named.
+fn limit_name(
+    path: &str,
+    rule: &str,
+    several: bool,
+    given: Option<String>,
+    default_name: String,
+) -> Result<String, ConfigError> {
+    let limit_name = match given {
         Some(n) if !is_name(&n, "") => {
             return Err(ConfigError::at(
                 format!("{path}.name"),
@@ -409,14 +455,17 @@ fn compile_limit(path: &str, rule: &str, several: bool, raw: RawLimit) -> Result
         None if several => Some(default_name),
         None => None,
     };
-    let name = match limit_name {
+    Ok(match limit_name {
         Some(l) => format!("{rule}.{l}"),
         None => rule.to_owned(),
-    };
-    let policy = window_seconds.map(|w| format!("\"{name}\";q={quota};w={w}"));
-    let rls_unit = match algorithm {
+    })
+}
+
+/// The Rate Limit Service unit of a fixed window that has one.
+fn rls_unit(algorithm: &Algorithm) -> Option<i32> {
+    match algorithm {
         Algorithm::FixedWindow(FixedWindow { window: Window::Month, .. }) => Some(5),
-        Algorithm::FixedWindow(FixedWindow { window: Window::Fixed(nanos), .. }) => {
+        Algorithm::FixedWindow(FixedWindow { window: Window::Length(nanos), .. }) => {
             match nanos / NANOS_PER_SECOND {
                 _ if nanos % NANOS_PER_SECOND != 0 => None,
                 1 => Some(1),
@@ -428,8 +477,7 @@ fn compile_limit(path: &str, rule: &str, several: bool, raw: RawLimit) -> Result
             }
         }
         _ => None,
-    };
-    Ok(Limit { name, kind, algorithm, quota, window_seconds, policy, rls_unit })
+    }
 }
 
 fn bucket(

@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
+pub mod duration;
 mod limits;
 
 pub use limits::{Cost, Limit, LimitKind, Limits, Plan, PlanSource, Plans};
@@ -163,6 +164,54 @@ pub struct Config {
     pub rules: Vec<Rule>,
 }
 
+/// Which limit of the configuration something is about, by position, so it can be kept without
+/// borrowing the configuration (a request keeps it from its decision to its response).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitRef {
+    pub rule: usize,
+    /// The plan's index among the rule's plans, for a rule with plans.
+    pub plan: Option<usize>,
+    /// The limit's index among the plan's (or the rule's) limits; `None` for a global rule that
+    /// leaves its limits to the service.
+    pub limit: Option<usize>,
+}
+
+/// What a [`LimitRef`] points at.
+#[derive(Clone, Copy, Debug)]
+pub struct Found<'a> {
+    pub rule: &'a Rule,
+    pub plan: Option<&'a str>,
+    pub limit: Option<&'a Limit>,
+}
+
+impl<'a> Found<'a> {
+    /// The name headers and the status give it: the limit's, else the rule's.
+    pub fn name(&self) -> &'a str {
+        self.limit.map_or(self.rule.name.as_str(), |l| l.name.as_str())
+    }
+}
+
+impl Config {
+    /// The rule, plan name and limit `at` points at; `None` for a position this configuration
+    /// does not have.
+    pub fn find(&self, at: LimitRef) -> Option<Found<'_>> {
+        let rule = self.rules.get(at.rule)?;
+        let (plan, limits): (Option<&str>, &[Limit]) = match (&rule.limits, at.plan) {
+            (Limits::List(limits), _) => (None, limits),
+            (Limits::Plans(p), Some(plan)) => {
+                let plan = p.plans.get(plan)?;
+                (Some(plan.name.as_str()), &plan.limits)
+            }
+            (Limits::Plans(_), None) => (None, &[]),
+        };
+        let limit = match at.limit {
+            Some(index) => Some(limits.get(index)?),
+            None => None,
+        };
+        Some(Found { rule, plan, limit })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogLevel {
@@ -213,7 +262,7 @@ struct RawGlobal {
     cluster: String,
     domain: String,
     #[serde(default)]
-    timeout: Option<crate::duration::Duration>,
+    timeout: Option<duration::Duration>,
     #[serde(default)]
     failure_mode: Option<FailureMode>,
 }
@@ -643,7 +692,7 @@ mod tests {
         assert_eq!(rule.key, vec![KeyPart::Header("x-key".into())]);
         assert_eq!(rule.when_key_missing, MissingKeyPolicy::Skip);
         assert_eq!(rule.cost, Cost::Constant(1));
-        let Limits::Fixed(limits) = &rule.limits else { panic!("one fixed limit expected") };
+        let Limits::List(limits) = &rule.limits else { panic!("one limit expected") };
         assert_eq!(limits[0].policy.as_deref(), Some("\"r\";q=10;w=60"));
         assert_eq!(config.status_path, None);
         assert_eq!(

@@ -10,8 +10,9 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::wasm::filter::{Filter, Root};
 use crate::wasm::host::{self, LogLevel};
+use crate::wasm::http::Filter;
+use crate::wasm::root::Root;
 
 const ACTION_CONTINUE: u32 = 0;
 
@@ -97,7 +98,7 @@ pub extern "C" fn proxy_on_request_headers(
     _num_headers: usize,
     _end_of_stream: bool,
 ) -> u32 {
-    with_filter(context_id, ACTION_CONTINUE, |f| f.on_request_headers(context_id))
+    with_filter(context_id, ACTION_CONTINUE, Filter::on_request_headers)
 }
 
 #[no_mangle]
@@ -129,11 +130,16 @@ pub extern "C" fn proxy_on_grpc_close(context_id: u32, token_id: u32, status_cod
 // module does not export, and each of the first two would be one more entry into the VM for
 // every request, to do nothing.
 
+/// Envoy deletes an HTTP context when its stream is over, however it ended (completed, reset by
+/// either side, answered locally): the request's last moment.
 #[no_mangle]
 pub extern "C" fn proxy_on_delete(context_id: u32) {
-    with_contexts(|c| {
-        c.filters.remove(&context_id);
+    let filter = with_contexts(|c| {
         c.roots.remove(&context_id);
         c.calls.retain(|_, owner| *owner != context_id);
+        c.filters.remove(&context_id)
     });
+    if let Some(mut filter) = filter.flatten() {
+        filter.on_end();
+    }
 }

@@ -5,7 +5,8 @@
 use std::ptr::{null, null_mut};
 
 use crate::request::Request;
-use crate::store::{SharedStore, StoreError, Versioned};
+use crate::state::clock::Clock;
+use crate::state::store::{SharedStore, StoreError, Versioned};
 
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
@@ -294,6 +295,15 @@ pub fn increment(id: u32, by: i64) {
     // SAFETY: plain values.
     unsafe {
         proxy_increment_metric(id, by);
+    }
+}
+
+/// The host's wall clock.
+pub struct HostClock;
+
+impl Clock for HostClock {
+    fn now_nanos(&self) -> u64 {
+        now_nanos()
     }
 }
 

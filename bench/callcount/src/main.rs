@@ -13,11 +13,12 @@ use std::cell::Cell;
 use std::time::Instant;
 
 use ratelimit_wasm::config::Config;
-use ratelimit_wasm::headers::render;
-use ratelimit_wasm::limiter::{Limiter, Metric, Observer, Verdict};
+use ratelimit_wasm::decide::{Env, Exchange, Limiter, Next};
+use ratelimit_wasm::report::metrics::Metric;
+use ratelimit_wasm::report::Observer;
 use ratelimit_wasm::request::{Request, TestRequest};
-use ratelimit_wasm::store::MemoryStore;
-use ratelimit_wasm::table::Table;
+use ratelimit_wasm::state::memory::MemoryStore;
+use ratelimit_wasm::state::table::Table;
 
 struct CountingRequest<'a> {
     inner: &'a TestRequest,
@@ -67,7 +68,6 @@ fn main() {
 
     for scenario in ["hot", "fresh", "denied"] {
         let (limiter, store) = if scenario == "denied" { &denied_setup } else { &allowed_setup };
-        let format = limiter.config().headers;
         let n: u64 = 20_000;
         let headers = Cell::new(0);
         let properties = Cell::new(0);
@@ -83,7 +83,7 @@ fn main() {
         for _ in 0..3 {
             let req = TestRequest::get("/").with_header("x-key", key(0));
             let cr = CountingRequest { inner: &req, headers: &headers, properties: &properties };
-            let _ = limiter.check(store, &cr, now, &observer);
+            let _ = limiter.decide(&Env::at(store, &cr, now, &observer), &mut Exchange::default());
         }
         let requests: Vec<TestRequest> = (1..=n).map(|i| TestRequest::get("/").with_header("x-key", key(i))).collect();
         headers.set(0);
@@ -94,17 +94,18 @@ fn main() {
         for req in &requests {
             now += 1_000; // 1 us between requests
             let cr = CountingRequest { inner: req, headers: &headers, properties: &properties };
-            match limiter.check(store, &cr, now, &observer) {
-                Verdict::Allow { report, .. } => {
+            // The request's moments as the glue runs them: decide, then settle on a response.
+            let env = Env::at(store, &cr, now, &observer);
+            let mut exchange = Exchange::default();
+            match limiter.decide(&env, &mut exchange) {
+                Next::Continue => {
                     allowed += 1;
-                    let d = report.map(|r| r.describe(now));
-                    rendered += render(format, d.as_ref(), None).len() as u64;
+                    rendered += limiter.settle(&env, &mut exchange).len() as u64;
                 }
-                Verdict::Deny { report, retry_after_seconds, .. } => {
-                    let d = report.map(|r| r.describe(now));
-                    rendered += render(format, d.as_ref(), retry_after_seconds).len() as u64;
-                }
+                Next::Reply(reply) => rendered += reply.headers.len() as u64,
+                Next::Ask(_) => panic!("the bench's configs have no global rules"),
             }
+            limiter.end(&env, &mut exchange);
         }
         let ns = t0.elapsed().as_nanos() as f64 / n as f64;
         let (g1, s1) = store.calls();

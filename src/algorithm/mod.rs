@@ -1,18 +1,26 @@
 //! The algorithms a limit can use, behind one interface the limiter and the table rely on.
-//! Each is a pure function from (old state, now, cost) to (decision, new state).
+//! Each is a pure function from (old state, now, cost) to (decision, new state); the store owns
+//! the read-compute-CAS loop around it.
 
-use crate::duration::NANOS_PER_SECOND;
-use crate::fixed_window::{FixedWindow, Window};
-use crate::sliding_window::SlidingWindow;
-use crate::token_bucket::{BucketState, TokenBucket};
+pub mod fixed_window;
+pub mod sliding_window;
+pub mod time;
+pub mod token_bucket;
 
-/// What one table slot stores for a bucket, whatever the algorithm: `idle_at` is the instant after
-/// which the state is indistinguishable from a fresh one (so the slot may be reused), `extra` is
-/// algorithm-specific. `Default` is the fresh state.
+use fixed_window::{FixedWindow, Window};
+use sliding_window::SlidingWindow;
+use time::ceil_seconds;
+use token_bucket::TokenBucket;
+
+/// What one table slot stores for a bucket, whatever the algorithm. `idle_at` is the instant from
+/// which the state is indistinguishable from a fresh one (so the slot may be reused); `word` is
+/// the algorithm's own, read and written only through that algorithm's typed view
+/// ([`token_bucket::BucketState`], [`fixed_window::WindowCount`], [`sliding_window::Counts`]).
+/// `Default` is the fresh state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct State {
     pub idle_at: u64,
-    pub extra: u64,
+    pub word: u64,
 }
 
 /// The answer for one request against one limit.
@@ -21,45 +29,41 @@ pub struct Decision {
     pub allowed: bool,
     /// Units left after this request (before it, when denied).
     pub remaining: u64,
-    /// Allowed: nanoseconds until the quota is fully available again. Denied: equals
-    /// `retry_after_nanos`.
-    pub reset_nanos: u64,
-    /// Nanoseconds until a request of this cost would be allowed (0 when allowed).
+    /// Nanoseconds until the whole quota is available again (0: it is now).
+    pub until_full_nanos: u64,
+    /// Nanoseconds until a request of this cost would pass (0 when allowed).
     pub retry_after_nanos: u64,
 }
 
-pub fn ceil_seconds(nanos: u64) -> u64 {
-    nanos.div_ceil(NANOS_PER_SECOND)
+impl Decision {
+    /// The reset the headers announce: until the quota is whole again when the request passed,
+    /// until it would pass when it was denied.
+    pub fn reset_nanos(&self) -> u64 {
+        if self.allowed {
+            self.until_full_nanos
+        } else {
+            self.retry_after_nanos
+        }
+    }
+
+    pub fn reset_seconds(&self) -> u64 {
+        ceil_seconds(self.reset_nanos())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algorithm {
     /// Token bucket; also GCRA, which admits exactly the same sequences and differs only in how
-    /// the limit is stated (see `Kind`).
+    /// the limit is stated (see `LimitKind`).
     TokenBucket(TokenBucket),
     FixedWindow(FixedWindow),
     SlidingWindow(SlidingWindow),
 }
 
-impl From<State> for BucketState {
-    fn from(s: State) -> BucketState {
-        BucketState { full_at: s.idle_at, updated_at: s.extra }
-    }
-}
-
-impl From<BucketState> for State {
-    fn from(b: BucketState) -> State {
-        State { idle_at: b.full_at, extra: b.updated_at }
-    }
-}
-
 impl Algorithm {
     pub fn decide(&self, state: State, now: u64, cost: u64) -> (Decision, State) {
         match self {
-            Algorithm::TokenBucket(b) => {
-                let (d, next) = b.decide(state.into(), now, cost);
-                (d, next.into())
-            }
+            Algorithm::TokenBucket(b) => b.decide(state, now, cost),
             Algorithm::FixedWindow(w) => w.decide(state, now, cost),
             Algorithm::SlidingWindow(w) => w.decide(state, now, cost),
         }
@@ -68,25 +72,25 @@ impl Algorithm {
     /// The limit as it stands, consuming nothing.
     pub fn status(&self, state: State, now: u64) -> Decision {
         match self {
-            Algorithm::TokenBucket(b) => b.status(state.into(), now),
+            Algorithm::TokenBucket(b) => b.status(state, now),
             Algorithm::FixedWindow(w) => w.status(state, now),
             Algorithm::SlidingWindow(w) => w.status(state, now),
         }
     }
 
     /// Gives back what an earlier `decide` at the same cost took.
-    pub fn refund(&self, state: State, now: u64, cost: u64) -> State {
+    pub fn give_back(&self, state: State, now: u64, cost: u64) -> State {
         match self {
-            Algorithm::TokenBucket(b) => b.refund(state.into(), now, cost).into(),
-            Algorithm::FixedWindow(w) => w.refund(state, now, cost),
-            Algorithm::SlidingWindow(w) => w.refund(state, now, cost),
+            Algorithm::TokenBucket(b) => b.give_back(state, now, cost),
+            Algorithm::FixedWindow(w) => w.give_back(state, now, cost),
+            Algorithm::SlidingWindow(w) => w.give_back(state, now, cost),
         }
     }
 
     /// One state holding what two copies of the same limit had taken.
     pub fn merge(&self, a: State, b: State, now: u64) -> State {
         match self {
-            Algorithm::TokenBucket(t) => t.merge(a.into(), b.into(), now).into(),
+            Algorithm::TokenBucket(t) => t.merge(a, b, now),
             Algorithm::FixedWindow(w) => w.merge(a, b, now),
             Algorithm::SlidingWindow(w) => w.merge(a, b, now),
         }
@@ -115,7 +119,7 @@ impl Algorithm {
 
     /// True when the policy window is the same at every instant (so its header can be prepared
     /// once).
-    pub fn has_fixed_window(&self) -> bool {
+    pub fn has_constant_window(&self) -> bool {
         !matches!(self, Algorithm::FixedWindow(FixedWindow { window: Window::Month, .. }))
     }
 }

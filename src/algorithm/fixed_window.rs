@@ -2,13 +2,13 @@
 //! start. Windows of a fixed length are aligned to the Unix epoch (so `1h` windows start on the
 //! hour and `1d` windows at UTC midnight); calendar months start on the first at 00:00 UTC.
 
-use crate::algorithm::{Decision, State};
-use crate::calendar::month_bounds;
+use super::time::month_bounds;
+use super::{Decision, State};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Window {
     /// A length in nanoseconds.
-    Fixed(u64),
+    Length(u64),
     /// The UTC calendar month.
     Month,
 }
@@ -17,7 +17,7 @@ impl Window {
     /// (start, end) of the window containing `now`.
     pub fn bounds(self, now: u64) -> (u64, u64) {
         match self {
-            Window::Fixed(length) => {
+            Window::Length(length) => {
                 let start = now - now % length;
                 (start, start.saturating_add(length))
             }
@@ -26,7 +26,26 @@ impl Window {
     }
 }
 
-/// State: `idle_at` is the end of the window the count belongs to, `extra` the count.
+/// The slot's words as a window's count: `idle_at` is the end of the window the count belongs
+/// to, `word` the count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowCount {
+    pub end: u64,
+    pub count: u64,
+}
+
+impl From<State> for WindowCount {
+    fn from(s: State) -> WindowCount {
+        WindowCount { end: s.idle_at, count: s.word }
+    }
+}
+
+impl From<WindowCount> for State {
+    fn from(w: WindowCount) -> State {
+        State { idle_at: w.end, word: w.count }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FixedWindow {
     pub limit: u64,
@@ -36,32 +55,33 @@ pub struct FixedWindow {
 impl FixedWindow {
     /// The window and the count in it that apply at `now`. A state written for a later window (by
     /// a worker whose clock reading is a moment ahead) is taken as current.
-    fn current(&self, state: State, now: u64) -> (u64, u64) {
+    fn current(&self, state: State, now: u64) -> WindowCount {
         let (_, end) = self.window.bounds(now);
-        if state.idle_at >= end {
-            (state.idle_at, state.extra)
+        let stored = WindowCount::from(state);
+        if stored.end >= end {
+            stored
         } else {
-            (end, 0)
+            WindowCount { end, count: 0 }
         }
     }
 
     pub fn decide(&self, state: State, now: u64, cost: u64) -> (Decision, State) {
-        let (end, count) = self.current(state, now);
+        let WindowCount { end, count } = self.current(state, now);
         let until_end = end.saturating_sub(now);
         let used = count.saturating_add(cost);
         if used <= self.limit {
             let decision = Decision {
                 allowed: true,
                 remaining: self.limit - used,
-                reset_nanos: until_end,
+                until_full_nanos: until_end,
                 retry_after_nanos: 0,
             };
-            (decision, State { idle_at: end, extra: used })
+            (decision, WindowCount { end, count: used }.into())
         } else {
             let decision = Decision {
                 allowed: false,
                 remaining: self.limit.saturating_sub(count),
-                reset_nanos: until_end,
+                until_full_nanos: until_end,
                 retry_after_nanos: until_end,
             };
             (decision, state)
@@ -69,25 +89,25 @@ impl FixedWindow {
     }
 
     pub fn status(&self, state: State, now: u64) -> Decision {
-        let (end, count) = self.current(state, now);
+        let WindowCount { end, count } = self.current(state, now);
         let remaining = self.limit.saturating_sub(count);
-        let reset = if count == 0 { 0 } else { end.saturating_sub(now) };
-        Decision { allowed: true, remaining, reset_nanos: reset, retry_after_nanos: 0 }
+        let until_full = if count == 0 { 0 } else { end.saturating_sub(now) };
+        Decision { allowed: true, remaining, until_full_nanos: until_full, retry_after_nanos: 0 }
     }
 
-    pub fn refund(&self, state: State, now: u64, cost: u64) -> State {
-        let (end, count) = self.current(state, now);
-        State { idle_at: end, extra: count.saturating_sub(cost) }
+    pub fn give_back(&self, state: State, now: u64, cost: u64) -> State {
+        let WindowCount { end, count } = self.current(state, now);
+        WindowCount { end, count: count.saturating_sub(cost) }.into()
     }
 
     pub fn merge(&self, a: State, b: State, now: u64) -> State {
-        let (end_a, count_a) = self.current(a, now);
-        let (end_b, count_b) = self.current(b, now);
-        match end_a.cmp(&end_b) {
-            std::cmp::Ordering::Equal => State { idle_at: end_a, extra: count_a.saturating_add(count_b) },
-            std::cmp::Ordering::Greater => State { idle_at: end_a, extra: count_a },
-            std::cmp::Ordering::Less => State { idle_at: end_b, extra: count_b },
-        }
+        let (a, b) = (self.current(a, now), self.current(b, now));
+        let merged = match a.end.cmp(&b.end) {
+            std::cmp::Ordering::Equal => WindowCount { end: a.end, count: a.count.saturating_add(b.count) },
+            std::cmp::Ordering::Greater => a,
+            std::cmp::Ordering::Less => b,
+        };
+        merged.into()
     }
 }
 
@@ -109,49 +129,49 @@ mod tests {
 
     #[test]
     fn admits_the_limit_then_denies_until_the_window_ends() {
-        let w = FixedWindow { limit: 10, window: Window::Fixed(MIN) };
+        let w = FixedWindow { limit: 10, window: Window::Length(MIN) };
         let (allowed, state) = run(&w, State::default(), NOW + 5 * S, 20);
         assert_eq!(allowed, 10);
         let (d, _) = w.decide(state, NOW + 5 * S, 1);
         assert_eq!((d.allowed, d.remaining, d.retry_after_nanos), (false, 0, 55 * S));
         assert!(!w.decide(state, NOW + MIN - 1, 1).0.allowed);
         let (d, _) = w.decide(state, NOW + MIN, 1);
-        assert_eq!((d.allowed, d.remaining, d.reset_nanos), (true, 9, MIN));
+        assert_eq!((d.allowed, d.remaining, d.reset_nanos()), (true, 9, MIN));
     }
 
     #[test]
     fn a_day_window_resets_at_utc_midnight() {
-        let w = FixedWindow { limit: 10, window: Window::Fixed(86_400 * S) };
+        let w = FixedWindow { limit: 10, window: Window::Length(86_400 * S) };
         let (d, _) = w.decide(State::default(), NOW, 1);
-        assert_eq!(d.reset_nanos, (86_400 - 40 * 60) * S, "23h20m to midnight");
+        assert_eq!(d.reset_nanos(), (86_400 - 40 * 60) * S, "23h20m to midnight");
     }
 
     #[test]
     fn a_month_window_resets_on_the_first() {
         let w = FixedWindow { limit: 999, window: Window::Month };
         let (d, state) = w.decide(State::default(), NOW, 1);
-        assert_eq!(d.reset_nanos, 1_796_083_200 * S - NOW);
+        assert_eq!(d.reset_nanos(), 1_796_083_200 * S - NOW);
         let (d, _) = w.decide(state, 1_796_083_200 * S, 1);
         assert_eq!(d.remaining, 998, "December starts afresh");
     }
 
     #[test]
     fn a_late_writer_from_the_previous_window_counts_in_the_new_one() {
-        let w = FixedWindow { limit: 2, window: Window::Fixed(MIN) };
+        let w = FixedWindow { limit: 2, window: Window::Length(MIN) };
         let (_, state) = run(&w, State::default(), NOW + MIN, 2);
         assert!(!w.decide(state, NOW + MIN - 1, 1).0.allowed);
     }
 
     #[test]
-    fn refund_and_merge_keep_counts_exact() {
-        let w = FixedWindow { limit: 10, window: Window::Fixed(MIN) };
+    fn giving_back_and_merging_keep_counts_exact() {
+        let w = FixedWindow { limit: 10, window: Window::Length(MIN) };
         let (_, a) = run(&w, State::default(), NOW, 3);
         let (_, b) = run(&w, State::default(), NOW, 4);
         let merged = w.merge(a, b, NOW);
-        assert_eq!(merged.extra, 7);
-        assert_eq!(w.refund(merged, NOW, 1).extra, 6);
-        let old = w.merge(a, State { idle_at: NOW - MIN, extra: 9 }, NOW);
-        assert_eq!(old.extra, 3, "an expired window adds nothing");
+        assert_eq!(WindowCount::from(merged).count, 7);
+        assert_eq!(WindowCount::from(w.give_back(merged, NOW, 1)).count, 6);
+        let old = w.merge(a, WindowCount { end: NOW - MIN, count: 9 }.into(), NOW);
+        assert_eq!(WindowCount::from(old).count, 3, "an expired window adds nothing");
     }
 
     /// Property: over a random schedule, no window ever admits more than the limit.
@@ -159,7 +179,7 @@ mod tests {
     fn no_window_admits_more_than_its_limit() {
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         for limit in [1u64, 3, 10] {
-            let w = FixedWindow { limit, window: Window::Fixed(10 * S) };
+            let w = FixedWindow { limit, window: Window::Length(10 * S) };
             let mut state = State::default();
             let mut now = NOW;
             let mut per_window = std::collections::HashMap::<u64, u64>::new();

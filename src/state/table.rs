@@ -14,79 +14,15 @@
 //! of the home slot after re-scanning the window; of any two confirmed inserts, the later one's
 //! re-scan sees the earlier, and duplicates found are folded into the earliest copy.
 
+use super::slot::{store_key, Slot, StoreKey, EMPTY_SLOT, NEVER_USED};
+use super::store::{SharedStore, StoreError, Versioned, CREATE_ONLY_CAS};
+use super::Fingerprint;
 use crate::algorithm::{Algorithm, State};
-use crate::keys::{store_key, Fingerprint, StoreKey};
-use crate::store::{SharedStore, StoreError, Versioned, CREATE_ONLY_CAS};
 
 /// Slots probed for one key.
 pub const WINDOW: u32 = 8;
 /// How often a read-compute-CAS loop retries before giving up.
 pub const MAX_ATTEMPTS: u32 = 16;
-
-const SLOT_VERSION: u8 = 1;
-/// version, fingerprint, idle_at, extra
-pub const SLOT_LEN: usize = 1 + 8 + 8 + 8;
-const EMPTY_SLOT: [u8; SLOT_LEN] = empty_slot();
-
-const fn empty_slot() -> [u8; SLOT_LEN] {
-    let mut bytes = [0u8; SLOT_LEN];
-    bytes[0] = SLOT_VERSION;
-    bytes
-}
-
-/// Fingerprint of a slot no key has ever used. Every key is placed in the first free slot of its
-/// window, and a used slot never becomes never-used again, so a scan may stop at the first one.
-const NEVER_USED: u64 = 0;
-/// Fingerprint of a slot that was used and emptied (a folded duplicate, unreadable bytes): free,
-/// but scans go on past it.
-const TOMBSTONE: u64 = 1;
-
-/// One decoded slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Slot {
-    fingerprint: u64,
-    /// After this instant the state is indistinguishable from a fresh one.
-    idle_at: u64,
-    /// Algorithm-specific (see [`State`]).
-    extra: u64,
-}
-
-impl Slot {
-    const EMPTIED: Slot = Slot { fingerprint: TOMBSTONE, idle_at: 0, extra: 0 };
-
-    fn holding(fp: Fingerprint, state: State) -> Slot {
-        Slot { fingerprint: fp.0, idle_at: state.idle_at, extra: state.extra }
-    }
-
-    fn decode(bytes: &[u8]) -> Slot {
-        if bytes.len() != SLOT_LEN || bytes[0] != SLOT_VERSION {
-            // Unreadable bytes (another layout under the same prefix) hold nothing of ours.
-            return Slot::EMPTIED;
-        }
-        let word = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_le_bytes(w)
-        };
-        Slot { fingerprint: word(1), idle_at: word(9), extra: word(17) }
-    }
-
-    fn encode(self) -> [u8; SLOT_LEN] {
-        let mut bytes = EMPTY_SLOT;
-        bytes[1..9].copy_from_slice(&self.fingerprint.to_le_bytes());
-        bytes[9..17].copy_from_slice(&self.idle_at.to_le_bytes());
-        bytes[17..25].copy_from_slice(&self.extra.to_le_bytes());
-        bytes
-    }
-
-    fn is_free(self, now: u64) -> bool {
-        self.fingerprint == NEVER_USED || self.fingerprint == TOMBSTONE || self.idle_at <= now
-    }
-
-    fn state(self) -> State {
-        State { idle_at: self.idle_at, extra: self.extra }
-    }
-}
 
 /// A slot as read, with the CAS that guards writing it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,7 +47,7 @@ impl Lookup {
     /// The state as the scan saw it: a fresh one unless the key was found.
     pub fn state(&self) -> State {
         match self {
-            Lookup::Found(s) => s.slot.state(),
+            Lookup::Found(s) => s.slot.state,
             _ => State::default(),
         }
     }
@@ -128,6 +64,15 @@ pub enum Applied<D> {
     Full,
     /// Other workers kept winning the CAS race.
     Exhausted,
+}
+
+/// One bucket as a table operation needs it: whose it is, how its states merge (should an insert
+/// race leave two copies), and the instant of the operation.
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket<'b> {
+    pub fp: Fingerprint,
+    pub algorithm: &'b Algorithm,
+    pub now: u64,
 }
 
 /// Counts of things worth a metric, gathered by one table operation.
@@ -225,20 +170,18 @@ impl<'a> Table<'a> {
         Ok(vacant.map_or(Lookup::Full, Lookup::Vacant))
     }
 
-    /// Read-compute-CAS for one key, starting from `first` (a fresh lookup when `None`).
+    /// Read-compute-CAS for one bucket, starting from `first` (a fresh lookup when `None`).
     /// `decide` maps the current state to a decision and, when something must be stored, the new
-    /// state; `algorithm` merges duplicates should the insert race.
-    #[allow(clippy::too_many_arguments)]
+    /// state.
     pub fn measure_and_replace<D: Copy>(
         &self,
         store: &dyn SharedStore,
-        fp: Fingerprint,
-        now: u64,
+        bucket: Bucket<'_>,
         first: Option<Lookup>,
-        algorithm: &Algorithm,
         events: &mut TableEvents,
         mut decide: impl FnMut(State) -> (D, Option<State>),
     ) -> Result<Applied<D>, StoreError> {
+        let Bucket { fp, now, .. } = bucket;
         let mut lookup = match first {
             Some(l) => l,
             None => self.lookup(store, fp, now)?,
@@ -252,13 +195,12 @@ impl<'a> Table<'a> {
             let Some(new_state) = new_state else {
                 return Ok(Applied::Unchanged(decision));
             };
-            let slot = Slot::holding(fp, new_state);
-            if self.write(store, &snapshot, slot)? {
+            if self.write(store, &snapshot, Slot::holding(fp, new_state))? {
                 let inserted = matches!(lookup, Lookup::Vacant(_));
                 if inserted {
-                    self.confirm_insert(store, fp, now, algorithm, events)?;
+                    self.confirm_insert(store, bucket, events)?;
                 }
-                let reclaimed = inserted && snapshot.slot.fingerprint != 0;
+                let reclaimed = inserted && snapshot.slot.fingerprint != NEVER_USED;
                 return Ok(Applied::Stored { decision, index: snapshot.index, reclaimed });
             }
             // Lost the race: if the slot we wanted now holds our key, retry there.
@@ -287,7 +229,7 @@ impl<'a> Table<'a> {
             if snapshot.slot.fingerprint != fp.0 {
                 return Ok(true);
             }
-            let state = update(snapshot.slot.state());
+            let state = update(snapshot.slot.state);
             if self.write(store, &snapshot, Slot::holding(fp, state))? {
                 return Ok(true);
             }
@@ -301,11 +243,10 @@ impl<'a> Table<'a> {
     fn confirm_insert(
         &self,
         store: &dyn SharedStore,
-        fp: Fingerprint,
-        now: u64,
-        algorithm: &Algorithm,
+        bucket: Bucket<'_>,
         events: &mut TableEvents,
     ) -> Result<(), StoreError> {
+        let fp = bucket.fp;
         let home = self.home(fp);
         for _ in 0..MAX_ATTEMPTS {
             let home_snapshot = self.read(store, home)?;
@@ -328,7 +269,7 @@ impl<'a> Table<'a> {
             if count > 1 {
                 if let Some(first) = copies[0] {
                     for later in copies[1..count].iter().flatten() {
-                        self.fold(store, fp, now, algorithm, first.index, later)?;
+                        self.fold(store, bucket, first.index, later)?;
                         events.duplicates_folded += 1;
                     }
                 }
@@ -346,9 +287,7 @@ impl<'a> Table<'a> {
     fn fold(
         &self,
         store: &dyn SharedStore,
-        fp: Fingerprint,
-        now: u64,
-        algorithm: &Algorithm,
+        bucket: Bucket<'_>,
         canonical: u32,
         duplicate: &Snapshot,
     ) -> Result<(), StoreError> {
@@ -356,7 +295,8 @@ impl<'a> Table<'a> {
             // It changed under us; the next scan will see it again.
             return Ok(());
         }
-        let held = duplicate.slot.state();
+        let held = duplicate.slot.state;
+        let Bucket { fp, algorithm, now } = bucket;
         self.update_at(store, fp, canonical, |state| algorithm.merge(state, held, now))?;
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::limiter::{GlobalStanding, Standing};
+use crate::config::Found;
 
 #[derive(Serialize)]
 struct StatusBody<'a> {
@@ -35,36 +35,38 @@ struct StatusEntry<'a> {
     global: bool,
 }
 
-pub fn status_json(
-    local: &[Standing<'_>],
-    global: &[GlobalStanding<'_>],
-    global_error: Option<&str>,
-    now: u64,
-) -> String {
-    let local = local.iter().map(|s| StatusEntry {
-        rule: &s.rule.name,
-        limit: &s.limit.name,
-        plan: s.plan,
-        algorithm: s.limit.kind.as_str(),
-        quota: s.limit.quota,
-        window: s.limit.window_seconds_at(now),
-        remaining: s.remaining,
-        reset: s.reset_seconds,
-        shadow: s.rule.shadow,
-        global: false,
-    });
-    let global_entries = global.iter().map(|g| StatusEntry {
-        rule: &g.rule.name,
-        limit: g.limit_name(),
-        plan: g.plan,
-        algorithm: g.limit.map_or("service", |l| l.kind.as_str()),
-        quota: g.status.quota,
-        window: g.status.window_seconds,
-        remaining: g.status.remaining,
-        reset: g.status.reset_seconds,
-        shadow: g.rule.shadow,
-        global: true,
-    });
-    let body = StatusBody { limits: local.chain(global_entries).collect(), global_error };
+/// One limit's standing for the caller, local or global.
+#[derive(Clone, Copy, Debug)]
+pub struct Standing<'a> {
+    pub of: Found<'a>,
+    /// The configured algorithm; `service` when the service's own configuration holds the limit.
+    pub algorithm: &'static str,
+    pub quota: u64,
+    pub window_seconds: u64,
+    pub remaining: u64,
+    pub reset_seconds: u64,
+    /// Counted by the rate limit service across Envoys rather than in this Envoy.
+    pub global: bool,
+}
+
+/// The status JSON: every standing, local ones first, and why the global ones are missing, if
+/// they are.
+pub fn status_json(standings: &[Standing<'_>], global_error: Option<&str>) -> String {
+    let limits = standings
+        .iter()
+        .map(|s| StatusEntry {
+            rule: &s.of.rule.name,
+            limit: s.of.name(),
+            plan: s.of.plan,
+            algorithm: s.algorithm,
+            quota: s.quota,
+            window: s.window_seconds,
+            remaining: s.remaining,
+            reset: s.reset_seconds,
+            shadow: s.of.rule.shadow,
+            global: s.global,
+        })
+        .collect();
+    let body = StatusBody { limits, global_error };
     serde_json::to_string(&body).unwrap_or_else(|_| "{\"limits\":[]}".to_owned())
 }

@@ -1,5 +1,12 @@
-//! The request seam: what the rules may read from a request.
+//! The request: what the rules may read from it (the seam), which rules apply ([`matching`]), its
+//! key under each rule ([`keys`], [`jwt`]), and its plan and cost ([`plan`]).
 
+pub mod jwt;
+pub mod keys;
+pub mod matching;
+pub mod plan;
+
+#[cfg(any(test, feature = "testing"))]
 use std::collections::HashMap;
 
 /// A read-only view of the request being decided. The wasm glue implements it with host calls;
@@ -12,13 +19,15 @@ pub trait Request {
     fn source_address(&self) -> Option<Vec<u8>>;
 }
 
-/// A request built in memory, for tests.
+/// A request built in memory (built for tests and with the `testing` feature only).
+#[cfg(any(test, feature = "testing"))]
 #[derive(Clone, Debug, Default)]
 pub struct TestRequest {
     headers: HashMap<String, Vec<u8>>,
     source: Option<Vec<u8>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl TestRequest {
     pub fn get(path: &str) -> TestRequest {
         TestRequest::default().with_header(":method", "GET").with_header(":path", path)
@@ -35,6 +44,7 @@ impl TestRequest {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Request for TestRequest {
     fn header(&self, name: &str) -> Option<Vec<u8>> {
         self.headers.get(name).cloned()

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::duration::NANOS_PER_SECOND;
+use crate::algorithm::time::NANOS_PER_SECOND;
 
 /// One denial (or, for a shadow rule, one request that would have been denied).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,78 +1,13 @@
-//! Every key the filter uses is built here: the shared-data keys of the table, and the
-//! fingerprint of a request's rate-limit key.
+//! A request's rate-limit key: the fingerprint of its bucket under each limit (the table's
+//! addresses are built in `state::slot`), its text for the violation log, and the value of each
+//! key part.
 
 use std::hash::{DefaultHasher, Hasher};
 
+use super::jwt;
+use super::Request;
 use crate::config::{KeyPart, LimitKind, MissingKeyPolicy, Rule};
-use crate::jwt;
-use crate::request::Request;
-
-/// The shared-data keys the filter writes, all under the configured prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StoreKey {
-    /// Slot `i` of the state table: `<prefix>:<i>`.
-    Slot(u32),
-    /// The per-process hash seed: `<prefix>:seed`.
-    Seed,
-}
-
-/// A shared-data key rendered into a fixed buffer, so the hot path does not allocate.
-pub struct KeyBuf {
-    bytes: [u8; 80],
-    len: usize,
-}
-
-impl KeyBuf {
-    pub fn as_str(&self) -> &str {
-        // Only ASCII is ever written (the prefix is validated to ASCII).
-        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
-    }
-
-    fn push(&mut self, part: &[u8]) {
-        let end = (self.len + part.len()).min(self.bytes.len());
-        let n = end - self.len;
-        self.bytes[self.len..end].copy_from_slice(&part[..n]);
-        self.len = end;
-    }
-}
-
-/// Builds the shared-data key for `key` under `prefix` (at most 64 ASCII characters, validated
-/// at configuration time).
-pub fn store_key(prefix: &str, key: StoreKey) -> KeyBuf {
-    let mut buf = KeyBuf { bytes: [0; 80], len: 0 };
-    buf.push(prefix.as_bytes());
-    buf.push(b":");
-    match key {
-        StoreKey::Slot(index) => {
-            let mut digits = [0u8; 10];
-            let mut n = index;
-            let mut start = digits.len();
-            loop {
-                start -= 1;
-                digits[start] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            buf.push(&digits[start..]);
-        }
-        StoreKey::Seed => buf.push(b"seed"),
-    }
-    buf
-}
-
-/// The identity of one rule's bucket for one request: a 64-bit keyed hash of the rule name and the
-/// key parts. The raw key is never stored, so a huge header value costs no shared memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fingerprint(pub u64);
-
-impl Fingerprint {
-    /// Never 0 or 1: the table reserves them for never-used and emptied slots.
-    fn from_hash(hash: u64) -> Fingerprint {
-        Fingerprint(if hash < 2 { hash + 2 } else { hash })
-    }
-}
+use crate::state::Fingerprint;
 
 /// A rule's key for one request, before it is narrowed to one limit (and plan).
 #[derive(Clone)]
@@ -226,15 +161,6 @@ mod tests {
             r#"{{"rules":[{{"name":"r","key":{key_json},"when_key_missing":"{missing}","limit":{{"capacity":1,"refill_period":"1s"}}}}]}}"#
         );
         Config::parse(json.as_bytes()).unwrap().rules.remove(0)
-    }
-
-    #[test]
-    fn slot_and_seed_keys_live_under_the_prefix() {
-        assert_eq!(store_key("rl", StoreKey::Slot(0)).as_str(), "rl:0");
-        assert_eq!(store_key("rl", StoreKey::Slot(4_294_967_295)).as_str(), "rl:4294967295");
-        assert_eq!(store_key("a.b-c", StoreKey::Seed).as_str(), "a.b-c:seed");
-        let long = "p".repeat(64);
-        assert_eq!(store_key(&long, StoreKey::Slot(16_777_215)).as_str(), format!("{long}:16777215"));
     }
 
     #[test]

@@ -2,18 +2,20 @@
 //! weighted by how much of it still overlaps a window ending now, plus the current window's count.
 //! It smooths the burst a fixed window allows at its boundary, in constant memory.
 
-use crate::algorithm::{Decision, State};
+use super::{Decision, State};
 
-/// State: `idle_at` is the start of the current window plus two windows (after that nothing in it
-/// matters), `extra` packs the previous window's count (high 32 bits) and the current's (low).
+/// The slot's words (see [`Counts`]): `idle_at` is the start of the current window plus two
+/// windows (after that nothing in it matters), `word` packs the previous window's count (high 32
+/// bits) and the current's (low).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlidingWindow {
     pub limit: u64,
     pub window: u64,
 }
 
+/// The slot's words as two windows' counts, read by `counts` and written by `store`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Counts {
+pub struct Counts {
     start: u64,
     previous: u64,
     current: u64,
@@ -23,7 +25,7 @@ impl SlidingWindow {
     fn counts(&self, state: State, now: u64) -> Counts {
         let w = self.window;
         let start = now - now % w;
-        let (previous, current) = (state.extra >> 32, state.extra & 0xffff_ffff);
+        let (previous, current) = (state.word >> 32, state.word & 0xffff_ffff);
         if state.idle_at == 0 {
             return Counts { start, previous: 0, current: 0 };
         }
@@ -43,7 +45,7 @@ impl SlidingWindow {
     fn store(&self, c: Counts) -> State {
         State {
             idle_at: c.start.saturating_add(2 * self.window),
-            extra: (c.previous.min(u64::from(u32::MAX)) << 32) | c.current.min(u64::from(u32::MAX)),
+            word: (c.previous.min(u64::from(u32::MAX)) << 32) | c.current.min(u64::from(u32::MAX)),
         }
     }
 
@@ -95,7 +97,7 @@ impl SlidingWindow {
             let decision = Decision {
                 allowed: true,
                 remaining: ((limit_scaled - scaled) / u128::from(self.window)) as u64,
-                reset_nanos: self.until_clear(&c, now, current),
+                until_full_nanos: self.until_clear(&c, now, current),
                 retry_after_nanos: 0,
             };
             (decision, self.store(Counts { current, ..c }))
@@ -105,7 +107,7 @@ impl SlidingWindow {
             let decision = Decision {
                 allowed: false,
                 remaining: (limit_scaled.saturating_sub(before) / u128::from(self.window)) as u64,
-                reset_nanos: wait,
+                until_full_nanos: self.until_clear(&c, now, c.current),
                 retry_after_nanos: wait,
             };
             (decision, state)
@@ -120,12 +122,12 @@ impl SlidingWindow {
         Decision {
             allowed: true,
             remaining: (limit_scaled.saturating_sub(scaled) / u128::from(self.window)) as u64,
-            reset_nanos: self.until_clear(&c, now, c.current),
+            until_full_nanos: self.until_clear(&c, now, c.current),
             retry_after_nanos: 0,
         }
     }
 
-    pub fn refund(&self, state: State, now: u64, cost: u64) -> State {
+    pub fn give_back(&self, state: State, now: u64, cost: u64) -> State {
         let c = self.counts(state, now);
         self.store(Counts { current: c.current.saturating_sub(cost), ..c })
     }

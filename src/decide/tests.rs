@@ -4,14 +4,19 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::algorithm::State;
-use crate::clock::{Clock, FakeClock};
 use crate::config::Config;
-use crate::keys::request_key;
-use crate::limiter::{Limiter, Metric, Observer, Verdict};
+use crate::decide::{Env, Limiter, Verdict};
+use crate::report::metrics::Metric;
+use crate::report::violations::Violation;
+use crate::report::Observer;
+use crate::request::keys::request_key;
 use crate::request::TestRequest;
-use crate::store::{MemoryStore, SharedStore};
-use crate::table::{Applied, Lookup, TableEvents, SLOT_LEN};
-use crate::violations::Violation;
+use crate::state::clock::{Clock, FakeClock};
+use crate::state::memory::MemoryStore;
+use crate::state::slot::SLOT_LEN;
+use crate::state::store::SharedStore;
+use crate::state::table::{Applied, Bucket, Lookup, TableEvents};
+use crate::state::Fingerprint;
 
 const S: u64 = 1_000_000_000;
 /// 2026-01-15T08:00:00Z
@@ -41,14 +46,14 @@ impl Counts {
 }
 
 /// (remaining, reset seconds) of the reported limit, and its name.
-fn reported(v: &Verdict<'_>) -> Option<(String, u64, u64)> {
+fn reported(l: &Limiter, v: &Verdict) -> Option<(String, u64, u64)> {
     let report = match v {
         Verdict::Allow { report, .. } | Verdict::Deny { report, .. } => report.as_ref()?,
     };
-    Some((report.limit.name.clone(), report.remaining, report.reset_seconds))
+    Some((report.view(l.config()).name.to_owned(), report.remaining, report.reset_seconds))
 }
 
-fn retry_after(v: &Verdict<'_>) -> Option<u64> {
+fn retry_after(v: &Verdict) -> Option<u64> {
     match v {
         Verdict::Deny { retry_after_seconds, .. } => *retry_after_seconds,
         Verdict::Allow { .. } => None,
@@ -72,7 +77,7 @@ fn keyed(key: &str) -> TestRequest {
     TestRequest::get("/").with_header("x-key", key)
 }
 
-fn allowed(v: Verdict<'_>) -> bool {
+fn allowed(v: Verdict) -> bool {
     matches!(v, Verdict::Allow { .. })
 }
 
@@ -80,7 +85,7 @@ fn allowed(v: Verdict<'_>) -> bool {
 fn denies_the_51st_request_on_a_fresh_key() {
     let (l, store) = limiter(&per_key(50, "24h", ""));
     let m = Counts::default();
-    let admitted = (0..400).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count();
+    let admitted = (0..400).filter(|_| allowed(l.check(&Env::at(&store, &keyed("k"), T0, &m)))).count();
     assert_eq!(admitted, 50);
     assert_eq!((m.get(Metric::Allowed(0)), m.get(Metric::Denied(0))), (50, 350));
 }
@@ -99,19 +104,19 @@ fn reports_remaining_and_reset_and_refills_after_waiting() {
     let (l, store) = limiter(&per_key(5, "1m", ""));
     let m = Counts::default();
     let clock = FakeClock::at(T0);
-    let first = l.check(&store, &keyed("a"), clock.now_nanos(), &m);
+    let first = l.check(&Env::at(&store, &keyed("a"), clock.now_nanos(), &m));
     assert!(allowed(first.clone()));
-    assert_eq!(reported(&first), Some(("per-key".into(), 4, 12)));
+    assert_eq!(reported(&l, &first), Some(("per-key".into(), 4, 12)));
     for _ in 0..4 {
-        assert!(allowed(l.check(&store, &keyed("a"), clock.now_nanos(), &m)));
+        assert!(allowed(l.check(&Env::at(&store, &keyed("a"), clock.now_nanos(), &m))));
     }
-    let denied = l.check(&store, &keyed("a"), clock.now_nanos(), &m);
+    let denied = l.check(&Env::at(&store, &keyed("a"), clock.now_nanos(), &m));
     assert!(!allowed(denied.clone()));
-    assert_eq!(reported(&denied), Some(("per-key".into(), 0, 12)));
+    assert_eq!(reported(&l, &denied), Some(("per-key".into(), 0, 12)));
     assert_eq!(retry_after(&denied), Some(12));
     clock.advance(12 * S);
-    assert!(allowed(l.check(&store, &keyed("a"), clock.now_nanos(), &m)));
-    assert!(!allowed(l.check(&store, &keyed("a"), clock.now_nanos(), &m)));
+    assert!(allowed(l.check(&Env::at(&store, &keyed("a"), clock.now_nanos(), &m))));
+    assert!(!allowed(l.check(&Env::at(&store, &keyed("a"), clock.now_nanos(), &m))));
 }
 
 #[test]
@@ -120,7 +125,7 @@ fn a_request_without_the_key_part_is_not_limited_by_that_rule() {
     let m = Counts::default();
     for _ in 0..10 {
         assert!(matches!(
-            l.check(&store, &TestRequest::get("/"), T0, &m),
+            l.check(&Env::at(&store, &TestRequest::get("/"), T0, &m)),
             Verdict::Allow { report: None, .. }
         ));
     }
@@ -138,12 +143,12 @@ fn a_denial_by_one_rule_consumes_nothing_from_the_other() {
     let small = keyed("k").with_header("x-tier", "small");
     let mut admitted = 0;
     for _ in 0..12 {
-        admitted += u64::from(allowed(l.check(&store, &small, T0, &m)));
+        admitted += u64::from(allowed(l.check(&Env::at(&store, &small, T0, &m))));
     }
     assert_eq!(admitted, 2);
-    let v = l.check(&store, &keyed("k"), T0, &m);
+    let v = l.check(&Env::at(&store, &keyed("k"), T0, &m));
     assert!(allowed(v.clone()));
-    assert_eq!(reported(&v).map(|r| (r.0, r.1)), Some(("big".into(), 100 - 2 - 1)));
+    assert_eq!(reported(&l, &v).map(|r| (r.0, r.1)), Some(("big".into(), 100 - 2 - 1)));
 }
 
 #[test]
@@ -151,20 +156,20 @@ fn with_several_limits_the_lowest_remaining_is_reported() {
     let (l, store) = limiter(TWO_RULES);
     let m = Counts::default();
     let small = keyed("k").with_header("x-tier", "small");
-    assert_eq!(reported(&l.check(&store, &small, T0, &m)), Some(("small".into(), 1, 1800)));
+    assert_eq!(reported(&l, &l.check(&Env::at(&store, &small, T0, &m))), Some(("small".into(), 1, 1800)));
 }
 
 #[test]
 fn an_exhausted_key_stays_denied_after_a_flood_of_other_keys() {
     let (l, store) = limiter(&per_key(1, "24h", ""));
     let m = Counts::default();
-    assert!(allowed(l.check(&store, &keyed("victim"), T0, &m)));
-    assert!(!allowed(l.check(&store, &keyed("victim"), T0, &m)));
+    assert!(allowed(l.check(&Env::at(&store, &keyed("victim"), T0, &m))));
+    assert!(!allowed(l.check(&Env::at(&store, &keyed("victim"), T0, &m))));
     let size_before = store.stored_bytes();
     for i in 0..20_000 {
-        l.check(&store, &keyed(&format!("flood-{i}")), T0 + i, &m);
+        l.check(&Env::at(&store, &keyed(&format!("flood-{i}")), T0 + i, &m));
     }
-    assert!(!allowed(l.check(&store, &keyed("victim"), T0 + 20_000, &m)));
+    assert!(!allowed(l.check(&Env::at(&store, &keyed("victim"), T0 + 20_000, &m))));
     assert_eq!(store.stored_bytes(), size_before, "the table never grows");
     assert!(m.get(Metric::TableFull) > 0);
 }
@@ -175,7 +180,7 @@ fn a_full_table_denies_new_keys_when_told_to() {
     let m = Counts::default();
     let mut denied_new = 0;
     for i in 0..200 {
-        if !allowed(l.check(&store, &keyed(&format!("k{i}")), T0, &m)) {
+        if !allowed(l.check(&Env::at(&store, &keyed(&format!("k{i}")), T0, &m))) {
             denied_new += 1;
         }
     }
@@ -188,16 +193,16 @@ fn refilled_slots_are_reused_by_new_keys() {
     let (l, store) = limiter(&per_key(1, "1s", ""));
     let m = Counts::default();
     for i in 0..64 {
-        l.check(&store, &keyed(&format!("old{i}")), T0, &m);
+        l.check(&Env::at(&store, &keyed(&format!("old{i}")), T0, &m));
     }
     for i in 0..64 {
-        l.check(&store, &keyed(&format!("new{i}")), T0 + 2 * S, &m);
+        l.check(&Env::at(&store, &keyed(&format!("new{i}")), T0 + 2 * S, &m));
     }
     assert!(m.get(Metric::SlotReclaimed) > 0);
 }
 
 /// Finds a key value whose home slot (table of 8) is 0.
-fn key_at_home_zero(l: &Limiter) -> (TestRequest, crate::keys::Fingerprint) {
+fn key_at_home_zero(l: &Limiter) -> (TestRequest, Fingerprint) {
     (0..1000)
         .map(|i| keyed(&format!("k{i}")))
         .find_map(|r| {
@@ -219,7 +224,7 @@ fn table_with_a_slot_about_to_idle() -> (Limiter, MemoryStore) {
     let table = l.table();
     let mut e = TableEvents::default();
     for i in 0..1000u64 {
-        let fp = crate::keys::Fingerprint(0x1000 + i);
+        let fp = Fingerprint(0x1000 + i);
         let lookup = table.lookup(&store, fp, T0).unwrap();
         let Lookup::Vacant(slot) = lookup else { break };
         let idle_at = if slot.index == 0 { T0 + S } else { T0 + 3600 * S };
@@ -228,9 +233,13 @@ fn table_with_a_slot_about_to_idle() -> (Limiter, MemoryStore) {
         }
         let algorithm = l.config().rules[0].limits.all().next().unwrap().algorithm;
         table
-            .measure_and_replace(&store, fp, T0, Some(lookup), &algorithm, &mut e, |_| {
-                ((), Some(State { idle_at, extra: T0 }))
-            })
+            .measure_and_replace(
+                &store,
+                Bucket { fp, algorithm: &algorithm, now: T0 },
+                Some(lookup),
+                &mut e,
+                |_| ((), Some(State { idle_at, word: T0 })),
+            )
             .unwrap();
     }
     (l, store)
@@ -239,7 +248,7 @@ fn table_with_a_slot_about_to_idle() -> (Limiter, MemoryStore) {
 fn consume(
     l: &Limiter,
     store: &MemoryStore,
-    fp: crate::keys::Fingerprint,
+    fp: Fingerprint,
     now: u64,
     first: Option<Lookup>,
 ) -> (bool, TableEvents) {
@@ -247,7 +256,7 @@ fn consume(
     let mut events = TableEvents::default();
     let applied = l
         .table()
-        .measure_and_replace(store, fp, now, first, &algorithm, &mut events, |state| {
+        .measure_and_replace(store, Bucket { fp, algorithm: &algorithm, now }, first, &mut events, |state| {
             let (d, next) = algorithm.decide(state, now, 1);
             (d.allowed, d.allowed.then_some(next))
         })
@@ -292,8 +301,8 @@ fn unreadable_slot_bytes_are_treated_as_free_space() {
         store.set(&format!("ratelimit-wasm:{i}"), b"garbage", 0).unwrap();
     }
     let m = Counts::default();
-    assert!(allowed(l.check(&store, &keyed("a"), T0, &m)));
-    assert!(!allowed(l.check(&store, &keyed("a"), T0, &m)));
+    assert!(allowed(l.check(&Env::at(&store, &keyed("a"), T0, &m))));
+    assert!(!allowed(l.check(&Env::at(&store, &keyed("a"), T0, &m))));
     assert_eq!(SLOT_LEN, 25);
 }
 
@@ -302,7 +311,7 @@ fn slots_missing_at_request_time_are_created_without_losing_updates() {
     let store = MemoryStore::new();
     let l = Limiter::new(Config::parse(per_key(3, "1h", "").as_bytes()).unwrap(), 42);
     let m = Counts::default();
-    let admitted = (0..10).filter(|_| allowed(l.check(&store, &keyed("a"), T0, &m))).count();
+    let admitted = (0..10).filter(|_| allowed(l.check(&Env::at(&store, &keyed("a"), T0, &m)))).count();
     assert_eq!(admitted, 3);
 }
 
@@ -324,10 +333,10 @@ fn interleaved_workers_with_skewed_clocks_never_exceed_capacity() {
         let mut admitted = 0;
         for _ in 0..40 {
             let skew = next() % 1000;
-            admitted += usize::from(allowed(l.check(&store, &key, T0 + skew, &m)));
+            admitted += usize::from(allowed(l.check(&Env::at(&store, &key, T0 + skew, &m))));
             // Noise from other keys in the same small table.
             let other = keyed(&format!("noise-{}", next() % 100));
-            l.check(&store, &other, T0 + skew, &m);
+            l.check(&Env::at(&store, &other, T0 + skew, &m));
         }
         assert_eq!(admitted, 5, "round {round}");
     }
@@ -345,7 +354,7 @@ fn four_threads_on_one_fresh_key_admit_exactly_the_capacity() {
             for _ in 0..4 {
                 s.spawn(|| {
                     for _ in 0..100 {
-                        if allowed(l.check(&store, &keyed(&format!("fresh-{round}")), T0, &m)) {
+                        if allowed(l.check(&Env::at(&store, &keyed(&format!("fresh-{round}")), T0, &m))) {
                             admitted.fetch_add(1, Ordering::SeqCst);
                         }
                     }
@@ -376,7 +385,7 @@ fn every_algorithm_admits_exactly_its_quota_on_a_fresh_key() {
     ] {
         let (l, store) = limiter(&rule_json("r", &format!(r#""limit":{limit}"#)));
         let m = Counts::default();
-        let admitted = (0..20).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count();
+        let admitted = (0..20).filter(|_| allowed(l.check(&Env::at(&store, &keyed("k"), T0, &m)))).count();
         assert_eq!(admitted, 5, "{limit}");
     }
 }
@@ -385,11 +394,11 @@ fn every_algorithm_admits_exactly_its_quota_on_a_fresh_key() {
 fn gcra_with_the_default_burst_spaces_requests_evenly() {
     let (l, store) = limiter(&rule_json("r", r#""limit":{"algorithm":"gcra","requests":10,"period":"1s"}"#));
     let m = Counts::default();
-    assert!(allowed(l.check(&store, &keyed("k"), T0, &m)));
-    assert!(!allowed(l.check(&store, &keyed("k"), T0 + 50_000_000, &m)));
-    assert!(allowed(l.check(&store, &keyed("k"), T0 + 100_000_000, &m)));
-    let v = l.check(&store, &keyed("k"), T0 + 100_000_000, &m);
-    assert_eq!(reported(&v).map(|r| r.0), Some("r".into()));
+    assert!(allowed(l.check(&Env::at(&store, &keyed("k"), T0, &m))));
+    assert!(!allowed(l.check(&Env::at(&store, &keyed("k"), T0 + 50_000_000, &m))));
+    assert!(allowed(l.check(&Env::at(&store, &keyed("k"), T0 + 100_000_000, &m))));
+    let v = l.check(&Env::at(&store, &keyed("k"), T0 + 100_000_000, &m));
+    assert_eq!(reported(&l, &v).map(|r| r.0), Some("r".into()));
 }
 
 const PER_SECOND_AND_DAY: &str = r#""limits":[
@@ -400,13 +409,13 @@ const PER_SECOND_AND_DAY: &str = r#""limits":[
 fn several_limits_on_one_rule_must_all_pass_and_a_denial_consumes_from_none() {
     let (l, store) = limiter(&rule_json("api", PER_SECOND_AND_DAY));
     let m = Counts::default();
-    let admitted = (0..10).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count();
+    let admitted = (0..10).filter(|_| allowed(l.check(&Env::at(&store, &keyed("k"), T0, &m)))).count();
     assert_eq!(admitted, 3, "the per-second limit bites first");
     // Seven denials by the per-second limit took nothing from the daily one: 2 more pass.
-    let later = (0..10).filter(|_| allowed(l.check(&store, &keyed("k"), T0 + 2 * S, &m))).count();
+    let later = (0..10).filter(|_| allowed(l.check(&Env::at(&store, &keyed("k"), T0 + 2 * S, &m)))).count();
     assert_eq!(later, 2);
-    let v = l.check(&store, &keyed("k"), T0 + 4 * S, &m);
-    assert_eq!(reported(&v).map(|r| (r.0, r.1)), Some(("api.day".into(), 0)));
+    let v = l.check(&Env::at(&store, &keyed("k"), T0 + 4 * S, &m));
+    assert_eq!(reported(&l, &v).map(|r| (r.0, r.1)), Some(("api.day".into(), 0)));
 }
 
 #[test]
@@ -415,11 +424,11 @@ fn a_daily_quota_resets_at_utc_midnight_and_says_so() {
         limiter(&rule_json("ai", r#""limit":{"algorithm":"fixed_window","requests":2,"window":"day"}"#));
     let m = Counts::default();
     // T0 is 2026-01-15T08:00:00Z: 16 h to midnight.
-    let v = l.check(&store, &keyed("k"), T0, &m);
-    assert_eq!(reported(&v), Some(("ai".into(), 1, 16 * 3600)));
-    l.check(&store, &keyed("k"), T0, &m);
-    assert_eq!(retry_after(&l.check(&store, &keyed("k"), T0, &m)), Some(16 * 3600));
-    assert!(allowed(l.check(&store, &keyed("k"), T0 + 16 * 3600 * S, &m)));
+    let v = l.check(&Env::at(&store, &keyed("k"), T0, &m));
+    assert_eq!(reported(&l, &v), Some(("ai".into(), 1, 16 * 3600)));
+    l.check(&Env::at(&store, &keyed("k"), T0, &m));
+    assert_eq!(retry_after(&l.check(&Env::at(&store, &keyed("k"), T0, &m))), Some(16 * 3600));
+    assert!(allowed(l.check(&Env::at(&store, &keyed("k"), T0 + 16 * 3600 * S, &m))));
 }
 
 const PLANS: &str = r#""plan":{"header":"x-plan"},"default_plan":"free","plans":{
@@ -436,7 +445,7 @@ fn each_plan_has_its_own_limits_and_unknown_plans_get_the_default() {
             Some(p) => keyed(key).with_header("x-plan", p),
             None => keyed(key),
         };
-        (0..20).filter(|_| allowed(l.check(&store, &req, T0, &m))).count()
+        (0..20).filter(|_| allowed(l.check(&Env::at(&store, &req, T0, &m)))).count()
     };
     assert_eq!(count("a", Some("free")), 2);
     assert_eq!(count("b", Some("premium")), 5);
@@ -455,11 +464,11 @@ fn the_plan_can_come_from_a_jwt_claim() {
         format!("Bearer eyJhbGciOiJub25lIn0.{}.", base64url(payload.as_bytes()))
     };
     let premium = keyed("a").with_header("authorization", token("premium"));
-    assert_eq!((0..20).filter(|_| allowed(l.check(&store, &premium, T0, &m))).count(), 5);
+    assert_eq!((0..20).filter(|_| allowed(l.check(&Env::at(&store, &premium, T0, &m)))).count(), 5);
     let free = keyed("b").with_header("authorization", token("free"));
-    assert_eq!((0..20).filter(|_| allowed(l.check(&store, &free, T0, &m))).count(), 2);
+    assert_eq!((0..20).filter(|_| allowed(l.check(&Env::at(&store, &free, T0, &m)))).count(), 2);
     let garbage = keyed("c").with_header("authorization", "Bearer not-a-jwt");
-    assert_eq!((0..20).filter(|_| allowed(l.check(&store, &garbage, T0, &m))).count(), 2);
+    assert_eq!((0..20).filter(|_| allowed(l.check(&Env::at(&store, &garbage, T0, &m)))).count(), 2);
 }
 
 fn base64url(bytes: &[u8]) -> String {
@@ -481,18 +490,19 @@ const HEADER_COST: &str =
 fn cost_comes_from_a_header_with_a_default() {
     let (l, store) = limiter(&rule_json("r", HEADER_COST));
     let m = Counts::default();
-    let v = l.check(&store, &keyed("k").with_header("x-cost", "7"), T0, &m);
-    assert_eq!(reported(&v).map(|r| r.1), Some(3));
-    let v = l.check(&store, &keyed("k"), T0, &m);
-    assert_eq!(reported(&v).map(|r| r.1), Some(1), "no header: the default cost of 2");
+    let v = l.check(&Env::at(&store, &keyed("k").with_header("x-cost", "7"), T0, &m));
+    assert_eq!(reported(&l, &v).map(|r| r.1), Some(3));
+    let v = l.check(&Env::at(&store, &keyed("k"), T0, &m));
+    assert_eq!(reported(&l, &v).map(|r| r.1), Some(1), "no header: the default cost of 2");
 }
 
 #[test]
 fn a_cost_above_the_capacity_or_the_maximum_is_denied_with_a_reason() {
     let (l, store) = limiter(&rule_json("r", HEADER_COST));
     let m = Counts::default();
-    let reason = |cost: &str| match l.check(&store, &keyed("k").with_header("x-cost", cost), T0, &m) {
-        Verdict::Deny { reason, retry_after_seconds: None, report: None } => reason,
+    let reason = |cost: &str| match l.check(&Env::at(&store, &keyed("k").with_header("x-cost", cost), T0, &m))
+    {
+        Verdict::Deny { reason, retry_after_seconds: None, report: None } => reason.map(|r| r.to_string()),
         other => panic!("expected a denial without Retry-After, got {other:?}"),
     };
     assert_eq!(reason("11").as_deref(), Some("cost 11 exceeds the capacity 10 of limit \"r\""));
@@ -500,7 +510,7 @@ fn a_cost_above_the_capacity_or_the_maximum_is_denied_with_a_reason() {
     assert_eq!(reason("-1").as_deref(), Some("x-cost must be a positive whole number"));
     assert_eq!(reason("0").as_deref(), Some("x-cost must be a positive whole number"));
     // None of that consumed anything.
-    let v = l.check(&store, &keyed("k").with_header("x-cost", "10"), T0, &m);
+    let v = l.check(&Env::at(&store, &keyed("k").with_header("x-cost", "10"), T0, &m));
     assert!(allowed(v));
     assert_eq!(m.get(Metric::Denied(0)), 4);
 }
@@ -510,9 +520,9 @@ fn a_shadow_rule_counts_logs_and_reports_but_never_denies() {
     let json = rule_json("r", r#""limit":{"capacity":2,"refill_period":"1h"},"shadow":true"#);
     let (l, store) = limiter(&json);
     let m = Counts::default();
-    let verdicts: Vec<_> = (0..5).map(|_| l.check(&store, &keyed("k"), T0, &m)).collect();
+    let verdicts: Vec<_> = (0..5).map(|_| l.check(&Env::at(&store, &keyed("k"), T0, &m))).collect();
     assert!(verdicts.iter().all(|v| matches!(v, Verdict::Allow { .. })));
-    assert_eq!(reported(&verdicts[4]).map(|r| r.1), Some(0));
+    assert_eq!(reported(&l, &verdicts[4]).map(|r| r.1), Some(0));
     assert_eq!(m.get(Metric::ShadowDenied(0)), 3);
     assert_eq!(m.get(Metric::Denied(0)), 0);
     assert_eq!(m.log().len(), 3);
@@ -526,7 +536,7 @@ fn a_shadow_rule_does_not_block_an_enforced_one_nor_the_reverse() {
         {"name":"real","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":3,"refill_period":"1h"}}]}"#;
     let (l, store) = limiter(json);
     let m = Counts::default();
-    let admitted = (0..10).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count();
+    let admitted = (0..10).filter(|_| allowed(l.check(&Env::at(&store, &keyed("k"), T0, &m)))).count();
     assert_eq!(admitted, 3);
 }
 
@@ -534,15 +544,21 @@ fn a_shadow_rule_does_not_block_an_enforced_one_nor_the_reverse() {
 fn the_status_reports_every_applicable_limit_without_consuming() {
     let (l, store) = limiter(&rule_json("api", PER_SECOND_AND_DAY));
     let m = Counts::default();
-    l.check(&store, &keyed("k"), T0, &m);
+    l.check(&Env::at(&store, &keyed("k"), T0, &m));
     for _ in 0..3 {
-        let standings = l.standings(&store, &keyed("k"), T0).unwrap();
-        let summary: Vec<_> = standings.iter().map(|s| (s.limit.name.as_str(), s.remaining)).collect();
+        let standings = l.standings(&Env::at(&store, &keyed("k"), T0, &Counts::default())).unwrap();
+        let summary: Vec<_> = standings.iter().map(|s| (s.of.name(), s.remaining)).collect();
         assert_eq!(summary, vec![("api.second", 2), ("api.day", 4)]);
     }
-    let json = crate::status::status_json(&l.standings(&store, &keyed("k"), T0).unwrap(), &[], None, T0);
+    let json = crate::report::status::status_json(
+        &l.standings(&Env::at(&store, &keyed("k"), T0, &Counts::default())).unwrap(),
+        None,
+    );
     assert!(json.starts_with(r#"{"limits":[{"rule":"api","limit":"api.second","algorithm":"fixed_window","quota":3,"window":1,"remaining":2,"reset":1,"shadow":false,"global":false}"#), "{json}");
-    assert!(l.standings(&store, &TestRequest::get("/"), T0).unwrap().is_empty(), "no key, no limits");
+    assert!(
+        l.standings(&Env::at(&store, &TestRequest::get("/"), T0, &Counts::default())).unwrap().is_empty(),
+        "no key, no limits"
+    );
 }
 
 #[test]
@@ -550,7 +566,7 @@ fn the_violation_log_names_rule_plan_and_a_key_hash_not_the_key() {
     let (l, store) = limiter(&rule_json("api", PLANS));
     let m = Counts::default();
     for _ in 0..3 {
-        l.check(&store, &keyed("secret-user").with_header("x-plan", "free"), T0, &m);
+        l.check(&Env::at(&store, &keyed("secret-user").with_header("x-plan", "free"), T0, &m));
     }
     let log = m.log();
     assert_eq!(log.len(), 1);
@@ -569,8 +585,8 @@ fn the_violation_log_can_include_the_raw_key() {
         .replace(r#"{"table_size""#, r#"{"violation_log":{"include_key":true},"table_size""#);
     let (l, store) = limiter(&json);
     let m = Counts::default();
-    l.check(&store, &keyed("alice"), T0, &m);
-    l.check(&store, &keyed("alice"), T0, &m);
+    l.check(&Env::at(&store, &keyed("alice"), T0, &m));
+    l.check(&Env::at(&store, &keyed("alice"), T0, &m));
     assert!(m.log()[0].contains(" key=\"alice\""), "{}", m.log()[0]);
 }
 
@@ -579,7 +595,10 @@ fn the_violation_log_can_include_the_raw_key() {
 
 mod global {
     use super::*;
-    use crate::global::{prepare, Answer, LimitStatus, Purpose};
+    use crate::global::answer::{Answer, CallError, LimitStatus};
+    use crate::global::descriptors::prepare;
+    use crate::global::verdict::{standings, verdict};
+    use crate::global::Purpose;
 
     const CONFIG: &str = r#"{"global":{"cluster":"rls","domain":"edge"},"rules":[
         {"name":"local","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":5,"refill_period":"1h"}},
@@ -596,15 +615,19 @@ mod global {
     fn local_rules_ignore_global_ones_and_report_what_they_took() {
         let (l, store) = limiter(CONFIG);
         let m = Counts::default();
-        match l.check(&store, &keyed("k"), T0, &m) {
+        match l.check(&Env::at(&store, &keyed("k"), T0, &m)) {
             Verdict::Allow { report: Some(r), consumed } => {
-                assert_eq!(r.limit.name, "local");
+                assert_eq!(l.config().find(r.limit).unwrap().name(), "local");
                 assert_eq!(consumed.len(), 1);
-                l.give_back(&store, &consumed, T0, &m);
+                l.give_back(&Env::at(&store, &keyed("k"), T0, &m), &consumed);
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(l.standings(&store, &keyed("k"), T0).unwrap()[0].remaining, 5, "given back");
+        assert_eq!(
+            l.standings(&Env::at(&store, &keyed("k"), T0, &Counts::default())).unwrap()[0].remaining,
+            5,
+            "given back"
+        );
     }
 
     #[test]
@@ -613,10 +636,13 @@ mod global {
         let m = Counts::default();
         let call = prepare(l.config(), &keyed("k"), Purpose::Decide).unwrap().unwrap();
         let answer = Answer { over_limit: true, limits: vec![(0, status(true, 0, 42))] };
-        let v = l.global_verdict(&call, Ok(answer), &m);
+        let v = verdict(l.config(), &call, Ok(answer), &m);
         assert!(v.deny);
         assert_eq!(v.retry_after_seconds, Some(42));
-        assert_eq!(v.report.map(|r| (r.name, r.remaining, r.reset_seconds)), Some(("open", 0, 42)));
+        assert_eq!(
+            v.report.map(|r| r.view(l.config())).map(|r| (r.name, r.remaining, r.reset_seconds)),
+            Some(("open", 0, 42))
+        );
         assert_eq!(m.get(Metric::Denied(1)), 1);
     }
 
@@ -630,9 +656,9 @@ mod global {
         assert_eq!(call.origins.len(), 2);
         let answer =
             Answer { over_limit: false, limits: vec![(0, status(false, 7, 30)), (1, status(false, 2, 1))] };
-        let v = l.global_verdict(&call, Ok(answer), &m);
+        let v = verdict(l.config(), &call, Ok(answer), &m);
         assert!(!v.deny);
-        assert_eq!(v.report.map(|r| (r.name, r.remaining)), Some(("closed", 2)));
+        assert_eq!(v.report.map(|r| r.view(l.config())).map(|r| (r.name, r.remaining)), Some(("closed", 2)));
         assert_eq!(m.get(Metric::Allowed(1)) + m.get(Metric::Allowed(2)), 2);
     }
 
@@ -648,7 +674,8 @@ mod global {
         .unwrap()
         .unwrap();
         let sent =
-            <crate::global::RateLimitRequest as prost::Message>::decode(call.message.as_slice()).unwrap();
+            <crate::global::protocol::RateLimitRequest as prost::Message>::decode(call.message.as_slice())
+                .unwrap();
         let hits: Vec<_> = sent.descriptors.iter().map(|d| d.hits_addend.as_ref().map(|h| h.value)).collect();
         assert_eq!(hits, vec![Some(0), Some(0)]);
         assert_eq!(
@@ -667,17 +694,20 @@ mod global {
         let answer =
             Answer { over_limit: false, limits: vec![(0, status(false, 7, 30)), (1, status(true, 0, 1))] };
         let m = Counts::default();
-        let standings = l.global_standings(&call, Ok(answer), &m).unwrap();
+        let reported = standings(l.config(), &call, Ok(answer), &m).unwrap();
         assert!(m.0.lock().unwrap().is_empty(), "a status call decides no request");
-        let json = crate::status::status_json(&[], &standings, None, T0);
+        let json = crate::report::status::status_json(&reported, None);
         assert_eq!(
             json,
             r#"{"limits":[{"rule":"open","limit":"open","algorithm":"fixed_window","quota":10,"window":60,"remaining":7,"reset":30,"shadow":false,"global":true},{"rule":"closed","limit":"closed","algorithm":"fixed_window","quota":10,"window":60,"remaining":0,"reset":1,"shadow":false,"global":true}]}"#
         );
-        let failed = l.global_standings(&call, Err("gRPC status 14".into()), &m).map(|_| ()).unwrap_err();
+        let failed = standings(l.config(), &call, Err(CallError::Status(14)), &m).map(|_| ()).unwrap_err();
         assert_eq!(m.get(Metric::GlobalFailure), 1);
-        let failed = crate::status::status_json(&[], &[], Some(&failed), T0);
-        assert_eq!(failed, r#"{"limits":[],"global_error":"gRPC status 14"}"#);
+        let failed = crate::report::status::status_json(&[], Some(&failed.to_string()));
+        assert_eq!(
+            failed,
+            r#"{"limits":[],"global_error":"gRPC status 14 (unavailable: the service is down or unreachable, or gave no answer within the timeout)"}"#
+        );
     }
 
     #[test]
@@ -685,11 +715,11 @@ mod global {
         let (l, _) = limiter(CONFIG);
         let m = Counts::default();
         let open = prepare(l.config(), &keyed("k"), Purpose::Decide).unwrap().unwrap();
-        assert!(!l.global_verdict(&open, Err("timeout".into()), &m).deny);
+        assert!(!verdict(l.config(), &open, Err(CallError::Status(4)), &m).deny);
         let both = prepare(l.config(), &TestRequest::get("/pay").with_header("x-key", "k"), Purpose::Decide)
             .unwrap()
             .unwrap();
-        let v = l.global_verdict(&both, Err("timeout".into()), &m);
+        let v = verdict(l.config(), &both, Err(CallError::Status(4)), &m);
         assert!(v.deny);
         assert_eq!(v.retry_after_seconds, Some(1));
         assert_eq!(m.get(Metric::GlobalFailure), 2);
@@ -702,11 +732,11 @@ fn a_new_key_in_a_sparse_table_costs_three_reads_and_two_writes() {
     let (l, store) = limiter(&per_key(5, "1h", ""));
     let m = Counts::default();
     let before = store.calls();
-    assert!(allowed(l.check(&store, &keyed("fresh"), T0, &m)));
+    assert!(allowed(l.check(&Env::at(&store, &keyed("fresh"), T0, &m))));
     let after = store.calls();
     assert_eq!((after.0 - before.0, after.1 - before.1), (3, 2));
     let before = store.calls();
-    l.check(&store, &keyed("fresh"), T0, &m);
+    l.check(&Env::at(&store, &keyed("fresh"), T0, &m));
     let after = store.calls();
     assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "a known key: one read, one write");
 }
@@ -722,20 +752,23 @@ fn reconfigured(json: &str, store: &MemoryStore) -> Limiter {
 fn a_pushed_configuration_keeps_what_clients_used() {
     let (l, store) = limiter(&rule_json("api", r#""limit":{"capacity":2,"refill_period":"1h"}"#));
     let m = Counts::default();
-    assert_eq!((0..3).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count(), 2);
+    assert_eq!((0..3).filter(|_| allowed(l.check(&Env::at(&store, &keyed("k"), T0, &m)))).count(), 2);
     // Same rule, twice the capacity at the same rate per token: the bucket keeps the time until it
     // is full again (1 h), which is 2 of the new 4 tokens.
     let doubled = reconfigured(&rule_json("api", r#""limit":{"capacity":4,"refill_period":"2h"}"#), &store);
-    assert_eq!(doubled.standings(&store, &keyed("k"), T0).unwrap()[0].remaining, 2);
-    assert_eq!((0..3).filter(|_| allowed(doubled.check(&store, &keyed("k"), T0, &m))).count(), 2);
+    assert_eq!(
+        doubled.standings(&Env::at(&store, &keyed("k"), T0, &Counts::default())).unwrap()[0].remaining,
+        2
+    );
+    assert_eq!((0..3).filter(|_| allowed(doubled.check(&Env::at(&store, &keyed("k"), T0, &m)))).count(), 2);
 }
 
 #[test]
 fn a_limit_whose_algorithm_changes_starts_afresh_instead_of_misreading_the_state() {
     let (l, store) = limiter(&rule_json("api", r#""limit":{"capacity":2,"refill_period":"1h"}"#));
     let m = Counts::default();
-    assert_eq!((0..3).filter(|_| allowed(l.check(&store, &keyed("k"), T0, &m))).count(), 2);
+    assert_eq!((0..3).filter(|_| allowed(l.check(&Env::at(&store, &keyed("k"), T0, &m)))).count(), 2);
     let window = r#""limit":{"algorithm":"fixed_window","requests":2,"window":"1h"}"#;
     let windowed = reconfigured(&rule_json("api", window), &store);
-    assert_eq!((0..3).filter(|_| allowed(windowed.check(&store, &keyed("k"), T0, &m))).count(), 2);
+    assert_eq!((0..3).filter(|_| allowed(windowed.check(&Env::at(&store, &keyed("k"), T0, &m)))).count(), 2);
 }

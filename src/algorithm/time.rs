@@ -1,6 +1,12 @@
-//! UTC calendar arithmetic for quotas that reset at midnight or on the first of the month.
+//! Time units and UTC calendar arithmetic (for quotas that reset at midnight or on the first of
+//! the month). Every instant in the core is nanoseconds since the Unix epoch, as the host's clock.
 
-use crate::duration::NANOS_PER_SECOND;
+pub const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
+/// Whole seconds, rounded up: a header never announces a moment earlier than the real one.
+pub fn ceil_seconds(nanos: u64) -> u64 {
+    nanos.div_ceil(NANOS_PER_SECOND)
+}
 
 const NANOS_PER_DAY: u64 = 86_400 * NANOS_PER_SECOND;
 

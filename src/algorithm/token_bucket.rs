@@ -6,7 +6,8 @@
 //! whose `full_at` lies in the past is full and carries no information, which is what lets the
 //! table reuse its slot.
 
-use crate::algorithm::{ceil_seconds, Decision};
+use super::time::ceil_seconds;
+use super::{Decision, State};
 
 /// What is stored for one bucket. `Default` is a full bucket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -16,6 +17,19 @@ pub struct BucketState {
     /// microseconds apart and may write in another order; deciding at no earlier time than this
     /// keeps a late writer with an early reading from seeing a spurious extra debt.
     pub updated_at: u64,
+}
+
+/// The slot's words as a bucket: `idle_at` is `full_at`, `word` is `updated_at`.
+impl From<State> for BucketState {
+    fn from(s: State) -> BucketState {
+        BucketState { full_at: s.idle_at, updated_at: s.word }
+    }
+}
+
+impl From<BucketState> for State {
+    fn from(b: BucketState) -> State {
+        State { idle_at: b.full_at, word: b.updated_at }
+    }
 }
 
 /// An immutable bucket definition, validated at configuration time.
@@ -64,7 +78,24 @@ impl TokenBucket {
         state.full_at.saturating_sub(now).min(self.tolerance)
     }
 
-    pub fn decide(&self, state: BucketState, now: u64, cost: u64) -> (Decision, BucketState) {
+    pub fn decide(&self, state: State, now: u64, cost: u64) -> (Decision, State) {
+        let (decision, next) = self.decide_bucket(state.into(), now, cost);
+        (decision, next.into())
+    }
+
+    pub fn status(&self, state: State, now: u64) -> Decision {
+        self.status_bucket(state.into(), now)
+    }
+
+    pub fn give_back(&self, state: State, now: u64, cost: u64) -> State {
+        self.give_back_bucket(state.into(), now, cost).into()
+    }
+
+    pub fn merge(&self, a: State, b: State, now: u64) -> State {
+        self.merge_buckets(a.into(), b.into(), now).into()
+    }
+
+    fn decide_bucket(&self, state: BucketState, now: u64, cost: u64) -> (Decision, BucketState) {
         let now = now.max(state.updated_at);
         let debt = self.debt(state, now);
         let cost_nanos = cost.saturating_mul(self.interval);
@@ -73,7 +104,7 @@ impl TokenBucket {
             let decision = Decision {
                 allowed: true,
                 remaining: (self.tolerance - new_debt) / self.interval,
-                reset_nanos: new_debt,
+                until_full_nanos: new_debt,
                 retry_after_nanos: 0,
             };
             (decision, BucketState { full_at: now.saturating_add(new_debt), updated_at: now })
@@ -82,33 +113,33 @@ impl TokenBucket {
             let decision = Decision {
                 allowed: false,
                 remaining: (self.tolerance - debt) / self.interval,
-                reset_nanos: retry_after,
+                until_full_nanos: debt,
                 retry_after_nanos: retry_after,
             };
             (decision, state)
         }
     }
 
-    pub fn status(&self, state: BucketState, now: u64) -> Decision {
+    fn status_bucket(&self, state: BucketState, now: u64) -> Decision {
         let now = now.max(state.updated_at);
         let debt = self.debt(state, now);
         Decision {
             allowed: true,
             remaining: (self.tolerance - debt) / self.interval,
-            reset_nanos: debt,
+            until_full_nanos: debt,
             retry_after_nanos: 0,
         }
     }
 
     /// One bucket holding what two copies of it had taken.
-    pub fn merge(&self, a: BucketState, b: BucketState, now: u64) -> BucketState {
+    fn merge_buckets(&self, a: BucketState, b: BucketState, now: u64) -> BucketState {
         let now = now.max(a.updated_at).max(b.updated_at);
         let debt = self.debt(a, now).saturating_add(self.debt(b, now)).min(self.tolerance);
         BucketState { full_at: now.saturating_add(debt), updated_at: now }
     }
 
     /// Gives back what an earlier `decide` at the same cost took.
-    pub fn refund(&self, state: BucketState, now: u64, cost: u64) -> BucketState {
+    fn give_back_bucket(&self, state: BucketState, now: u64, cost: u64) -> BucketState {
         let now = now.max(state.updated_at);
         let debt = self.debt(state, now);
         let cost_nanos = cost.saturating_mul(self.interval);
@@ -119,7 +150,7 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::duration::NANOS_PER_SECOND;
+    use crate::algorithm::time::NANOS_PER_SECOND;
 
     const S: u64 = NANOS_PER_SECOND;
     const T0: u64 = 1_700_000_000 * S;
@@ -132,7 +163,7 @@ mod tests {
     fn burst(b: &TokenBucket, mut state: BucketState, now: u64, n: u32) -> (u32, BucketState) {
         let mut allowed = 0;
         for _ in 0..n {
-            let (d, next) = b.decide(state, now, 1);
+            let (d, next) = b.decide_bucket(state, now, 1);
             allowed += u32::from(d.allowed);
             state = next;
         }
@@ -150,7 +181,7 @@ mod tests {
     fn denies_the_51st_request_on_a_fresh_key() {
         let b = bucket(50, 50, 86_400);
         let (_, state) = burst(&b, BucketState::default(), T0, 50);
-        let (d, after) = b.decide(state, T0, 1);
+        let (d, after) = b.decide_bucket(state, T0, 1);
         assert!(!d.allowed);
         assert_eq!(after, state, "a denial must not change the bucket");
     }
@@ -159,27 +190,30 @@ mod tests {
     fn refills_one_token_per_interval() {
         let b = bucket(5, 5, 60); // one token per 12 s
         let (_, state) = burst(&b, BucketState::default(), T0, 5);
-        assert!(!b.decide(state, T0 + 12 * S - 1, 1).0.allowed);
-        let (d, state) = b.decide(state, T0 + 12 * S, 1);
+        assert!(!b.decide_bucket(state, T0 + 12 * S - 1, 1).0.allowed);
+        let (d, state) = b.decide_bucket(state, T0 + 12 * S, 1);
         assert!(d.allowed);
-        assert!(!b.decide(state, T0 + 12 * S, 1).0.allowed);
+        assert!(!b.decide_bucket(state, T0 + 12 * S, 1).0.allowed);
     }
 
     #[test]
     fn reports_remaining_and_seconds_until_full() {
         let b = bucket(5, 5, 60);
-        let (d, state) = b.decide(BucketState::default(), T0, 1);
-        assert_eq!((d.remaining, d.reset_nanos), (4, 12 * S));
+        let (d, state) = b.decide_bucket(BucketState::default(), T0, 1);
+        assert_eq!((d.remaining, d.reset_nanos()), (4, 12 * S));
         let (_, state) = burst(&b, state, T0, 4);
-        let (d, _) = b.decide(state, T0, 1);
-        assert_eq!((d.allowed, d.remaining, d.retry_after_nanos, d.reset_nanos), (false, 0, 12 * S, 12 * S));
+        let (d, _) = b.decide_bucket(state, T0, 1);
+        assert_eq!(
+            (d.allowed, d.remaining, d.retry_after_nanos, d.reset_nanos()),
+            (false, 0, 12 * S, 12 * S)
+        );
     }
 
     #[test]
     fn a_cost_above_remaining_is_denied_and_reports_what_is_left() {
         let b = bucket(10, 10, 10);
-        let (_, state) = b.decide(BucketState::default(), T0, 7);
-        let (d, _) = b.decide(state, T0, 5);
+        let (_, state) = b.decide_bucket(BucketState::default(), T0, 7);
+        let (d, _) = b.decide_bucket(state, T0, 5);
         assert_eq!((d.allowed, d.remaining, d.retry_after_nanos), (false, 3, 2 * S));
     }
 
@@ -194,10 +228,10 @@ mod tests {
     #[test]
     fn status_reports_without_consuming() {
         let b = bucket(5, 5, 60);
-        let (_, state) = b.decide(BucketState::default(), T0, 2);
-        let d = b.status(state, T0);
-        assert_eq!((d.remaining, d.reset_nanos), (3, 24 * S));
-        assert_eq!(b.status(state, T0).remaining, 3);
+        let (_, state) = b.decide_bucket(BucketState::default(), T0, 2);
+        let d = b.status_bucket(state, T0);
+        assert_eq!((d.remaining, d.reset_nanos()), (3, 24 * S));
+        assert_eq!(b.status_bucket(state, T0).remaining, 3);
     }
 
     #[test]
@@ -205,17 +239,17 @@ mod tests {
         let b = bucket(10, 10, 10);
         let (_, a) = burst(&b, BucketState::default(), T0, 3);
         let (_, c) = burst(&b, BucketState::default(), T0, 4);
-        let (allowed, _) = burst(&b, b.merge(a, c, T0), T0, 10);
+        let (allowed, _) = burst(&b, b.merge_buckets(a, c, T0), T0, 10);
         assert_eq!(allowed, 3);
     }
 
     #[test]
-    fn refund_restores_the_bucket_exactly() {
+    fn giving_back_restores_the_bucket_exactly() {
         let b = bucket(3, 3, 3);
-        let (_, one) = b.decide(BucketState::default(), T0, 1);
-        let (_, two) = b.decide(one, T0, 1);
-        assert_eq!(b.refund(two, T0, 1).full_at, one.full_at);
-        assert!(b.refund(one, T0, 1).full_at <= T0, "a full bucket again");
+        let (_, one) = b.decide_bucket(BucketState::default(), T0, 1);
+        let (_, two) = b.decide_bucket(one, T0, 1);
+        assert_eq!(b.give_back_bucket(two, T0, 1).full_at, one.full_at);
+        assert!(b.give_back_bucket(one, T0, 1).full_at <= T0, "a full bucket again");
     }
 
     #[test]
@@ -228,9 +262,9 @@ mod tests {
     #[test]
     fn a_late_writer_with_an_earlier_clock_reading_still_gets_the_last_token() {
         let b = bucket(3, 3, 86_400);
-        let (_, state) = b.decide(BucketState::default(), T0 + 500, 1);
-        let (_, state) = b.decide(state, T0 + 900, 1);
-        let (d, _) = b.decide(state, T0 + 100, 1);
+        let (_, state) = b.decide_bucket(BucketState::default(), T0 + 500, 1);
+        let (_, state) = b.decide_bucket(state, T0 + 900, 1);
+        let (d, _) = b.decide_bucket(state, T0 + 100, 1);
         assert!(d.allowed);
     }
 
@@ -239,6 +273,6 @@ mod tests {
         let b = bucket(2, 2, 2);
         let (allowed, state) = burst(&b, BucketState::default(), T0, 2);
         assert_eq!(allowed, 2);
-        assert!(!b.decide(state, T0 - 10 * S, 1).0.allowed);
+        assert!(!b.decide_bucket(state, T0 - 10 * S, 1).0.allowed);
     }
 }

@@ -1,7 +1,7 @@
 //! Which rules apply to a request.
 
+use super::Request;
 use crate::config::{HeaderCondition, Matcher, PathMatch};
-use crate::request::Request;
 
 impl Matcher {
     /// True when every condition given holds (an empty matcher matches every request).

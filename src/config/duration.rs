@@ -1,8 +1,34 @@
 //! Durations in the filter JSON are strings such as "500ms", "1s", "1m", "24h" or "7d".
 
+use std::fmt;
+
 use serde::{Deserialize, Deserializer};
 
-pub const NANOS_PER_SECOND: u64 = 1_000_000_000;
+use crate::algorithm::time::NANOS_PER_SECOND;
+
+/// A year is the longest period that keeps every bucket computation far from overflow.
+const MAX_NANOS: u64 = 366 * 86_400 * NANOS_PER_SECOND;
+
+/// Why a duration string was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DurationError {
+    /// Not `<positive whole number><unit>`.
+    Invalid(String),
+    /// Longer than [`MAX_NANOS`].
+    TooLong(String),
+}
+
+impl fmt::Display for DurationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DurationError::Invalid(text) => write!(
+                f,
+                "invalid duration \"{text}\": expected a positive whole number followed by ms, s, m, h or d (e.g. \"1m\")"
+            ),
+            DurationError::TooLong(text) => write!(f, "invalid duration \"{text}\": longer than the maximum of 366d"),
+        }
+    }
+}
 
 /// A strictly positive duration in nanoseconds, parsed from the filter JSON.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,12 +46,8 @@ impl Duration {
     }
 
     /// Parses `<positive integer><unit>` where unit is one of ms, s, m, h, d.
-    pub fn parse(text: &str) -> Result<Duration, String> {
-        let invalid = || {
-            format!(
-                "invalid duration \"{text}\": expected a positive whole number followed by ms, s, m, h or d (e.g. \"1m\")"
-            )
-        };
+    pub fn parse(text: &str) -> Result<Duration, DurationError> {
+        let invalid = || DurationError::Invalid(text.to_owned());
         let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
         let (number, unit) = text.split_at(digits_end);
         let unit_nanos: u64 = match unit {
@@ -37,12 +59,8 @@ impl Duration {
             _ => return Err(invalid()),
         };
         let count: u64 = number.parse().map_err(|_| invalid())?;
-        // A year is the longest period that keeps every bucket computation far from overflow.
-        const MAX_NANOS: u64 = 366 * 86_400 * NANOS_PER_SECOND;
         match count.checked_mul(unit_nanos) {
-            Some(nanos) if nanos > MAX_NANOS => {
-                Err(format!("invalid duration \"{text}\": longer than the maximum of 366d"))
-            }
+            Some(nanos) if nanos > MAX_NANOS => Err(DurationError::TooLong(text.to_owned())),
             Some(nanos) => Duration::from_nanos(nanos).ok_or_else(invalid),
             None => Err(invalid()),
         }
@@ -50,8 +68,8 @@ impl Duration {
 }
 
 /// The largest unit that divides the duration exactly: `90s` stays `90s`, `3600s` prints `1h`.
-impl std::fmt::Display for Duration {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(u64, &str); 5] = [
             (86_400 * NANOS_PER_SECOND, "d"),
             (3_600 * NANOS_PER_SECOND, "h"),

@@ -1,0 +1,149 @@
+//! The moments of one request, as the wasm glue calls them, and what the request carries between
+//! them.
+
+use super::local::{Consumed, Verdict};
+use super::{Env, Limiter};
+use crate::global::answer::{read_answer, CallError};
+use crate::global::descriptors::prepare;
+use crate::global::verdict::verdict;
+use crate::global::{GlobalCall, Purpose};
+use crate::report::headers::render;
+use crate::report::metrics::Metric;
+use crate::report::reply::{self, LocalReply};
+use crate::report::{most_restrictive, Reported};
+use crate::state::store::SharedStore;
+
+/// One request's state from its first moment to its last; owned by the HTTP context, passed to
+/// every moment.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    /// The limit the response headers describe; set only when the request passes.
+    report: Option<Reported>,
+    /// The call to the rate limit service the request waits for.
+    awaiting: Option<Awaiting>,
+}
+
+impl Exchange {
+    /// The request is paused, waiting for the rate limit service.
+    pub fn is_awaiting(&self) -> bool {
+        self.awaiting.is_some()
+    }
+}
+
+/// What a paused request waits for from the rate limit service.
+#[derive(Debug)]
+enum Awaiting {
+    /// The decision on its global rules; what local limits took is given back if it denies.
+    Decision { call: GlobalCall, consumed: Vec<Consumed>, local: Option<Reported> },
+    /// The standing in its global rules, for the status endpoint.
+    Status(GlobalCall),
+}
+
+/// What the glue does after a moment.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next<'a> {
+    /// Let the request go on (resume it, if it was paused).
+    Continue,
+    /// Answer the request with this reply instead.
+    Reply(LocalReply<'a>),
+    /// Call the rate limit service and pause the request; the answer, or the failure to start
+    /// the call, goes to [`Limiter::answered`].
+    Ask(Ask<'a>),
+}
+
+/// A call to start: ShouldRateLimit on the service's cluster.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ask<'a> {
+    pub cluster: &'a str,
+    pub timeout_ms: u32,
+    pub message: Vec<u8>,
+}
+
+impl Limiter {
+    /// Request headers: the status endpoint, the local rules, then the call for the global rules.
+    pub fn decide(&self, env: &Env<'_>, exchange: &mut Exchange) -> Next<'_> {
+        if self.is_status_request(env.request) {
+            return self.ask_status(env, exchange);
+        }
+        let (local, consumed) = match self.check(env) {
+            Verdict::Allow { report, consumed } => (report, consumed),
+            Verdict::Deny { report, retry_after_seconds, reason } => {
+                return Next::Reply(self.deny(report, retry_after_seconds, reason.map(|r| r.to_string())));
+            }
+        };
+        match prepare(&self.config, env.request, Purpose::Decide) {
+            Ok(None) => {
+                exchange.report = local;
+                Next::Continue
+            }
+            Ok(Some(call)) => self.ask(exchange, Awaiting::Decision { call, consumed, local }),
+            Err(refusal) => {
+                self.give_back(env, &consumed);
+                env.observer.count(Metric::Denied(refusal.rule));
+                Next::Reply(self.deny(None, None, Some(refusal.reason.to_string())))
+            }
+        }
+    }
+
+    /// The service's answer (the encoded `RateLimitResponse`), or why there is none, including
+    /// a call that could not be started.
+    pub fn answered(
+        &self,
+        env: &Env<'_>,
+        exchange: &mut Exchange,
+        answer: Result<&[u8], CallError>,
+    ) -> Next<'_> {
+        let Some(awaiting) = exchange.awaiting.take() else { return Next::Continue };
+        let (call, consumed, local) = match awaiting {
+            Awaiting::Status(call) => return Next::Reply(self.status_reply(env, Some((&call, answer)))),
+            Awaiting::Decision { call, consumed, local } => (call, consumed, local),
+        };
+        let verdict = verdict(&self.config, &call, answer.and_then(read_answer), env.observer);
+        if verdict.deny {
+            self.give_back(env, &consumed);
+            return Next::Reply(self.deny(verdict.report, verdict.retry_after_seconds, None));
+        }
+        exchange.report = most_restrictive(local, verdict.report);
+        Next::Continue
+    }
+
+    /// Response headers: the headers to add to a response the request got from upstream.
+    pub fn settle(&self, _env: &Env<'_>, exchange: &mut Exchange) -> Vec<(&'static str, String)> {
+        let report = exchange.report.take().map(|r| r.view(&self.config));
+        render(self.config.headers, report.as_ref(), None)
+    }
+
+    /// The stream is over, whatever ended it. Nothing outlives a request yet.
+    pub fn end(&self, _env: &Env<'_>, _exchange: &mut Exchange) {}
+
+    /// Background work of one worker, on its every tick. There is none yet beyond what the glue
+    /// does itself (flushing counters).
+    pub fn tick(&self, _store: &dyn SharedStore, _now: u64) {}
+
+    fn ask_status(&self, env: &Env<'_>, exchange: &mut Exchange) -> Next<'_> {
+        match prepare(&self.config, env.request, Purpose::Status) {
+            Ok(Some(call)) => self.ask(exchange, Awaiting::Status(call)),
+            _ => Next::Reply(self.status_reply(env, None)),
+        }
+    }
+
+    fn ask(&self, exchange: &mut Exchange, mut awaiting: Awaiting) -> Next<'_> {
+        let Some(service) = &self.config.global else { return Next::Continue };
+        let call = match &mut awaiting {
+            Awaiting::Decision { call, .. } | Awaiting::Status(call) => call,
+        };
+        let message = std::mem::take(&mut call.message);
+        exchange.awaiting = Some(awaiting);
+        Next::Ask(Ask { cluster: &service.cluster, timeout_ms: service.timeout_ms, message })
+    }
+
+    fn deny(
+        &self,
+        report: Option<Reported>,
+        retry_after_seconds: Option<u64>,
+        reason: Option<String>,
+    ) -> LocalReply<'_> {
+        let view = report.map(|r| r.view(&self.config));
+        reply::deny(&self.config, view.as_ref(), retry_after_seconds, reason)
+    }
+}

@@ -1,0 +1,424 @@
+//! The local rules of one request: collect the limits that apply, check them all without writing
+//! (the usual denial costs no write), then consume from each, giving back what the earlier ones
+//! took if a later one has run out meanwhile. A denied request consumes from none of them.
+
+use super::{Env, Limiter};
+use crate::algorithm::time::ceil_seconds;
+use crate::algorithm::{Algorithm, Decision};
+use crate::config::{Limit, LimitRef, Rule, TableFullPolicy};
+use crate::report::metrics::Metric;
+use crate::report::violations::Violation;
+use crate::report::{most_restrictive, Reported};
+use crate::request::keys::{key_text, request_key};
+use crate::request::plan::{cost_of, fits_capacity, limits_for, CostError};
+use crate::state::store::StoreError;
+use crate::state::table::{Applied, Bucket, Lookup, Table, TableEvents};
+use crate::state::Fingerprint;
+
+/// The Retry-After sent when the table itself is the reason for a denial.
+const TABLE_FULL_RETRY_AFTER_SECONDS: u64 = 1;
+
+/// The limiter's answer on a request's local rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pass the request; `report` is the most restrictive limit that applied, `consumed` what it
+    /// took from local limits (kept only when global rules may still deny it).
+    Allow { report: Option<Reported>, consumed: Vec<Consumed> },
+    /// Answer with the deny response. `retry_after_seconds` is `None` when retrying cannot help
+    /// (the request costs more than a limit can ever hold); `reason` then says why.
+    Deny { report: Option<Reported>, retry_after_seconds: Option<u64>, reason: Option<CostError> },
+}
+
+/// What a request took from one local limit, so it can be given back if a global rule then
+/// denies the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Consumed {
+    fp: Fingerprint,
+    index: u32,
+    cost: u64,
+    algorithm: Algorithm,
+}
+
+impl Consumed {
+    /// Gives it back: `Ok(false)` when other workers kept winning the CAS race.
+    fn give_back(&self, env: &Env<'_>, table: &Table<'_>) -> Result<bool, StoreError> {
+        let now = env.now();
+        table.update_at(env.store, self.fp, self.index, |state| {
+            self.algorithm.give_back(state, now, self.cost)
+        })
+    }
+}
+
+/// One limit that applies to the request, from its lookup to its write.
+struct Item<'a> {
+    at: LimitRef,
+    rule: &'a Rule,
+    limit: &'a Limit,
+    plan: Option<&'a str>,
+    fp: Fingerprint,
+    lookup: Lookup,
+    cost: u64,
+    decision: Option<Decision>,
+    stored_at: Option<u32>,
+    /// A shadow limit over its quota: reported, not consumed.
+    skip: bool,
+}
+
+impl Item<'_> {
+    /// What this item took, once its write is stored.
+    fn consumed(&self) -> Option<Consumed> {
+        Some(Consumed {
+            fp: self.fp,
+            index: self.stored_at?,
+            cost: self.cost,
+            algorithm: self.limit.algorithm,
+        })
+    }
+
+    fn report(&self, decision: &Decision, now: u64) -> Reported {
+        Reported {
+            limit: self.at,
+            quota: self.limit.quota,
+            window_seconds: self.limit.window_seconds_at(now),
+            remaining: decision.remaining,
+            reset_seconds: decision.reset_seconds(),
+            from_service: false,
+        }
+    }
+
+    fn deny(&self, decision: &Decision, now: u64) -> Verdict {
+        let report = self.report(decision, now);
+        Verdict::Deny {
+            report: Some(report),
+            retry_after_seconds: Some(report.reset_seconds.max(1)),
+            reason: None,
+        }
+    }
+}
+
+/// A request refused for its cost, as the violation log names it.
+struct CostRefusal<'a> {
+    index: usize,
+    rule: &'a Rule,
+    limit: Option<&'a Limit>,
+    plan: Option<&'a str>,
+    fp: Fingerprint,
+    cost: u64,
+    reason: CostError,
+}
+
+/// Either the limits to check, or the verdict already reached while collecting them.
+type Collected<'a> = Result<Vec<Item<'a>>, Verdict>;
+
+fn table_full_denial() -> Verdict {
+    Verdict::Deny { report: None, retry_after_seconds: Some(TABLE_FULL_RETRY_AFTER_SECONDS), reason: None }
+}
+
+impl Limiter {
+    /// The verdict of the local rules. A store the host refuses lets the request through
+    /// (counted in `store_errors`): failing open keeps traffic flowing.
+    pub fn check(&self, env: &Env<'_>) -> Verdict {
+        match self.try_check(env) {
+            Ok(verdict) => verdict,
+            Err(_) => {
+                env.observer.count(Metric::StoreError);
+                Verdict::Allow { report: None, consumed: Vec::new() }
+            }
+        }
+    }
+
+    fn try_check(&self, env: &Env<'_>) -> Result<Verdict, StoreError> {
+        let table = self.table();
+        let mut items = match self.collect(env, &table)? {
+            Ok(items) => items,
+            Err(verdict) => return Ok(verdict),
+        };
+        if let Some(denial) = self.check_all(env, &mut items) {
+            return Ok(denial);
+        }
+        if let Some(refused) = self.commit(env, &table, &mut items)? {
+            return Ok(refused);
+        }
+        Ok(self.allow(env, &items))
+    }
+
+    /// Every local limit that applies, with where its bucket is.
+    fn collect<'a>(&'a self, env: &Env<'_>, table: &Table<'_>) -> Result<Collected<'a>, StoreError> {
+        let mut items = Vec::new();
+        for (index, rule) in self.config.rules.iter().enumerate() {
+            if rule.global.is_some() || !rule.matcher.matches(env.request) {
+                continue;
+            }
+            if let Err(verdict) = self.collect_rule(env, table, index, rule, &mut items)? {
+                return Ok(Err(verdict));
+            }
+        }
+        Ok(Ok(items))
+    }
+
+    /// The limits of one rule; `Err(verdict)` when the rule already decides the request.
+    fn collect_rule<'a>(
+        &'a self,
+        env: &Env<'_>,
+        table: &Table<'_>,
+        index: usize,
+        rule: &'a Rule,
+        items: &mut Vec<Item<'a>>,
+    ) -> Result<Result<(), Verdict>, StoreError> {
+        let Some(key) = request_key(self.seed, rule, env.request) else { return Ok(Ok(())) };
+        let chosen = limits_for(rule, env.request);
+        let Some(first) = chosen.limits.first() else { return Ok(Ok(())) }; // an unlimited plan
+        let cost = match cost_of(rule, env.request) {
+            Ok(cost) => cost,
+            Err(reason) => {
+                let fp = key.limit(chosen.plan_name(), 0, first.kind);
+                let (limit, plan, cost) = (None, chosen.plan_name(), 0);
+                let refused =
+                    self.refuse_cost(env, CostRefusal { index, rule, limit, plan, fp, cost, reason });
+                return Ok(refused.map_or(Ok(()), Err));
+            }
+        };
+        for (limit_index, limit) in chosen.limits.iter().enumerate() {
+            let fp = key.limit(chosen.plan_name(), limit_index, limit.kind);
+            if let Err(reason) = fits_capacity(cost, limit) {
+                let (limit, plan) = (Some(limit), chosen.plan_name());
+                let refusal = CostRefusal { index, rule, limit, plan, fp, cost, reason };
+                if let Some(verdict) = self.refuse_cost(env, refusal) {
+                    return Ok(Err(verdict));
+                }
+                continue;
+            }
+            let lookup = table.lookup(env.store, fp, env.now())?;
+            if lookup == Lookup::Full {
+                env.observer.count(Metric::TableFull);
+                if rule.shadow || self.config.when_table_full == TableFullPolicy::Allow {
+                    continue;
+                }
+                env.observer.count(Metric::Denied(index));
+                return Ok(Err(table_full_denial()));
+            }
+            let at = LimitRef { rule: index, plan: chosen.plan_index(), limit: Some(limit_index) };
+            let plan = chosen.plan_name();
+            items.push(Item {
+                at,
+                rule,
+                limit,
+                plan,
+                fp,
+                lookup,
+                cost,
+                decision: None,
+                stored_at: None,
+                skip: false,
+            });
+        }
+        Ok(Ok(()))
+    }
+
+    /// Decides every item on the state its lookup saw, writing nothing; the denial to send if an
+    /// enforced limit is over (the longest wait of them).
+    fn check_all(&self, env: &Env<'_>, items: &mut [Item<'_>]) -> Option<Verdict> {
+        let now = env.now();
+        for item in items.iter_mut() {
+            let (decision, _) = item.limit.algorithm.decide(item.lookup.state(), now, item.cost);
+            item.decision = Some(decision);
+            if !decision.allowed && item.rule.shadow {
+                item.skip = true;
+                env.observer.count(Metric::ShadowDenied(item.at.rule));
+                env.observer.violation(&self.violation(env, item, &decision));
+            }
+        }
+        let mut worst: Option<(usize, Decision)> = None;
+        for (i, item) in items.iter().enumerate() {
+            let Some(decision) = item.decision.filter(|d| !d.allowed && !item.rule.shadow) else { continue };
+            env.observer.count(Metric::Denied(item.at.rule));
+            env.observer.violation(&self.violation(env, item, &decision));
+            if worst.is_none_or(|(_, w)| decision.retry_after_nanos > w.retry_after_nanos) {
+                worst = Some((i, decision));
+            }
+        }
+        worst.map(|(i, decision)| items[i].deny(&decision, now))
+    }
+
+    /// Consumes from every item in turn; the denial to send if one of them cannot be consumed
+    /// after all (what the earlier ones took is given back first).
+    fn commit(
+        &self,
+        env: &Env<'_>,
+        table: &Table<'_>,
+        items: &mut [Item<'_>],
+    ) -> Result<Option<Verdict>, StoreError> {
+        for i in 0..items.len() {
+            if items[i].skip {
+                continue;
+            }
+            let applied = self.consume(env, table, &items[i])?;
+            if let Some(refused) = self.settle_item(env, &mut items[i], applied) {
+                self.give_back_items(env, table, &items[..i])?;
+                return Ok(Some(refused));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Read-compute-CAS of one item: the write only happens if its limit still allows it.
+    fn consume(
+        &self,
+        env: &Env<'_>,
+        table: &Table<'_>,
+        item: &Item<'_>,
+    ) -> Result<Applied<Decision>, StoreError> {
+        let (algorithm, cost, now) = (&item.limit.algorithm, item.cost, env.now());
+        let mut events = TableEvents::default();
+        let bucket = Bucket { fp: item.fp, algorithm, now };
+        let applied =
+            table.measure_and_replace(env.store, bucket, Some(item.lookup), &mut events, |state| {
+                let (decision, next) = algorithm.decide(state, now, cost);
+                (decision, decision.allowed.then_some(next))
+            })?;
+        for _ in 0..events.duplicates_folded {
+            env.observer.count(Metric::DuplicateFolded);
+        }
+        for _ in 0..events.cas_retries {
+            env.observer.count(Metric::CasRetry);
+        }
+        if events.confirm_exhausted {
+            env.observer.count(Metric::CasRetriesExhausted);
+        }
+        Ok(applied)
+    }
+
+    /// Records what consuming one item did; the denial when it refused the request.
+    fn settle_item(&self, env: &Env<'_>, item: &mut Item<'_>, applied: Applied<Decision>) -> Option<Verdict> {
+        let (observer, rule, shadow) = (env.observer, item.at.rule, item.rule.shadow);
+        match applied {
+            Applied::Stored { decision, index, reclaimed } => {
+                if reclaimed {
+                    observer.count(Metric::SlotReclaimed);
+                }
+                item.decision = Some(decision);
+                item.stored_at = Some(index);
+                None
+            }
+            Applied::Unchanged(decision) if shadow => {
+                // Another worker took the last of a shadow limit: report it, deny nothing.
+                observer.count(Metric::ShadowDenied(rule));
+                item.decision = Some(decision);
+                None
+            }
+            Applied::Unchanged(decision) => {
+                // Another worker took the last of it between our check and our write.
+                observer.count(Metric::Denied(rule));
+                observer.violation(&self.violation(env, item, &decision));
+                Some(item.deny(&decision, env.now()))
+            }
+            Applied::Full => {
+                observer.count(Metric::TableFull);
+                if shadow || self.config.when_table_full == TableFullPolicy::Allow {
+                    item.decision = None;
+                    return None;
+                }
+                observer.count(Metric::Denied(rule));
+                Some(table_full_denial())
+            }
+            Applied::Exhausted => {
+                observer.count(Metric::CasRetriesExhausted);
+                if shadow {
+                    return None;
+                }
+                // Never over-admit: a request that cannot be recorded is refused.
+                observer.count(Metric::Denied(rule));
+                Some(Verdict::Deny { report: None, retry_after_seconds: Some(1), reason: None })
+            }
+        }
+    }
+
+    /// The request passes: counts once per rule, reports the most restrictive limit.
+    fn allow(&self, env: &Env<'_>, items: &[Item<'_>]) -> Verdict {
+        // Only a later global denial needs this; without global rules nothing is allocated.
+        let consumed = if self.config.global.is_some() {
+            items.iter().filter_map(Item::consumed).collect()
+        } else {
+            Vec::new()
+        };
+        let now = env.now();
+        let mut report: Option<Reported> = None;
+        let mut counted: Option<usize> = None;
+        for item in items {
+            if counted != Some(item.at.rule) && !item.skip {
+                env.observer.count(Metric::Allowed(item.at.rule));
+                counted = Some(item.at.rule);
+            }
+            let Some(decision) = item.decision else { continue };
+            report = most_restrictive(report, Some(item.report(&decision, now)));
+        }
+        Verdict::Allow { report, consumed }
+    }
+
+    /// Gives back what `consumed` took (the request was then denied by a global rule).
+    pub fn give_back(&self, env: &Env<'_>, consumed: &[Consumed]) {
+        let table = self.table();
+        for c in consumed {
+            match c.give_back(env, &table) {
+                Ok(true) => {}
+                Ok(false) => env.observer.count(Metric::CasRetriesExhausted),
+                Err(_) => env.observer.count(Metric::StoreError),
+            }
+        }
+    }
+
+    /// Gives back what the first items of a request took when a later one refused it.
+    fn give_back_items(
+        &self,
+        env: &Env<'_>,
+        table: &Table<'_>,
+        items: &[Item<'_>],
+    ) -> Result<(), StoreError> {
+        for c in items.iter().filter_map(Item::consumed) {
+            if !c.give_back(env, table)? {
+                env.observer.count(Metric::CasRetriesExhausted);
+            }
+        }
+        Ok(())
+    }
+
+    /// A request whose cost no limit can ever hold: denied with a reason (no Retry-After), or
+    /// only logged for a shadow rule (then `None`: carry on).
+    fn refuse_cost(&self, env: &Env<'_>, refusal: CostRefusal<'_>) -> Option<Verdict> {
+        let CostRefusal { index, rule, limit, plan, fp, cost, reason } = refusal;
+        let shadow = rule.shadow;
+        env.observer.count(if shadow { Metric::ShadowDenied(index) } else { Metric::Denied(index) });
+        env.observer.violation(&Violation {
+            rule: &rule.name,
+            limit: limit.map(|l| l.name.as_str()),
+            plan,
+            cost,
+            key_hash: fp.0,
+            key: self.key_for_log(rule, env),
+            retry_after_seconds: None,
+            reason: Some(reason.to_string()),
+            shadow,
+            at: env.now(),
+        });
+        (!shadow).then_some(Verdict::Deny { report: None, retry_after_seconds: None, reason: Some(reason) })
+    }
+
+    fn key_for_log(&self, rule: &Rule, env: &Env<'_>) -> Option<String> {
+        self.config.violation_log.include_key.then(|| key_text(rule, env.request))
+    }
+
+    fn violation<'a>(&'a self, env: &Env<'_>, item: &Item<'a>, decision: &Decision) -> Violation<'a> {
+        Violation {
+            rule: &item.rule.name,
+            limit: Some(&item.limit.name),
+            plan: item.plan,
+            cost: item.cost,
+            key_hash: item.fp.0,
+            key: self.key_for_log(item.rule, env),
+            retry_after_seconds: Some(ceil_seconds(decision.retry_after_nanos).max(1)),
+            reason: None,
+            shadow: item.rule.shadow,
+            at: env.now(),
+        }
+    }
+}

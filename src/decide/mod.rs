@@ -1,0 +1,92 @@
+//! The limiter: one request's life in the filter, in four moments the wasm glue calls in order.
+//!
+//! - **decide** (request headers): the status endpoint, then every local rule ([`local`]: check
+//!   all, then consume from all or none), then one call to the rate limit service for the global
+//!   rules, whose answer comes back through **answered**;
+//! - **settle** (response headers): the limit headers of a request that passed;
+//! - **end** (the stream is over, however it ended: completed, reset, answered locally);
+//! - **tick** (every worker, every 100 ms): background work.
+//!
+//! What a request carries from one moment to the next is its [`Exchange`], owned by the HTTP
+//! context; every moment runs in an [`Env`]: the store, the request, the clock and the observer.
+
+mod lifecycle;
+mod local;
+mod standings;
+
+use std::cell::Cell;
+
+pub use lifecycle::{Ask, Exchange, Next};
+pub use local::{Consumed, Verdict};
+
+use crate::config::Config;
+use crate::report::Observer;
+use crate::request::Request;
+use crate::state::clock::Clock;
+use crate::state::store::SharedStore;
+use crate::state::table::Table;
+
+/// What every moment of a request works with.
+pub struct Env<'a> {
+    pub store: &'a dyn SharedStore,
+    pub request: &'a dyn Request,
+    pub observer: &'a dyn Observer,
+    clock: Option<&'a dyn Clock>,
+    now: Cell<Option<u64>>,
+}
+
+impl<'a> Env<'a> {
+    /// The clock is read once, when a moment first needs the time (a response that only gets its
+    /// headers never reads it).
+    pub fn new(
+        store: &'a dyn SharedStore,
+        request: &'a dyn Request,
+        clock: &'a dyn Clock,
+        observer: &'a dyn Observer,
+    ) -> Env<'a> {
+        Env { store, request, observer, clock: Some(clock), now: Cell::new(None) }
+    }
+
+    /// At a given instant.
+    pub fn at(
+        store: &'a dyn SharedStore,
+        request: &'a dyn Request,
+        now: u64,
+        observer: &'a dyn Observer,
+    ) -> Env<'a> {
+        Env { store, request, observer, clock: None, now: Cell::new(Some(now)) }
+    }
+
+    /// Nanoseconds since the epoch, the same for the whole moment.
+    pub fn now(&self) -> u64 {
+        if let Some(now) = self.now.get() {
+            return now;
+        }
+        let now = self.clock.map_or(0, |c| c.now_nanos());
+        self.now.set(Some(now));
+        now
+    }
+}
+
+/// An immutable, configured limiter; shared by every request of a worker.
+pub struct Limiter {
+    config: Config,
+    seed: u64,
+}
+
+impl Limiter {
+    pub fn new(config: Config, seed: u64) -> Limiter {
+        Limiter { config, seed }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn table(&self) -> Table<'_> {
+        Table::new(&self.config.key_prefix, self.config.table_size)
+    }
+}
+
+#[cfg(test)]
+mod tests;

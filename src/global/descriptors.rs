@@ -1,0 +1,152 @@
+//! The request to the rate limit service: one descriptor per limit of every global rule that
+//! applies, with the configured limit as an override and the cost as the hits.
+
+use std::hash::{DefaultHasher, Hasher};
+
+use prost::Message;
+
+use super::protocol::{Entry, RateLimitDescriptor, RateLimitOverride, RateLimitRequest, UInt64Value};
+use super::{GlobalCall, Purpose, Refusal};
+use crate::config::{Config, FailureMode, KeyPart, Limit, LimitRef, MissingKeyPolicy, Rule};
+use crate::request::keys::part_value;
+use crate::request::plan::{cost_of, limits_for, PlanLimits};
+use crate::request::Request;
+
+/// The descriptors for every global rule that applies to `request`; `Ok(None)` when none does.
+pub fn prepare(
+    config: &Config,
+    request: &dyn Request,
+    purpose: Purpose,
+) -> Result<Option<GlobalCall>, Refusal> {
+    let Some(service) = &config.global else { return Ok(None) };
+    let mut descriptors = Vec::new();
+    let mut origins = Vec::new();
+    let mut deny_on_failure = false;
+    for (index, rule) in config.rules.iter().enumerate() {
+        let Some(failure_mode) = rule.global else { continue };
+        let Some(asked) = ask_about(index, rule, request, purpose)? else { continue };
+        for (limit, descriptor) in asked.descriptors() {
+            descriptors.push(descriptor);
+            origins.push(LimitRef { rule: index, plan: asked.chosen.plan_index(), limit });
+        }
+        deny_on_failure |= failure_mode == FailureMode::Deny;
+    }
+    if descriptors.is_empty() {
+        return Ok(None);
+    }
+    // Services that ignore the per-descriptor addend read the request's, when all agree.
+    let first = descriptors.first().and_then(|d| d.hits_addend.as_ref()).map_or(1, |h| h.value);
+    let same = descriptors.iter().all(|d| d.hits_addend.as_ref().map_or(1, |h| h.value) == first);
+    let hits_addend = if same { u32::try_from(first).unwrap_or(u32::MAX) } else { 0 };
+    let request = RateLimitRequest { domain: service.domain.clone(), descriptors, hits_addend };
+    Ok(Some(GlobalCall { message: request.encode_to_vec(), origins, deny_on_failure }))
+}
+
+/// One global rule as the service will be asked about it.
+struct Asked<'a> {
+    rule: &'a Rule,
+    chosen: PlanLimits<'a>,
+    parts: Vec<Entry>,
+    hits: u64,
+}
+
+/// What to ask about `rule` for this request; `Ok(None)` when the rule does not apply (its
+/// conditions, a missing key part, an unlimited plan).
+fn ask_about<'a>(
+    index: usize,
+    rule: &'a Rule,
+    request: &dyn Request,
+    purpose: Purpose,
+) -> Result<Option<Asked<'a>>, Refusal> {
+    let applies = match purpose {
+        Purpose::Decide => rule.matcher.matches(request),
+        Purpose::Status => rule.matcher.headers_match(request),
+    };
+    if !applies {
+        return Ok(None);
+    }
+    let Some(parts) = key_entries(rule, request) else { return Ok(None) };
+    let hits = match purpose {
+        Purpose::Decide => cost_of(rule, request).map_err(|reason| Refusal { rule: index, reason })?,
+        Purpose::Status => 0,
+    };
+    let chosen = limits_for(rule, request);
+    if chosen.plan.is_some() && chosen.limits.is_empty() {
+        return Ok(None); // an unlimited plan
+    }
+    Ok(Some(Asked { rule, chosen, parts, hits }))
+}
+
+impl Asked<'_> {
+    /// One descriptor per limit (each with its index), or one without a limit when the service's
+    /// own configuration holds it.
+    fn descriptors(&self) -> Vec<(Option<usize>, RateLimitDescriptor)> {
+        if self.chosen.limits.is_empty() {
+            return vec![(None, self.descriptor(None))];
+        }
+        self.chosen.limits.iter().enumerate().map(|(i, l)| (Some(i), self.descriptor(Some(l)))).collect()
+    }
+
+    fn descriptor(&self, limit: Option<&Limit>) -> RateLimitDescriptor {
+        let mut entries = vec![Entry { key: "rule".into(), value: self.rule.name.clone() }];
+        if let Some(name) = self.chosen.plan_name() {
+            entries.push(Entry { key: "plan".into(), value: name.to_owned() });
+        }
+        if let (Some(l), true) = (limit, self.chosen.limits.len() > 1) {
+            entries.push(Entry { key: "limit".into(), value: l.name.clone() });
+        }
+        entries.extend(self.parts.iter().cloned());
+        let limit_override = limit.and_then(|l| {
+            Some(RateLimitOverride { requests_per_unit: u32::try_from(l.quota).ok()?, unit: l.rls_unit? })
+        });
+        RateLimitDescriptor {
+            entries,
+            limit: limit_override,
+            hits_addend: Some(UInt64Value { value: self.hits }),
+        }
+    }
+}
+
+/// The descriptor entries for a rule's key parts; `None` when a part is missing and the rule skips.
+fn key_entries(rule: &Rule, request: &dyn Request) -> Option<Vec<Entry>> {
+    let mut entries = Vec::with_capacity(rule.key.len());
+    for part in &rule.key {
+        let value = match (part_value(part, request), rule.when_key_missing) {
+            (Some(v), _) => v,
+            (None, MissingKeyPolicy::Empty) => Vec::new(),
+            (None, MissingKeyPolicy::Skip) => return None,
+        };
+        entries.push(Entry { key: entry_key(part), value: entry_value(&value) });
+    }
+    Some(entries)
+}
+
+/// Descriptor keys follow Envoy's own rate limit actions where one exists.
+fn entry_key(part: &KeyPart) -> String {
+    match part {
+        KeyPart::ClientAddress | KeyPart::XForwardedFor { .. } => "remote_address".into(),
+        KeyPart::Header(name) => name.clone(),
+        KeyPart::Query(name) => format!("query.{name}"),
+        KeyPart::Method => "method".into(),
+        KeyPart::Path => "path".into(),
+        KeyPart::Constant(_) => "generic_key".into(),
+        KeyPart::JwtClaim(claim) => format!("jwt.{claim}"),
+    }
+}
+
+/// Values go as they are when they are UTF-8 of at most 256 bytes, else as `hash:<32 hex digits>`,
+/// a 128-bit hash that is the same in every Envoy running this build.
+pub(super) fn entry_value(value: &[u8]) -> String {
+    match std::str::from_utf8(value) {
+        Ok(text) if text.len() <= 256 => text.to_owned(),
+        _ => {
+            let half = |salt: u8| {
+                let mut h = DefaultHasher::new();
+                h.write_u8(salt);
+                h.write(value);
+                h.finish()
+            };
+            format!("hash:{:016x}{:016x}", half(1), half(2))
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! The replies the filter sends itself instead of passing a request on: the deny response, the
+//! status endpoint's answer, and the status endpoint's failure.
+
+use std::borrow::Cow;
+
+use super::headers::{render, LimitReport};
+use crate::config::Config;
+
+/// A response the filter sends in place of the upstream's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalReply<'a> {
+    pub status: u32,
+    pub headers: Vec<(&'a str, Cow<'a, str>)>,
+    pub body: Cow<'a, [u8]>,
+}
+
+/// The configured deny response with the limit headers, `Retry-After` when retrying can help, and
+/// `x-ratelimit-reason` when the request can never pass.
+pub fn deny<'a>(
+    config: &'a Config,
+    report: Option<&LimitReport<'_>>,
+    retry_after_seconds: Option<u64>,
+    reason: Option<String>,
+) -> LocalReply<'a> {
+    let rendered = render(config.headers, report, retry_after_seconds);
+    let mut headers: Vec<(&'a str, Cow<'a, str>)> = Vec::with_capacity(rendered.len() + 2);
+    headers.push(("content-type", Cow::Borrowed(config.deny.content_type.as_str())));
+    headers.extend(rendered.into_iter().map(|(name, value)| (name, Cow::Owned(value))));
+    if let Some(reason) = reason {
+        headers.push(("x-ratelimit-reason", Cow::Owned(reason)));
+    }
+    LocalReply { status: config.deny.status, headers, body: Cow::Borrowed(config.deny.body.as_bytes()) }
+}
+
+/// The status endpoint's JSON.
+pub fn status(json: String) -> LocalReply<'static> {
+    LocalReply {
+        status: 200,
+        headers: vec![
+            ("content-type", Cow::Borrowed("application/json")),
+            ("cache-control", Cow::Borrowed("no-store")),
+        ],
+        body: Cow::Owned(json.into_bytes()),
+    }
+}
+
+/// The status endpoint when shared data cannot be read.
+pub fn status_unavailable() -> LocalReply<'static> {
+    LocalReply {
+        status: 503,
+        headers: vec![("content-type", Cow::Borrowed("text/plain"))],
+        body: Cow::Borrowed(b"rate limit status unavailable\n"),
+    }
+}

@@ -1,0 +1,119 @@
+//! The HTTP context: one request. Each callback runs the core's moment for it and carries out
+//! what the moment returns (go on, reply, or call the rate limit service).
+
+use std::rc::Rc;
+
+use crate::decide::{Env, Exchange, Next};
+use crate::global::answer::CallError;
+use crate::global::protocol::{METHOD, SERVICE};
+use crate::report::reply::LocalReply;
+use crate::wasm::host::{self, HostClock, HostRequest, HostStore, LogLevel};
+use crate::wasm::root::Shared;
+
+const ACTION_CONTINUE: u32 = 0;
+const ACTION_PAUSE: u32 = 1;
+
+pub struct Filter {
+    /// `None` when the plugin is not configured: the filter then lets everything through.
+    shared: Option<Rc<Shared>>,
+    exchange: Exchange,
+    /// A gRPC call started by the last callback, for the ABI layer to route its answer here.
+    new_call: Option<u32>,
+}
+
+/// Runs `moment` in this request's environment on the host.
+fn in_env<R>(shared: &Shared, moment: impl FnOnce(&Env<'_>) -> R) -> R {
+    moment(&Env::new(&HostStore, &HostRequest, &HostClock, &shared.events))
+}
+
+impl Filter {
+    pub fn new(shared: Option<Rc<Shared>>) -> Filter {
+        Filter { shared, exchange: Exchange::default(), new_call: None }
+    }
+
+    pub fn inert() -> Filter {
+        Filter::new(None)
+    }
+
+    pub fn take_new_call(&mut self) -> Option<u32> {
+        self.new_call.take()
+    }
+
+    pub fn on_request_headers(&mut self) -> u32 {
+        let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
+        in_env(&shared, |env| {
+            let next = shared.limiter.decide(env, &mut self.exchange);
+            self.carry_out(&shared, env, next)
+        })
+    }
+
+    /// The service answered (`Ok(body)`) or the call failed (`Err(grpc status)`).
+    pub fn on_global_answer(&mut self, context_id: u32, answer: Result<Vec<u8>, u32>) {
+        let Some(shared) = self.shared.clone() else { return };
+        if !self.exchange.is_awaiting() {
+            return;
+        }
+        host::set_effective_context(context_id);
+        in_env(&shared, |env| {
+            let answer = answer.as_deref().map_err(|status| CallError::Status(*status));
+            match shared.limiter.answered(env, &mut self.exchange, answer) {
+                Next::Reply(reply) => {
+                    respond(&reply);
+                }
+                Next::Continue | Next::Ask(_) => {
+                    host::resume_request();
+                }
+            }
+        });
+    }
+
+    pub fn on_response_headers(&mut self) -> u32 {
+        let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
+        let headers = in_env(&shared, |env| shared.limiter.settle(env, &mut self.exchange));
+        for (name, value) in headers {
+            host::set_response_header(name, &value);
+        }
+        ACTION_CONTINUE
+    }
+
+    /// The stream is over (Envoy deletes the context however the stream ended).
+    pub fn on_end(&mut self) {
+        let Some(shared) = self.shared.clone() else { return };
+        in_env(&shared, |env| shared.limiter.end(env, &mut self.exchange));
+    }
+
+    fn carry_out(&mut self, shared: &Shared, env: &Env<'_>, next: Next<'_>) -> u32 {
+        let ask = match next {
+            Next::Continue => return ACTION_CONTINUE,
+            Next::Reply(reply) => return respond(&reply),
+            Next::Ask(ask) => ask,
+        };
+        match host::grpc_call(ask.cluster, SERVICE, METHOD, &ask.message, ask.timeout_ms) {
+            Ok(token) => {
+                self.new_call = Some(token);
+                ACTION_PAUSE
+            }
+            Err(host_status) => {
+                let error = CallError::CannotCall { cluster: ask.cluster.to_owned(), host_status };
+                match shared.limiter.answered(env, &mut self.exchange, Err(error)) {
+                    Next::Reply(reply) => respond(&reply),
+                    Next::Continue | Next::Ask(_) => ACTION_CONTINUE,
+                }
+            }
+        }
+    }
+}
+
+fn respond(reply: &LocalReply<'_>) -> u32 {
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+    match host::send_local_response(reply.status, &headers, &reply.body) {
+        Ok(()) => ACTION_PAUSE,
+        Err(code) => {
+            host::log(
+                LogLevel::Warn,
+                &format!("ratelimit-wasm: could not send a local response (status {code})"),
+            );
+            ACTION_CONTINUE
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The root context: configuration, the table's creation, the counters and the logs of one
+//! worker (or of the main thread), and its tick.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use crate::config::{self, Config};
+use crate::decide::Limiter;
+use crate::report::metrics::{counter_names, Metric};
+use crate::report::violations::{LogLimiter, Violation};
+use crate::report::Observer;
+use crate::state::store::StoreError;
+use crate::state::table::Table;
+use crate::wasm::host::{self, HostStore, LogLevel};
+use crate::wasm::http::Filter;
+
+/// How often counts reach Envoy's counters.
+const TICK_MS: u32 = 100;
+
+/// The filter's counters for one worker: counted in wasm memory and added to Envoy's counters on
+/// every tick (each 100 ms), which saves a host call per request.
+struct Counters {
+    /// (Envoy's metric id, count not yet flushed), in the order of [`Metric::slot`].
+    entries: Vec<(Option<u32>, Cell<u64>)>,
+    rules: usize,
+}
+
+impl Counters {
+    fn define(config: &Config) -> Counters {
+        let entries =
+            counter_names(config).iter().map(|name| (host::define_counter(name), Cell::new(0))).collect();
+        Counters { entries, rules: config.rules.len() }
+    }
+
+    fn count(&self, metric: Metric) {
+        if let Some((_, pending)) = self.entries.get(metric.slot(self.rules)) {
+            pending.set(pending.get() + 1);
+        }
+    }
+
+    fn flush(&self) {
+        for (id, pending) in &self.entries {
+            let n = pending.replace(0);
+            if let (Some(id), true) = (id, n > 0) {
+                host::increment(*id, i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
+/// Counters plus the violation and failure logs, for one worker.
+pub struct Events {
+    counters: Counters,
+    log_level: Option<LogLevel>,
+    log_limiter: RefCell<LogLimiter>,
+    /// Failures of the rate limit service: at most a line per second per worker.
+    failure_log: RefCell<LogLimiter>,
+}
+
+impl Observer for Events {
+    fn count(&self, metric: Metric) {
+        self.counters.count(metric);
+    }
+
+    fn violation(&self, violation: &Violation<'_>) {
+        let Some(level) = self.log_level else { return };
+        let Ok(mut limiter) = self.log_limiter.try_borrow_mut() else { return };
+        if let Some(suppressed) = limiter.admit(violation.at) {
+            host::log(level, &violation.render(suppressed));
+        }
+    }
+
+    fn global_failure(&self, reason: &str) {
+        let Ok(mut limiter) = self.failure_log.try_borrow_mut() else { return };
+        if let Some(suppressed) = limiter.admit(host::now_nanos()) {
+            let more = if suppressed > 0 {
+                format!(" ({suppressed} more since the last line)")
+            } else {
+                String::new()
+            };
+            host::log(LogLevel::Warn, &format!("ratelimit-wasm: rate limit service failed: {reason}{more}"));
+        }
+    }
+
+    fn status_unavailable(&self, error: StoreError) {
+        host::log(LogLevel::Warn, &format!("ratelimit-wasm: status unavailable: {error:?}"));
+    }
+}
+
+/// What every request of a worker shares: the limiter and the events it reports.
+pub struct Shared {
+    pub limiter: Limiter,
+    pub events: Events,
+}
+
+#[derive(Default)]
+pub struct Root {
+    shared: Option<Rc<Shared>>,
+}
+
+impl Root {
+    pub fn configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let bytes = host::plugin_configuration(plugin_configuration_size);
+        let config = match Config::parse(&bytes) {
+            Ok(config) => config,
+            Err(e) => {
+                host::log(LogLevel::Error, &format!("ratelimit-wasm: invalid configuration: {e}"));
+                return false;
+            }
+        };
+        let Some(seed) = prepare_table(&config) else { return false };
+        host::log(
+            LogLevel::Info,
+            &format!(
+                "ratelimit-wasm: configured {} rule(s), table of {} slots under prefix {:?}",
+                config.rules.len(),
+                config.table_size,
+                config.key_prefix
+            ),
+        );
+        let events = Events {
+            counters: Counters::define(&config),
+            log_level: log_level(config.violation_log.level),
+            log_limiter: RefCell::new(LogLimiter::new(config.violation_log.max_per_second)),
+            failure_log: RefCell::new(LogLimiter::new(1)),
+        };
+        self.shared = Some(Rc::new(Shared { limiter: Limiter::new(config, seed), events }));
+        host::set_tick_period_ms(TICK_MS);
+        true
+    }
+
+    pub fn on_tick(&mut self) {
+        if let Some(shared) = &self.shared {
+            shared.events.counters.flush();
+            shared.limiter.tick(&HostStore, host::now_nanos());
+        }
+    }
+
+    pub fn new_filter(&self) -> Filter {
+        Filter::new(self.shared.clone())
+    }
+}
+
+/// The shared hash seed, once the table exists; `None` (logged) when shared data is unavailable.
+fn prepare_table(config: &Config) -> Option<u64> {
+    let store = HostStore;
+    let table = Table::new(&config.key_prefix, config.table_size);
+    let seed = match table.shared_seed(&store, random_seed()) {
+        Ok(seed) => seed,
+        Err(e) => {
+            host::log(LogLevel::Error, &format!("ratelimit-wasm: shared data unavailable: {e:?}"));
+            return None;
+        }
+    };
+    if let Err(e) = table.initialize(&store) {
+        host::log(LogLevel::Error, &format!("ratelimit-wasm: could not create the state table: {e:?}"));
+        return None;
+    }
+    Some(seed)
+}
+
+fn log_level(level: config::LogLevel) -> Option<LogLevel> {
+    match level {
+        config::LogLevel::Off => None,
+        config::LogLevel::Debug => Some(LogLevel::Debug),
+        config::LogLevel::Info => Some(LogLevel::Info),
+        config::LogLevel::Warn => Some(LogLevel::Warn),
+        config::LogLevel::Error => Some(LogLevel::Error),
+    }
+}
+
+/// A seed nobody outside can guess, so clients cannot pick keys that collide in the table: std's
+/// hash-map keys come from the host's `random_get` (WASI), which the module already uses.
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(host::now_nanos())
+}
