@@ -73,7 +73,6 @@ extern "C" {
         value_size: usize,
         cas: u32,
     ) -> u32;
-    #[allow(clippy::too_many_arguments)]
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -84,7 +83,6 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
-    #[allow(clippy::too_many_arguments)]
     fn proxy_grpc_call(
         upstream_data: *const u8,
         upstream_size: usize,
