@@ -49,6 +49,9 @@ WASM = REPO / "target" / "wasm32-wasip1" / "release" / "ratelimit_wasm.wasm"
 NOOP_DIR = REPO / "bench" / "noop-filter"
 NOOP_TARGET = REPO / "target" / "bench-noop"
 NOOP_WASM = NOOP_TARGET / "wasm32-wasip1" / "release" / "noop_filter.wasm"
+# ratelimit-wasm built with no-op proxy_on_done / proxy_on_log exports (feature done-log-exports).
+END_TARGET = REPO / "target" / "bench-ours-end"
+END_WASM = END_TARGET / "wasm32-wasip1" / "release" / "ratelimit_wasm.wasm"
 FLOOD_LUA = REPO / "bench" / "flood.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -95,6 +98,14 @@ def build_noop() -> None:
     subprocess.run(
         ["cargo", "build", "-q", "--release", "--target", "wasm32-wasip1", "--target-dir", str(NOOP_TARGET)],
         cwd=NOOP_DIR, check=True, stdin=subprocess.DEVNULL,
+    )
+
+
+def build_ours_end() -> None:
+    subprocess.run(
+        ["cargo", "build", "-q", "--release", "--target", "wasm32-wasip1", "--features", "done-log-exports",
+         "--target-dir", str(END_TARGET)],
+        cwd=REPO, check=True, stdin=subprocess.DEVNULL,
     )
 
 
@@ -165,8 +176,9 @@ def ours_config(capacity: int, refill_period: str, table_size: int = 65536, head
     }
 
 
-def ours_filter(capacity: int, refill_period: str, table_size: int = 65536, headers: str = "x-ratelimit") -> dict:
-    return wasm_filter(WASM, json.dumps(ours_config(capacity, refill_period, table_size, headers)), "ratelimit")
+def ours_filter(capacity: int, refill_period: str, table_size: int = 65536, headers: str = "x-ratelimit",
+                wasm: Path = WASM) -> dict:
+    return wasm_filter(wasm, json.dumps(ours_config(capacity, refill_period, table_size, headers)), "ratelimit")
 
 
 def native_filter(capacity: int, fill_interval: str) -> dict:
@@ -201,7 +213,8 @@ def filtered_config(kind: str, upstream_port: int, **kw) -> dict:
         filters = [native_filter(kw["capacity"], kw["period"])]
         route["rate_limits"] = NATIVE_ROUTE_RATE_LIMITS
     elif kind == "ours":
-        filters = [ours_filter(kw["capacity"], kw["period"], kw.get("table_size", 65536), kw.get("headers", "x-ratelimit"))]
+        filters = [ours_filter(kw["capacity"], kw["period"], kw.get("table_size", 65536), kw.get("headers", "x-ratelimit"),
+                               kw.get("wasm", WASM))]
     elif kind == "probe":
         filters = [wasm_filter(NOOP_WASM, kw["steps"], "probe")]
     elif kind == "ours-global":
@@ -462,7 +475,14 @@ SPEED_VARIANTS = [
     ("noop+calls", "probe", {"steps": "time,header,shared,resp3"}, HOT_KEY, "2xx"),
     ("noop+resp5", "probe", {"steps": "resp5"}, HOT_KEY, "2xx"),
     ("noop-429", "probe", {"steps": "deny"}, HOT_KEY, "4xx"),
+    ("noop-429+reads", "probe", {"steps": "time,header,sharedget,deny"}, HOT_KEY, "4xx"),
+    ("ours-end", "ours", {"capacity": BIG, "period": "1s", "wasm": END_WASM}, HOT_KEY, "2xx"),
 ]
+
+# The 429 rows are about 3x faster per request: they get 3x the requests, so their CPU figures
+# rest on as many clock ticks as the others' (the CPU clock counts in 10 ms ticks).
+def requests_for(name: str, n: int) -> int:
+    return 3 * n if "429" in name else n
 
 
 def perf_split(e: Envoy, n: int, clients: int, workdir: Path) -> dict:
@@ -515,7 +535,7 @@ def speed(workdir: Path, upstream: Envoy, rounds: int, n: int, clients: int, wor
             for name, workers in order:
                 e = envoys[(name, workers)]
                 spec = next(v for v in SPEED_VARIANTS if v[0] == name)
-                res = measured_run(e, n, clients, 2, spec[3])
+                res = measured_run(e, requests_for(name, n), clients, 2, spec[3])
                 if res[spec[4]] != res["done"]:
                     raise RuntimeError(f"{name} w{workers}: expected all {spec[4]}, got {res}")
                 results.setdefault((name, workers), []).append(res)
@@ -989,8 +1009,11 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
         "noop+calls": "probe: no-op + ours' host calls (allowed path: time, header, get+set shared data, 3 response headers)",
         "noop+resp5": "probe: no-op + 5 response headers set",
         "noop-429": "probe: wasm filter that only sends ours' 429 reply",
+        "noop-429+reads": "probe: the same 429 after ours' reads (time, x-key header, get shared data)",
+        "ours-end": "ratelimit-wasm as `ours`, also exporting no-op proxy_on_done and proxy_on_log",
     }
-    native_of = {"ours": "native", "ours-both": "native", "ours-429": "native-429", "native": "native", "native-429": "native-429"}
+    native_of = {"ours": "native", "ours-both": "native", "ours-429": "native-429", "native": "native", "native-429": "native-429",
+                 "ours-end": "native"}
     summary = {}
     for workers in params["workers"]:
         for name, *_ in SPEED_VARIANTS:
@@ -1023,7 +1046,8 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
     for a, b, what in (("ours", "native", "ours / native, allowed"), ("ours-both", "native", "ours with both header sets / native, allowed"),
                        ("ours-429", "native-429", "ours / native, 429"),
                        ("ours", "plain", "ours / plain, allowed"), ("native", "plain", "native / plain, allowed"),
-                       ("noop-wasm", "plain", "no-op wasm / plain")):
+                       ("noop-wasm", "plain", "no-op wasm / plain"),
+                       ("ours-end", "ours", "ours exporting proxy_on_done + proxy_on_log / ours, allowed")):
         for workers in params["workers"]:
             ra, rb = res.get((a, workers)), res.get((b, workers))
             if not ra or not rb:
@@ -1061,6 +1085,22 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
         g = lambda n: summary.get((n, workers), (float("nan"), 0))[0]  # noqa: E731
         L.append(f"- {workers} worker(s): noop-429 - native-429 = {g('noop-429') - g('native-429'):.1f} us (a wasm filter "
                  f"answering at all), ours-429 - noop-429 = {g('ours-429') - g('noop-429'):.1f} us")
+    L.append("")
+    L.append("Paired differences (CPU us per request, computed within each round, then the median and range over the "
+             "rounds): the 429 path's own work, split into the three reads any exact limiter makes (time, the key "
+             "header, the bucket's shared data) and the rest; and what exporting proxy_on_done / proxy_on_log costs.\n")
+    L.append("| difference | workers | median of rounds | range |")
+    L.append("|---|---:|---:|---:|")
+    for a, b, what in (("ours-429", "noop-429", "429 own work: ours-429 - noop-429"),
+                       ("noop-429+reads", "noop-429", "of which the three reads: noop-429+reads - noop-429"),
+                       ("ours-429", "noop-429+reads", "of which ours' code: ours-429 - noop-429+reads"),
+                       ("ours-end", "ours", "done/log exports: ours-end - ours (allowed)")):
+        for workers in params["workers"]:
+            ra, rb = res.get((a, workers)), res.get((b, workers))
+            if not ra or not rb:
+                continue
+            d = [x["us_per_req"] - y["us_per_req"] for x, y in zip(ra, rb)]
+            L.append(f"| {what} | {workers} | **{med(d):.1f}** | {min(d):.1f} to {max(d):.1f} |")
     L.append("")
     if cas := res.get("cas"):
         L.append("CAS retries on the one hot key (ours' `cas_retries` counter over every request the variant served; a "
@@ -1212,6 +1252,7 @@ def main() -> int:
             return 1
     ensure_tools()
     build_noop()
+    build_ours_end()
 
     workdir = Path(tempfile.mkdtemp(prefix="ratelimit-bench-"))
     try:

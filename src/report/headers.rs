@@ -35,6 +35,9 @@ pub fn render(
     report: Option<&LimitReport<'_>>,
     retry_after: Option<u64>,
 ) -> Vec<(&'static str, String)> {
+    if report.is_none() && retry_after.is_none() {
+        return Vec::new(); // no allocation for a response no limit applied to
+    }
     let mut headers = Vec::with_capacity(6);
     if let Some(seconds) = retry_after {
         headers.push(("retry-after", seconds.to_string()));

@@ -128,7 +128,18 @@ pub extern "C" fn proxy_on_grpc_close(context_id: u32, token_id: u32, status_cod
 
 // No `proxy_on_done`, `proxy_on_log` or gRPC metadata callbacks: Envoy skips a callback the
 // module does not export, and each of the first two would be one more entry into the VM for
-// every request, to do nothing.
+// every request, to do nothing. The request's end runs from `proxy_on_delete`. The bench builds a
+// variant with the two (feature `done-log-exports`) to measure what they would cost.
+
+#[cfg(feature = "done-log-exports")]
+#[no_mangle]
+pub extern "C" fn proxy_on_done(_context_id: u32) -> bool {
+    true
+}
+
+#[cfg(feature = "done-log-exports")]
+#[no_mangle]
+pub extern "C" fn proxy_on_log(_context_id: u32) {}
 
 /// Envoy deletes an HTTP context when its stream is over, however it ended (completed, reset by
 /// either side, answered locally): the request's last moment.

@@ -15,6 +15,7 @@ struct Steps {
     time: bool,
     header: bool,
     shared: bool,
+    sharedget: bool,
     metric: bool,
     resp5: bool,
     resp3: bool,
@@ -45,6 +46,7 @@ impl RootContext for Root {
                 "time" => self.steps.time = true,
                 "header" => self.steps.header = true,
                 "shared" => self.steps.shared = true,
+                "sharedget" => self.steps.sharedget = true,
                 "metric" => self.steps.metric = true,
                 "resp5" => self.steps.resp5 = true,
                 "resp3" => self.steps.resp3 = true,
@@ -52,7 +54,7 @@ impl RootContext for Root {
                 _ => return false,
             }
         }
-        if self.steps.shared {
+        if self.steps.shared || self.steps.sharedget {
             let _ = hostcalls::set_shared_data("probe:0", Some(&[1u8; 25]), None);
         }
         self.counter = hostcalls::define_metric(MetricType::Counter, "probe.allowed").unwrap_or(0);
@@ -97,6 +99,12 @@ impl HttpContext for Filter {
                     *b = b.wrapping_add((n ^ acc) as u8);
                 }
                 let _ = hostcalls::set_shared_data("probe:0", Some(&value), cas);
+            }
+        }
+        if s.sharedget {
+            // The 429 path reads its slot and writes nothing.
+            if let Ok((Some(value), _)) = hostcalls::get_shared_data("probe:0") {
+                acc ^= u64::from(value.first().copied().unwrap_or(0));
             }
         }
         if s.metric {
