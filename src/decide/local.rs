@@ -241,7 +241,8 @@ impl Limiter {
     }
 
     /// Consumes from every item in turn; the denial to send if one of them cannot be consumed
-    /// after all (what the earlier ones took is given back first).
+    /// after all (what the earlier ones took is given back first; a store error while giving back
+    /// is counted and never turns the denial into an admission).
     fn commit(
         &self,
         env: &Env<'_>,
@@ -254,7 +255,8 @@ impl Limiter {
             }
             let applied = self.consume(env, table, &items[i])?;
             if let Some(refused) = self.settle_item(env, &mut items[i], applied) {
-                self.give_back_items(env, table, &items[..i])?;
+                let taken: Vec<Consumed> = items[..i].iter().filter_map(Item::consumed).collect();
+                self.give_back(env, &taken);
                 return Ok(Some(refused));
             }
         }
@@ -355,7 +357,8 @@ impl Limiter {
         Verdict::Allow { report, consumed }
     }
 
-    /// Gives back what `consumed` took (the request was then denied by a global rule).
+    /// Gives back what `consumed` took (a later limit or a global rule denied the request). Errors
+    /// are counted: the request stays denied.
     pub fn give_back(&self, env: &Env<'_>, consumed: &[Consumed]) {
         let table = self.table();
         for c in consumed {
@@ -365,21 +368,6 @@ impl Limiter {
                 Err(_) => env.observer.count(Metric::StoreError),
             }
         }
-    }
-
-    /// Gives back what the first items of a request took when a later one refused it.
-    fn give_back_items(
-        &self,
-        env: &Env<'_>,
-        table: &Table<'_>,
-        items: &[Item<'_>],
-    ) -> Result<(), StoreError> {
-        for c in items.iter().filter_map(Item::consumed) {
-            if !c.give_back(env, table)? {
-                env.observer.count(Metric::CasRetriesExhausted);
-            }
-        }
-        Ok(())
     }
 
     /// A request whose cost no limit can ever hold: denied with a reason (no Retry-After), or

@@ -12,7 +12,7 @@ use crate::report::Observer;
 use crate::request::keys::request_key;
 use crate::request::TestRequest;
 use crate::state::clock::{Clock, FakeClock};
-use crate::state::memory::MemoryStore;
+use crate::state::memory::{FailingStore, MemoryStore, Op};
 use crate::state::slot::SLOT_LEN;
 use crate::state::store::SharedStore;
 use crate::state::table::{Applied, Bucket, Lookup, TableEvents};
@@ -771,4 +771,30 @@ fn a_limit_whose_algorithm_changes_starts_afresh_instead_of_misreading_the_state
     let window = r#""limit":{"algorithm":"fixed_window","requests":2,"window":"1h"}"#;
     let windowed = reconfigured(&rule_json("api", window), &store);
     assert_eq!((0..3).filter(|_| allowed(windowed.check(&Env::at(&store, &keyed("k"), T0, &m)))).count(), 2);
+}
+
+#[test]
+fn a_store_error_while_giving_back_never_turns_a_denial_into_an_admission() {
+    // Two limits; between this worker's check and its write, another worker takes the last unit
+    // of the second, so what the first took is given back, and that give-back's write fails.
+    let limits = r#""limits":[{"name":"wide","capacity":10,"refill_period":"1h"},
+        {"name":"narrow","capacity":2,"refill_period":"1h"}]"#;
+    let config = Config::parse(rule_json("r", limits).as_bytes()).unwrap();
+    let other = std::sync::Arc::new(Limiter::new(config.clone(), 42));
+    let l = Limiter::new(config, 42);
+    let store = FailingStore::new(MemoryStore::new());
+    l.table().initialize(&store).unwrap();
+    let m = Counts::default();
+    assert!(allowed(l.check(&Env::at(&store, &keyed("k"), T0, &m))));
+    let base = store.calls(Op::Set);
+    store.before_each(move |call, shared| {
+        if call.op == Op::Set && call.nth == base + 2 {
+            let _ = other.check(&Env::at(shared, &keyed("k"), T0, &Counts::default()));
+        }
+        call.op == Op::Set && call.nth == base + 3
+    });
+    let verdict = l.check(&Env::at(&store, &keyed("k"), T0, &m));
+    assert_eq!(store.calls(Op::Set), base + 3, "the write, the lost race, the failed give-back");
+    assert!(!allowed(verdict));
+    assert_eq!(m.get(Metric::StoreError), 1);
 }

@@ -91,10 +91,11 @@ pub struct StoreCall<'a> {
     pub nth: u64,
 }
 
-type FailRule = Box<dyn Fn(&StoreCall<'_>) -> bool + Send + Sync>;
+type FailRule = Box<dyn Fn(&StoreCall<'_>, &MemoryStore) -> bool + Send + Sync>;
 
 /// A [`MemoryStore`] whose calls fail with `StoreError::Host(FailingStore::HOST_STATUS)` whenever
-/// the rule says so; the failed call changes nothing.
+/// the rule says so; the failed call changes nothing. The rule also gets the store underneath, so
+/// it can play another worker writing just before a chosen call.
 pub struct FailingStore {
     pub inner: MemoryStore,
     rule: Mutex<FailRule>,
@@ -110,7 +111,7 @@ impl FailingStore {
     pub fn new(inner: MemoryStore) -> FailingStore {
         FailingStore {
             inner,
-            rule: Mutex::new(Box::new(|_| false)),
+            rule: Mutex::new(Box::new(|_, _| false)),
             gets: AtomicU64::new(0),
             sets: AtomicU64::new(0),
         }
@@ -118,15 +119,26 @@ impl FailingStore {
 
     /// From now on, fails every call `rule` picks (call numbers keep counting from creation).
     pub fn fail_when(&self, rule: impl Fn(&StoreCall<'_>) -> bool + Send + Sync + 'static) {
+        self.before_each(move |call, _| rule(call));
+    }
+
+    /// From now on, runs `rule` before every call, with the store underneath (to write to it as
+    /// another worker would); the call fails when it returns true.
+    pub fn before_each(&self, rule: impl Fn(&StoreCall<'_>, &MemoryStore) -> bool + Send + Sync + 'static) {
         *self.rule.lock().unwrap_or_else(|p| p.into_inner()) = Box::new(rule);
+    }
+
+    /// Calls of `op` made so far.
+    pub fn calls(&self, op: Op) -> u64 {
+        match op {
+            Op::Get => self.gets.load(Ordering::SeqCst),
+            Op::Set => self.sets.load(Ordering::SeqCst),
+        }
     }
 
     /// Fails the `n`-th call of `op` counted from now (1 = the next one), and only that one.
     pub fn fail_nth_from_now(&self, op: Op, n: u64) {
-        let done = match op {
-            Op::Get => self.gets.load(Ordering::SeqCst),
-            Op::Set => self.sets.load(Ordering::SeqCst),
-        };
+        let done = self.calls(op);
         self.fail_when(move |call| call.op == op && call.nth == done + n);
     }
 
@@ -137,7 +149,7 @@ impl FailingStore {
         };
         let nth = counter.fetch_add(1, Ordering::SeqCst) + 1;
         let rule = self.rule.lock().unwrap_or_else(|p| p.into_inner());
-        rule(&StoreCall { op, key, nth })
+        rule(&StoreCall { op, key, nth }, &self.inner)
     }
 }
 
