@@ -7,7 +7,7 @@
 pub enum StoreError {
     /// The key changed since the `cas` we passed was read.
     CasMismatch,
-    /// A key that was just created could not be read back.
+    /// A key that was just created could not be read back, or keeps holding unreadable bytes.
     Missing,
     /// Any other host status (the raw code is kept for the log).
     Host(u32),

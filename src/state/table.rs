@@ -106,18 +106,27 @@ impl<'a> Table<'a> {
     }
 
     /// The process-wide hash seed: the first worker's `candidate` wins, everyone reads it back.
+    /// An unreadable seed (another layout under the same prefix) is replaced by CAS, and the seed
+    /// read back: every worker must hash with the same one, or a client gets a bucket per worker.
     pub fn shared_seed(&self, store: &dyn SharedStore, candidate: u64) -> Result<u64, StoreError> {
         let key = store_key(self.prefix, StoreKey::Seed);
+        let seed = candidate.to_le_bytes();
         for _ in 0..MAX_ATTEMPTS {
-            if let Some(Versioned { value, .. }) = store.get(key.as_str())? {
-                if let Ok(bytes) = <[u8; 8]>::try_from(value.as_slice()) {
-                    return Ok(u64::from_le_bytes(bytes));
+            match store.get(key.as_str())? {
+                Some(Versioned { value, cas }) => {
+                    if let Ok(bytes) = <[u8; 8]>::try_from(value.as_slice()) {
+                        return Ok(u64::from_le_bytes(bytes));
+                    }
+                    match store.set(key.as_str(), &seed, cas) {
+                        Ok(()) | Err(StoreError::CasMismatch) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-                // Unreadable seed: replace it once, guarded by CAS like any update.
+                None => create(store, key.as_str(), &seed)?,
             }
-            create(store, key.as_str(), &candidate.to_le_bytes())?;
         }
-        Ok(candidate)
+        // Something keeps writing unreadable bytes there: refuse rather than hash apart.
+        Err(StoreError::Missing)
     }
 
     fn home(&self, fp: Fingerprint) -> u32 {
@@ -307,5 +316,21 @@ fn create(store: &dyn SharedStore, key: &str, value: &[u8]) -> Result<(), StoreE
     match store.set(key, value, CREATE_ONLY_CAS) {
         Ok(()) | Err(StoreError::CasMismatch) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::memory::MemoryStore;
+
+    #[test]
+    fn an_unreadable_seed_is_replaced_and_every_worker_reads_the_same_one() {
+        let store = MemoryStore::new();
+        store.set("p:seed", b"not eight bytes", 0).unwrap();
+        let table = Table::new("p", 8);
+        let first = table.shared_seed(&store, 1).unwrap();
+        let second = table.shared_seed(&store, 2).unwrap();
+        assert_eq!((first, second), (1, 1));
     }
 }
