@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 pub mod duration;
 mod limits;
+mod unique;
 
 pub use limits::{Cost, Limit, LimitKind, Limits, Plan, PlanSource, Plans};
 use limits::{RawCost, RawLimit, RawPlan, RawPlanSource};
@@ -341,28 +342,59 @@ struct RawHeaderMatch {
     equals: Option<String>,
 }
 
+/// One key part as written: `source` says which of the other fields it takes. A flat struct (not
+/// a tagged enum), so an error names the exact field (`rules[0].key[0].trusted_hops`).
 #[derive(Deserialize)]
-#[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
-enum RawKeyPart {
+#[serde(deny_unknown_fields)]
+struct RawKeyPart {
+    source: KeySource,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    trusted_hops: Option<u32>,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    claim: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum KeySource {
     ClientAddress,
-    XForwardedFor {
-        #[serde(default)]
-        trusted_hops: u32,
-    },
-    Header {
-        name: String,
-    },
-    Query {
-        name: String,
-    },
+    XForwardedFor,
+    Header,
+    Query,
     Method,
     Path,
-    Constant {
-        value: String,
-    },
-    JwtClaim {
-        claim: String,
-    },
+    Constant,
+    JwtClaim,
+}
+
+impl KeySource {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeySource::ClientAddress => "client_address",
+            KeySource::XForwardedFor => "x_forwarded_for",
+            KeySource::Header => "header",
+            KeySource::Query => "query",
+            KeySource::Method => "method",
+            KeySource::Path => "path",
+            KeySource::Constant => "constant",
+            KeySource::JwtClaim => "jwt_claim",
+        }
+    }
+
+    /// The one field each source takes besides `source`, if any.
+    fn field(self) -> Option<&'static str> {
+        match self {
+            KeySource::XForwardedFor => Some("trusted_hops"),
+            KeySource::Header | KeySource::Query => Some("name"),
+            KeySource::Constant => Some("value"),
+            KeySource::JwtClaim => Some("claim"),
+            KeySource::ClientAddress | KeySource::Method | KeySource::Path => None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -373,6 +405,7 @@ impl Config {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ConfigError::at("", "configuration is empty: expected a JSON object with \"rules\""));
         }
+        unique::refuse_duplicate_fields(bytes)?;
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::at("", format!("invalid JSON: {e}")))?;
         if !value.is_object() {
@@ -628,26 +661,51 @@ fn compile_match(path: &str, raw: RawMatch) -> Result<Matcher, ConfigError> {
 }
 
 fn compile_key_part(path: &str, raw: RawKeyPart) -> Result<KeyPart, ConfigError> {
-    Ok(match raw {
-        RawKeyPart::ClientAddress => KeyPart::ClientAddress,
-        RawKeyPart::XForwardedFor { trusted_hops } => KeyPart::XForwardedFor { trusted_hops },
-        RawKeyPart::Header { name } => KeyPart::Header(header_name(&format!("{path}.name"), &name)?),
-        RawKeyPart::Query { name } => {
-            if name.is_empty() {
-                return Err(ConfigError::at(format!("{path}.name"), "must not be empty"));
-            }
-            KeyPart::Query(name)
+    refuse_foreign_key_fields(path, &raw)?;
+    let required = |given: Option<String>, field: &str| {
+        given.ok_or_else(|| ConfigError::at(path, format!("missing field `{field}`")))
+    };
+    let non_empty = |given: Option<String>, field: &str| {
+        let value = required(given, field)?;
+        if value.is_empty() {
+            return Err(ConfigError::at(format!("{path}.{field}"), "must not be empty"));
         }
-        RawKeyPart::Method => KeyPart::Method,
-        RawKeyPart::Path => KeyPart::Path,
-        RawKeyPart::Constant { value } => KeyPart::Constant(value),
-        RawKeyPart::JwtClaim { claim } => {
-            if claim.is_empty() {
-                return Err(ConfigError::at(format!("{path}.claim"), "must not be empty"));
-            }
-            KeyPart::JwtClaim(claim)
+        Ok(value)
+    };
+    Ok(match raw.source {
+        KeySource::ClientAddress => KeyPart::ClientAddress,
+        KeySource::XForwardedFor => KeyPart::XForwardedFor { trusted_hops: raw.trusted_hops.unwrap_or(0) },
+        KeySource::Header => {
+            let name = required(raw.name, "name")?;
+            KeyPart::Header(header_name(&format!("{path}.name"), &name)?)
         }
+        KeySource::Query => KeyPart::Query(non_empty(raw.name, "name")?),
+        KeySource::Method => KeyPart::Method,
+        KeySource::Path => KeyPart::Path,
+        KeySource::Constant => KeyPart::Constant(required(raw.value, "value")?),
+        KeySource::JwtClaim => KeyPart::JwtClaim(non_empty(raw.claim, "claim")?),
     })
+}
+
+/// A field that belongs to another source is refused, naming the one this source takes.
+fn refuse_foreign_key_fields(path: &str, raw: &RawKeyPart) -> Result<(), ConfigError> {
+    let present = [
+        ("name", raw.name.is_some()),
+        ("trusted_hops", raw.trusted_hops.is_some()),
+        ("value", raw.value.is_some()),
+        ("claim", raw.claim.is_some()),
+    ];
+    let takes = raw.source.field();
+    for (field, is_present) in present {
+        if is_present && takes != Some(field) {
+            let it_takes = takes.map_or("no other field".to_owned(), |f| format!("`{f}`"));
+            return Err(ConfigError::at(
+                format!("{path}.{field}"),
+                format!("not a field of source \"{}\" (it takes {it_takes})", raw.source.as_str()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Header names are matched lowercase, as Envoy stores them.
@@ -726,6 +784,6 @@ mod tests {
     #[test]
     fn an_unknown_field_inside_a_key_part_is_refused() {
         let json = r#"{"rules":[{"name":"r","key":[{"source":"header","name":"x","nam":"y"}],"limit":{"capacity":1,"refill_period":"1s"}}]}"#;
-        assert!(parse(json).unwrap_err().starts_with("rules[0].key[0]: unknown field `nam`"));
+        assert!(parse(json).unwrap_err().starts_with("rules[0].key[0].nam: unknown field `nam`"));
     }
 }
