@@ -1,7 +1,9 @@
 //! The request to the rate limit service: one descriptor per limit of every global rule that
 //! applies, with the configured limit as an override and the cost as the hits.
 
-use std::hash::{DefaultHasher, Hasher};
+use std::hash::Hasher;
+
+use siphasher::sip::SipHasher13;
 
 use prost::Message;
 
@@ -134,19 +136,24 @@ fn entry_key(part: &KeyPart) -> String {
     }
 }
 
-/// Values go as they are when they are UTF-8 of at most 256 bytes, else as `hash:<32 hex digits>`,
-/// a 128-bit hash that is the same in every Envoy running this build.
+/// What marks a hashed value; a value that starts with it is hashed too, so a client cannot send
+/// a value that stands for another one.
+const HASHED: &str = "hash:";
+
+/// Values go as they are when they are UTF-8 of at most 256 bytes, else as `hash:<32 hex digits>`:
+/// two SipHash-1-3 halves (keys 0, salts 1 and 2), the same in every Envoy, whatever compiler
+/// built it, so counts are shared during a rolling update.
 pub(super) fn entry_value(value: &[u8]) -> String {
     match std::str::from_utf8(value) {
-        Ok(text) if text.len() <= 256 => text.to_owned(),
+        Ok(text) if text.len() <= 256 && !text.starts_with(HASHED) => text.to_owned(),
         _ => {
             let half = |salt: u8| {
-                let mut h = DefaultHasher::new();
-                h.write_u8(salt);
+                let mut h = SipHasher13::new_with_keys(0, 0);
+                h.write(&[salt]);
                 h.write(value);
                 h.finish()
             };
-            format!("hash:{:016x}{:016x}", half(1), half(2))
+            format!("{HASHED}{:016x}{:016x}", half(1), half(2))
         }
     }
 }

@@ -2,17 +2,24 @@
 //! addresses are built in `state::slot`), its text for the violation log, and the value of each
 //! key part.
 
-use std::hash::{DefaultHasher, Hasher};
+use std::hash::Hasher;
+
+use siphasher::sip::SipHasher13;
 
 use super::jwt;
 use super::Request;
 use crate::config::{KeyPart, LimitKind, MissingKeyPolicy, Rule};
 use crate::state::Fingerprint;
 
-/// A rule's key for one request, before it is narrowed to one limit (and plan).
+/// The second half of the 128-bit SipHash key; the first is the process's random seed.
+const KEY_DOMAIN: u64 = u64::from_le_bytes(*b"rl-wasm1");
+
+/// A rule's key for one request, before it is narrowed to one limit (and plan). Fingerprints are
+/// SipHash-1-3 keyed with the shared seed, over a specified encoding (tag byte, length as 8 bytes
+/// little-endian, bytes), so a module built by another compiler reads the same buckets.
 #[derive(Clone)]
 pub struct RuleKey {
-    hasher: DefaultHasher,
+    hasher: SipHasher13,
 }
 
 impl RuleKey {
@@ -21,10 +28,10 @@ impl RuleKey {
     /// is part of it because each reads the stored state its own way: a configuration that
     /// changes a limit's algorithm starts that limit afresh instead of misreading the old state.
     pub fn limit(&self, plan: Option<&str>, limit_index: usize, kind: LimitKind) -> Fingerprint {
-        let mut hasher = self.hasher.clone();
+        let mut hasher = self.hasher;
         write_part(&mut hasher, 0xfe, plan.unwrap_or("").as_bytes());
-        hasher.write_u64(limit_index as u64);
-        hasher.write_u8(kind as u8);
+        hasher.write(&(limit_index as u64).to_le_bytes());
+        hasher.write(&[kind as u8]);
         Fingerprint::from_hash(hasher.finish())
     }
 }
@@ -32,8 +39,7 @@ impl RuleKey {
 /// Builds `rule`'s key for `request`, or `None` when a key part is missing and the rule says to
 /// skip such requests.
 pub fn request_key(seed: u64, rule: &Rule, request: &dyn Request) -> Option<RuleKey> {
-    let mut hasher = DefaultHasher::new();
-    hasher.write_u64(seed);
+    let mut hasher = SipHasher13::new_with_keys(seed, KEY_DOMAIN);
     write_part(&mut hasher, 0xff, rule.name.as_bytes());
     for (tag, part) in rule.key.iter().enumerate() {
         match (part_value(part, request), rule.when_key_missing) {
@@ -76,9 +82,9 @@ pub fn part_value(part: &KeyPart, request: &dyn Request) -> Option<Vec<u8>> {
 }
 
 /// Length-prefixed so that ("ab", "c") and ("a", "bc") differ.
-fn write_part(hasher: &mut DefaultHasher, tag: u8, value: &[u8]) {
-    hasher.write_u8(tag);
-    hasher.write_u64(value.len() as u64);
+fn write_part(hasher: &mut SipHasher13, tag: u8, value: &[u8]) {
+    hasher.write(&[tag]);
+    hasher.write(&(value.len() as u64).to_le_bytes());
     hasher.write(value);
 }
 
@@ -236,6 +242,17 @@ mod tests {
         assert_ne!(key.limit(Some("free"), 0, tb), key.limit(Some("pro"), 0, tb));
         assert_eq!(key.limit(Some("free"), 0, tb), key.limit(Some("free"), 0, tb));
         assert_ne!(key.limit(None, 0, tb), key.limit(None, 0, LimitKind::FixedWindow), "another algorithm");
+    }
+
+    #[test]
+    fn fingerprints_are_siphash_1_3_of_a_specified_encoding() {
+        // Golden values, computed from the SipHash-1-3 specification (not from this code): a
+        // module built by another compiler must find the same buckets in shared data.
+        let r = rule(r#"[{"source":"header","name":"x"}]"#, "skip");
+        let request = TestRequest::get("/").with_header("x", "alice");
+        let key = super::request_key(0x0123_4567_89ab_cdef, &r, &request).unwrap();
+        assert_eq!(key.limit(None, 0, LimitKind::TokenBucket), Fingerprint(0xfeb0_0e2b_3832_abb0));
+        assert_eq!(key.limit(Some("free"), 1, LimitKind::FixedWindow), Fingerprint(0x288e_d1ca_b740_d189));
     }
 
     #[test]
