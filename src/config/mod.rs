@@ -149,7 +149,14 @@ pub struct DenyResponse {
     pub status: u32,
     pub body: String,
     pub content_type: String,
+    /// The `grpc-status` a denied gRPC request gets (Envoy applies it to gRPC requests only).
+    pub grpc_status: u32,
 }
+
+/// RESOURCE_EXHAUSTED, what gRPC clients expect for a rate-limited call (Envoy's native filters
+/// send it with `rate_limited_as_resource_exhausted`); without it Envoy maps 429 to UNAVAILABLE,
+/// which tells clients to retry elsewhere at once.
+pub const DEFAULT_GRPC_STATUS: u32 = 8;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -288,6 +295,8 @@ struct RawDenyResponse {
     body: Option<String>,
     #[serde(default)]
     content_type: Option<String>,
+    #[serde(default)]
+    grpc_status: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -519,7 +528,8 @@ fn compile_global(raw: RawGlobal) -> Result<GlobalService, ConfigError> {
 }
 
 fn compile_deny(raw: Option<RawDenyResponse>) -> Result<DenyResponse, ConfigError> {
-    let raw = raw.unwrap_or(RawDenyResponse { status: None, body: None, content_type: None });
+    let raw =
+        raw.unwrap_or(RawDenyResponse { status: None, body: None, content_type: None, grpc_status: None });
     let status = raw.status.unwrap_or(429);
     if !(200..=599).contains(&status) {
         return Err(ConfigError::at(
@@ -534,7 +544,15 @@ fn compile_deny(raw: Option<RawDenyResponse>) -> Result<DenyResponse, ConfigErro
             format!("must be a non-empty header value without control characters, got {content_type:?}"),
         ));
     }
-    Ok(DenyResponse { status, body: raw.body.unwrap_or_else(|| "rate limited\n".to_owned()), content_type })
+    let grpc_status = raw.grpc_status.unwrap_or(DEFAULT_GRPC_STATUS);
+    if grpc_status > 16 {
+        return Err(ConfigError::at(
+            "deny_response.grpc_status",
+            format!("must be a gRPC status code between 0 and 16, got {grpc_status}"),
+        ));
+    }
+    let body = raw.body.unwrap_or_else(|| "rate limited\n".to_owned());
+    Ok(DenyResponse { status, body, content_type, grpc_status })
 }
 
 fn compile_rule(path: &str, raw: RawRule, global: Option<&GlobalService>) -> Result<Rule, ConfigError> {

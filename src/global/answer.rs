@@ -15,6 +15,20 @@ pub enum CallError {
     Status(u32),
     /// The answer is not a `RateLimitResponse`.
     Undecodable(prost::DecodeError),
+    /// The answer is larger than [`MAX_ANSWER_BYTES`]; it is not read.
+    TooLarge { bytes: usize },
+}
+
+/// The largest answer read from the service: an answer for every descriptor a request can carry
+/// is a few KiB, and the host copies an answer into the VM's memory before the filter sees it.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Whether an answer of `bytes` may be read at all.
+pub fn answer_size(bytes: usize) -> Result<usize, CallError> {
+    if bytes > MAX_ANSWER_BYTES {
+        return Err(CallError::TooLarge { bytes });
+    }
+    Ok(bytes)
 }
 
 impl fmt::Display for CallError {
@@ -25,6 +39,9 @@ impl fmt::Display for CallError {
             }
             CallError::Status(status) => write!(f, "gRPC status {status}{}", grpc_status_hint(*status)),
             CallError::Undecodable(e) => write!(f, "undecodable response: {e}"),
+            CallError::TooLarge { bytes } => {
+                write!(f, "answer of {bytes} bytes, larger than the {MAX_ANSWER_BYTES} read")
+            }
         }
     }
 }

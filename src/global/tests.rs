@@ -2,7 +2,7 @@
 
 use prost::Message;
 
-use super::answer::{read_answer, LimitStatus};
+use super::answer::{answer_size, read_answer, CallError, LimitStatus};
 use super::descriptors::{entry_value, prepare};
 use super::protocol::*;
 use super::Purpose;
@@ -94,6 +94,20 @@ fn a_global_rule_may_leave_the_limit_to_the_service() {
 }
 
 #[test]
+fn the_hash_of_a_long_value_is_siphash_1_3_whatever_built_the_module() {
+    // Computed from the SipHash-1-3 specification: every Envoy of a rolling update sends the same.
+    assert_eq!(entry_value(&[b'a'; 300]), "hash:ee5c6896559fe6309b6393f5627a5b8f");
+}
+
+#[test]
+fn a_value_that_looks_hashed_is_hashed_too() {
+    let forged = "hash:ee5c6896559fe6309b6393f5627a5b8f";
+    let sent = entry_value(forged.as_bytes());
+    assert!(sent.starts_with("hash:") && sent.len() == 37);
+    assert_ne!(sent, forged, "a client must not be able to name another value's descriptor");
+}
+
+#[test]
 fn long_or_binary_values_are_sent_as_a_stable_hash() {
     assert_eq!(entry_value(b"alice"), "alice");
     let long = entry_value(&[b'a'; 300]);
@@ -126,4 +140,14 @@ fn reads_over_limit_answers_with_their_reset() {
         )]
     );
     assert!(read_answer(&[0xff, 0xff, 0xff]).is_err());
+}
+
+#[test]
+fn an_answer_above_64_kib_is_a_failed_call_and_is_never_read() {
+    assert_eq!(answer_size(65_536), Ok(65_536));
+    assert_eq!(answer_size(3_000_000), Err(CallError::TooLarge { bytes: 3_000_000 }));
+    assert_eq!(
+        CallError::TooLarge { bytes: 3_000_000 }.to_string(),
+        "answer of 3000000 bytes, larger than the 65536 read"
+    );
 }

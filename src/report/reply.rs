@@ -12,6 +12,8 @@ pub struct LocalReply<'a> {
     pub status: u32,
     pub headers: Vec<(&'a str, Cow<'a, str>)>,
     pub body: Cow<'a, [u8]>,
+    /// For a gRPC request, the `grpc-status` to send (else Envoy maps the HTTP status).
+    pub grpc_status: Option<u32>,
 }
 
 /// The configured deny response with the limit headers, `Retry-After` when retrying can help, and
@@ -29,7 +31,12 @@ pub fn deny<'a>(
     if let Some(reason) = reason {
         headers.push(("x-ratelimit-reason", Cow::Owned(reason)));
     }
-    LocalReply { status: config.deny.status, headers, body: Cow::Borrowed(config.deny.body.as_bytes()) }
+    LocalReply {
+        status: config.deny.status,
+        headers,
+        body: Cow::Borrowed(config.deny.body.as_bytes()),
+        grpc_status: Some(config.deny.grpc_status),
+    }
 }
 
 /// The status endpoint's JSON.
@@ -41,6 +48,7 @@ pub fn status(json: String) -> LocalReply<'static> {
             ("cache-control", Cow::Borrowed("no-store")),
         ],
         body: Cow::Owned(json.into_bytes()),
+        grpc_status: None,
     }
 }
 
@@ -50,5 +58,6 @@ pub fn status_unavailable() -> LocalReply<'static> {
         status: 503,
         headers: vec![("content-type", Cow::Borrowed("text/plain"))],
         body: Cow::Borrowed(b"rate limit status unavailable\n"),
+        grpc_status: None,
     }
 }

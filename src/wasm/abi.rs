@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use crate::global::answer::{answer_size, CallError};
 use crate::wasm::host::{self, LogLevel};
 use crate::wasm::http::Filter;
 use crate::wasm::root::Root;
@@ -114,8 +115,8 @@ pub extern "C" fn proxy_on_response_headers(
 pub extern "C" fn proxy_on_grpc_receive(context_id: u32, token_id: u32, response_size: usize) {
     let _ = context_id;
     let Some(owner) = with_contexts(|c| c.calls.remove(&token_id)).flatten() else { return };
-    let body = host::grpc_response_body(response_size);
-    with_filter(owner, (), |f| f.on_global_answer(owner, Ok(body)));
+    let answer = answer_size(response_size).map(host::grpc_response_body);
+    with_filter(owner, (), |f| f.on_global_answer(owner, answer));
 }
 
 #[no_mangle]
@@ -123,7 +124,7 @@ pub extern "C" fn proxy_on_grpc_close(context_id: u32, token_id: u32, status_cod
     // A unary call that already delivered its message is not in `calls` any more.
     let Some(owner) = with_contexts(|c| c.calls.remove(&token_id)).flatten() else { return };
     let _ = context_id;
-    with_filter(owner, (), |f| f.on_global_answer(owner, Err(status_code)));
+    with_filter(owner, (), |f| f.on_global_answer(owner, Err(CallError::Status(status_code))));
 }
 
 // No `proxy_on_done`, `proxy_on_log` or gRPC metadata callbacks: Envoy skips a callback the

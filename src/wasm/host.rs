@@ -258,8 +258,14 @@ fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
     bytes
 }
 
-/// Answers the request from the filter; returns the host status on failure.
-pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), u32> {
+/// Answers the request from the filter; returns the host status on failure. `grpc_status` is
+/// what a gRPC request gets in `grpc-status` (Envoy ignores it for other requests).
+pub fn send_local_response(
+    status: u32,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    grpc_status: Option<u32>,
+) -> Result<(), u32> {
     let details = "ratelimit_wasm_denied";
     let headers = serialize_headers(headers);
     // SAFETY: every pointer/length pair describes a live buffer.
@@ -272,7 +278,7 @@ pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -
             body.len(),
             headers.as_ptr(),
             headers.len(),
-            -1,
+            grpc_status.and_then(|s| i32::try_from(s).ok()).unwrap_or(-1),
         )
     };
     if result == OK {

@@ -47,22 +47,18 @@ impl Filter {
         })
     }
 
-    /// The service answered (`Ok(body)`) or the call failed (`Err(grpc status)`).
-    pub fn on_global_answer(&mut self, context_id: u32, answer: Result<Vec<u8>, u32>) {
+    /// The service answered (`Ok(body)`) or the call failed. The request is paused: whatever
+    /// happens, it must end here, answered or resumed.
+    pub fn on_global_answer(&mut self, context_id: u32, answer: Result<Vec<u8>, CallError>) {
         let Some(shared) = self.shared.clone() else { return };
         if !self.exchange.is_awaiting() {
             return;
         }
         host::set_effective_context(context_id);
         in_env(&shared, |env| {
-            let answer = answer.as_deref().map_err(|status| CallError::Status(*status));
-            match shared.limiter.answered(env, &mut self.exchange, answer) {
-                Next::Reply(reply) => {
-                    respond(&reply);
-                }
-                Next::Continue | Next::Ask(_) => {
-                    host::resume_request();
-                }
+            match shared.limiter.answered(env, &mut self.exchange, answer.as_deref().map_err(Clone::clone)) {
+                Next::Reply(reply) => end_with(&reply),
+                Next::Continue | Next::Ask(_) => resume(),
             }
         });
     }
@@ -104,9 +100,27 @@ impl Filter {
     }
 }
 
+/// Answers a paused request with `reply`. If the host refuses it, a bare reply with the same status
+/// is tried, then the request is let go: a paused request must end, even if not as decided.
+fn end_with(reply: &LocalReply<'_>) {
+    if respond(reply) == ACTION_PAUSE
+        || host::send_local_response(reply.status, &[], &[], reply.grpc_status).is_ok()
+    {
+        return;
+    }
+    host::log(LogLevel::Error, "ratelimit-wasm: could not answer a paused request; resuming it so it ends");
+    resume();
+}
+
+fn resume() {
+    if !host::resume_request() {
+        host::log(LogLevel::Error, "ratelimit-wasm: could not resume a paused request");
+    }
+}
+
 fn respond(reply: &LocalReply<'_>) -> u32 {
     let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
-    match host::send_local_response(reply.status, &headers, &reply.body) {
+    match host::send_local_response(reply.status, &headers, &reply.body, reply.grpc_status) {
         Ok(()) => ACTION_PAUSE,
         Err(code) => {
             host::log(
