@@ -990,6 +990,15 @@ def render_global(g: dict) -> list[str]:
     return L
 
 
+def paired_runs(res: dict, a: str, b: str, workers_list: list[int]):
+    """(workers, runs of a, runs of b) for each worker count both variants ran with; run i of each
+    comes from the same round."""
+    for workers in workers_list:
+        ra, rb = res.get((a, workers)), res.get((b, workers))
+        if ra and rb:
+            yield workers, ra, rb
+
+
 def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, elapsed: float) -> str:
     L: list[str] = []
     L.append("# Benchmarks: ratelimit-wasm vs Envoy's native filters\n")
@@ -1064,10 +1073,7 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                        ("ours-end", "ours", "ours exporting proxy_on_done + proxy_on_log / ours, allowed"),
                        ("ours", "ours-o3", "ours (opt-level s) / ours at opt-level 3, allowed"),
                        ("ours-429", "ours-o3-429", "ours (opt-level s) / ours at opt-level 3, 429")):
-        for workers in params["workers"]:
-            ra, rb = res.get((a, workers)), res.get((b, workers))
-            if not ra or not rb:
-                continue
+        for workers, ra, rb in paired_runs(res, a, b, params["workers"]):
             cpu = [x["us_per_req"] / y["us_per_req"] for x, y in zip(ra, rb)]
             rps = [x["rps"] / y["rps"] for x, y in zip(ra, rb)]
             verdict = ""
@@ -1113,10 +1119,7 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                        ("ours-end", "ours", "done/log exports: ours-end - ours (allowed)"),
                        ("ours", "ours-o3", "opt-level s vs 3: ours - ours-o3 (allowed)"),
                        ("ours-429", "ours-o3-429", "opt-level s vs 3: ours-429 - ours-o3-429")):
-        for workers in params["workers"]:
-            ra, rb = res.get((a, workers)), res.get((b, workers))
-            if not ra or not rb:
-                continue
+        for workers, ra, rb in paired_runs(res, a, b, params["workers"]):
             d = [x["us_per_req"] - y["us_per_req"] for x, y in zip(ra, rb)]
             L.append(f"| {what} | {workers} | **{med(d):.1f}** | {min(d):.1f} to {max(d):.1f} |")
     L.append("")

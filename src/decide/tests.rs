@@ -13,7 +13,7 @@ use crate::request::keys::request_key;
 use crate::request::TestRequest;
 use crate::state::clock::{Clock, FakeClock};
 use crate::state::memory::{FailingStore, MemoryStore, Op};
-use crate::state::slot::SLOT_LEN;
+use crate::state::slot::{REUSE_MARGIN_NANOS, SLOT_LEN};
 use crate::state::store::SharedStore;
 use crate::state::table::{Applied, Bucket, Lookup, TableEvents};
 use crate::state::Fingerprint;
@@ -216,7 +216,8 @@ fn key_at_home_zero(l: &Limiter) -> (TestRequest, Fingerprint) {
         .unwrap()
 }
 
-/// Slot 0 holds a bucket that turns idle at `T0 + S`; slot 5 is free; the others stay live.
+/// Slot 0 holds a bucket that becomes free for another key at `T0 + S` (its state idles a reuse
+/// margin earlier); slot 5 is free; the others stay live.
 fn table_with_a_slot_about_to_idle() -> (Limiter, MemoryStore) {
     let (l, store) = limiter(
         r#"{"table_size":8,"rules":[{"name":"r","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":2,"refill_period":"2s"}}]}"#,
@@ -227,7 +228,7 @@ fn table_with_a_slot_about_to_idle() -> (Limiter, MemoryStore) {
         let fp = Fingerprint(0x1000 + i);
         let lookup = table.lookup(&store, fp, T0).unwrap();
         let Lookup::Vacant(slot) = lookup else { break };
-        let idle_at = if slot.index == 0 { T0 + S } else { T0 + 3600 * S };
+        let idle_at = if slot.index == 0 { T0 + S - REUSE_MARGIN_NANOS } else { T0 + 3600 * S };
         if slot.index == 5 {
             continue;
         }
@@ -797,4 +798,25 @@ fn a_store_error_while_giving_back_never_turns_a_denial_into_an_admission() {
     assert_eq!(store.calls(Op::Set), base + 3, "the write, the lost race, the failed give-back");
     assert!(!allowed(verdict));
     assert_eq!(m.get(Metric::StoreError), 1);
+}
+
+#[test]
+fn a_worker_whose_clock_lags_never_starts_afresh_a_key_whose_slot_was_just_reused() {
+    // Fixed window, 1 per second, in a table of 8 slots. k1 takes its one request; at the very
+    // instant its window ends, another worker sees k1's slot as free and puts k2 there; a worker
+    // whose clock reads a nanosecond earlier then checks k1, in k1's old window.
+    let (l, store) = limiter(
+        r#"{"table_size":8,"rules":[{"name":"r","key":[{"source":"header","name":"x-key"}],
+            "limit":{"algorithm":"fixed_window","requests":1,"window":"1s"}}]}"#,
+    );
+    let m = Counts::default();
+    let kind = crate::config::LimitKind::FixedWindow;
+    let home =
+        |key: &str| request_key(42, &l.config().rules[0], &keyed(key)).unwrap().limit(None, 0, kind).0 % 8;
+    let k2 = (0..1000).map(|i| format!("k2-{i}")).find(|k| home(k) == home("k1")).unwrap();
+    let window_end = T0 + S;
+    assert!(allowed(l.check(&Env::at(&store, &keyed("k1"), T0, &m))));
+    assert!(allowed(l.check(&Env::at(&store, &keyed(&k2), window_end, &m))));
+    let late = l.check(&Env::at(&store, &keyed("k1"), window_end - 1, &m));
+    assert!(!allowed(late), "k1 was admitted twice in the window ending at {window_end}");
 }

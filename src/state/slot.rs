@@ -77,6 +77,13 @@ pub const NEVER_USED: u64 = 0;
 /// but scans go on past it.
 pub const TOMBSTONE: u64 = 1;
 
+/// How long after its bucket turns fresh a slot stays its key's. Workers read the clock at
+/// slightly different moments (and a worker can be descheduled between reading it and using it):
+/// a slot taken by another key at the exact instant the first key's state expired would let a
+/// worker whose reading is a moment earlier start the first key afresh, admitting twice in one
+/// window. With the margin, a worker's reading must lag by a whole second for that to happen.
+pub const REUSE_MARGIN_NANOS: u64 = 1_000_000_000;
+
 /// One decoded slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot {
@@ -112,9 +119,12 @@ impl Slot {
         bytes
     }
 
-    /// Holds nothing live at `now`: never used, emptied, or a bucket back to its fresh state.
+    /// Holds nothing live at `now`: never used, emptied, or a bucket back to its fresh state for at
+    /// least [`REUSE_MARGIN_NANOS`].
     pub fn is_free(self, now: u64) -> bool {
-        self.fingerprint == NEVER_USED || self.fingerprint == TOMBSTONE || self.state.idle_at <= now
+        self.fingerprint == NEVER_USED
+            || self.fingerprint == TOMBSTONE
+            || self.state.idle_at.saturating_add(REUSE_MARGIN_NANOS) <= now
     }
 }
 
