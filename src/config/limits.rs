@@ -119,7 +119,7 @@ pub enum Cost {
 
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimit {
     #[serde(default)]
@@ -312,6 +312,16 @@ fn compile_limit_list(path: &str, rule: &str, raw: Vec<RawLimit>) -> Result<Vec<
         limits.push(limit);
     }
     Ok(limits)
+}
+
+/// The status endpoint's own limit, per client address: `raw`, or 10 calls a minute.
+pub(super) fn compile_status_limit(raw: Option<RawLimit>) -> Result<Limit, ConfigError> {
+    let default = || RawLimit {
+        capacity: NonZeroU32::new(10),
+        refill_period: Duration::from_nanos(60 * NANOS_PER_SECOND),
+        ..RawLimit::default()
+    };
+    compile_limit("status_limit", "status", false, raw.unwrap_or_else(default))
 }
 
 fn compile_limit(path: &str, rule: &str, several: bool, raw: RawLimit) -> Result<Limit, ConfigError> {

@@ -167,6 +167,8 @@ pub struct Config {
     pub deny: DenyResponse,
     /// A path the filter answers itself with the caller's current limits.
     pub status_path: Option<String>,
+    /// How often one client address may call the status endpoint.
+    pub status_limit: Limit,
     pub violation_log: ViolationLog,
     pub global: Option<GlobalService>,
     pub rules: Vec<Rule>,
@@ -257,6 +259,8 @@ struct RawConfig {
     deny_response: Option<RawDenyResponse>,
     #[serde(default)]
     status_path: Option<String>,
+    #[serde(default)]
+    status_limit: Option<RawLimit>,
     #[serde(default)]
     violation_log: Option<RawViolationLog>,
     #[serde(default)]
@@ -454,6 +458,7 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         other => other,
     };
+    let status_limit = limits::compile_status_limit(raw.status_limit)?;
     let violation_log = match raw.violation_log {
         Some(v) => {
             let max_per_second = v.max_per_second.unwrap_or(10);
@@ -496,6 +501,7 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         headers: raw.headers.unwrap_or(HeaderFormat::Both),
         deny,
         status_path,
+        status_limit,
         violation_log,
         global,
         rules,

@@ -63,6 +63,9 @@ impl Limiter {
     /// Request headers: the status endpoint, the local rules, then the call for the global rules.
     pub fn decide(&self, env: &Env<'_>, exchange: &mut Exchange) -> Next<'_> {
         if self.is_status_request(env.request) {
+            if let Some(denial) = self.limit_status_calls(env) {
+                return Next::Reply(denial);
+            }
             return self.ask_status(env, exchange);
         }
         let (local, consumed) = match self.check(env) {

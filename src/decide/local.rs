@@ -110,6 +110,19 @@ struct CostRefusal<'a> {
 /// Either the limits to check, or the verdict already reached while collecting them.
 type Collected<'a> = Result<Vec<Item<'a>>, Verdict>;
 
+/// Counts what one table operation ran into.
+pub(super) fn count_events(env: &Env<'_>, events: &TableEvents) {
+    for _ in 0..events.duplicates_folded {
+        env.observer.count(Metric::DuplicateFolded);
+    }
+    for _ in 0..events.cas_retries {
+        env.observer.count(Metric::CasRetry);
+    }
+    if events.confirm_exhausted {
+        env.observer.count(Metric::CasRetriesExhausted);
+    }
+}
+
 fn table_full_denial() -> Verdict {
     Verdict::Deny { report: None, retry_after_seconds: Some(TABLE_FULL_RETRY_AFTER_SECONDS), reason: None }
 }
@@ -278,15 +291,7 @@ impl Limiter {
                 let (decision, next) = algorithm.decide(state, now, cost);
                 (decision, decision.allowed.then_some(next))
             })?;
-        for _ in 0..events.duplicates_folded {
-            env.observer.count(Metric::DuplicateFolded);
-        }
-        for _ in 0..events.cas_retries {
-            env.observer.count(Metric::CasRetry);
-        }
-        if events.confirm_exhausted {
-            env.observer.count(Metric::CasRetriesExhausted);
-        }
+        count_events(env, &events);
         Ok(applied)
     }
 

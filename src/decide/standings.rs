@@ -1,16 +1,22 @@
 //! The status endpoint: the caller's standing in every limit that applies to it, consuming
 //! nothing. Local limits are read from the table; global ones are asked of the service (hits 0).
 
+use super::local::count_events;
 use super::{Env, Limiter};
 use crate::config::Found;
+use crate::config::TableFullPolicy;
 use crate::global::answer::{read_answer, CallError};
 use crate::global::{verdict, GlobalCall};
+use crate::report::headers::LimitReport;
+use crate::report::metrics::Metric;
 use crate::report::reply::{self, LocalReply};
 use crate::report::status::{status_json, Standing};
 use crate::request::keys::request_key;
+use crate::request::keys::status_key;
 use crate::request::plan::limits_for;
 use crate::request::Request;
 use crate::state::store::StoreError;
+use crate::state::table::{Applied, Bucket, TableEvents};
 
 impl Limiter {
     /// `GET` or `HEAD` on `status_path` (any query string).
@@ -22,6 +28,48 @@ impl Limiter {
             &p[..end] == status_path.as_bytes()
         });
         path_ok && request.header(":method").is_some_and(|m| m == b"GET" || m == b"HEAD")
+    }
+
+    /// The status endpoint's own limit, per client address: the deny reply when this call is over
+    /// it. A store that fails lets the call through, as for rules.
+    pub(super) fn limit_status_calls(&self, env: &Env<'_>) -> Option<LocalReply<'_>> {
+        let (limit, now) = (&self.config.status_limit, env.now());
+        let bucket =
+            Bucket { fp: status_key(self.seed, env.request, limit.kind), algorithm: &limit.algorithm, now };
+        let mut events = TableEvents::default();
+        let applied = self.table().measure_and_replace(env.store, bucket, None, &mut events, |state| {
+            let (decision, next) = limit.algorithm.decide(state, now, 1);
+            (decision, decision.allowed.then_some(next))
+        });
+        count_events(env, &events);
+        let decision = match applied {
+            Ok(Applied::Unchanged(decision)) => decision,
+            Ok(Applied::Full) => {
+                env.observer.count(Metric::TableFull);
+                if self.config.when_table_full == TableFullPolicy::Allow {
+                    return None;
+                }
+                env.observer.count(Metric::StatusDenied);
+                return Some(reply::deny(&self.config, None, Some(1), None));
+            }
+            Ok(Applied::Exhausted) => {
+                // Never over-admit, as for rules: a call that cannot be recorded is refused.
+                env.observer.count(Metric::CasRetriesExhausted);
+                env.observer.count(Metric::StatusDenied);
+                return Some(reply::deny(&self.config, None, Some(1), None));
+            }
+            Ok(Applied::Stored { .. }) | Err(_) => return None,
+        };
+        env.observer.count(Metric::StatusDenied);
+        let report = LimitReport {
+            name: &limit.name,
+            policy: limit.policy.as_deref(),
+            quota: limit.quota,
+            window_seconds: limit.window_seconds_at(now),
+            remaining: decision.remaining,
+            reset_seconds: decision.reset_seconds(),
+        };
+        Some(reply::deny(&self.config, Some(&report), Some(report.reset_seconds.max(1)), None))
     }
 
     /// The caller's standing in every local rule whose header conditions and key it meets (path

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use crate::algorithm::State;
 use crate::config::Config;
-use crate::decide::{Env, Limiter, Verdict};
+use crate::decide::{Env, Exchange, Limiter, Next, Verdict};
 use crate::report::metrics::Metric;
 use crate::report::violations::Violation;
 use crate::report::Observer;
@@ -819,4 +819,30 @@ fn a_worker_whose_clock_lags_never_starts_afresh_a_key_whose_slot_was_just_reuse
     assert!(allowed(l.check(&Env::at(&store, &keyed(&k2), window_end, &m))));
     let late = l.check(&Env::at(&store, &keyed("k1"), window_end - 1, &m));
     assert!(!allowed(late), "k1 was admitted twice in the window ending at {window_end}");
+}
+
+#[test]
+fn the_status_endpoint_has_its_own_limit_per_client_address() {
+    let (l, store) = limiter(
+        r#"{"table_size":64,"status_path":"/rl","status_limit":{"capacity":2,"refill_period":"1h"},
+        "rules":[{"name":"r","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":5,"refill_period":"1h"}}]}"#,
+    );
+    let m = Counts::default();
+    let call = |from: &str| {
+        let request = TestRequest::get("/rl").with_header("x-key", "k").with_source(from);
+        match l.decide(&Env::at(&store, &request, T0, &m), &mut Exchange::default()) {
+            Next::Reply(r) => {
+                let retry = r.headers.iter().find(|(n, _)| *n == "retry-after").map(|(_, v)| v.to_string());
+                (r.status, retry)
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(call("10.0.0.1:1000"), (200, None));
+    assert_eq!(call("10.0.0.1:1001"), (200, None));
+    assert_eq!(call("10.0.0.1:1002"), (429, Some("1800".into())), "2 per hour: one more in 30 minutes");
+    assert_eq!(call("10.0.0.2:1000"), (200, None), "another client address has its own");
+    assert_eq!(m.get(Metric::StatusDenied), 1);
+    let standing = l.standings(&Env::at(&store, &keyed("k"), T0, &m)).unwrap();
+    assert_eq!(standing[0].remaining, 5, "status calls take nothing from the rules");
 }

@@ -64,6 +64,8 @@ metrics! {
         GlobalFailure = "global_failures",
         /// A write lost the CAS race to another worker and was retried (contention on one key).
         CasRetry = "cas_retries",
+        /// A call to the status endpoint was refused: its caller is over `status_limit`.
+        StatusDenied = "status_denied",
     }
 }
 
@@ -91,7 +93,7 @@ mod tests {
         let config = Config::parse(json.as_bytes()).unwrap();
         let names = counter_names(&config);
         let name = |m: Metric| names[m.slot(2)].as_str();
-        assert_eq!(names.len(), 3 * 2 + 7);
+        assert_eq!(names.len(), 3 * 2 + 8);
         assert_eq!(name(Metric::Allowed(0)), "ratelimit_wasm.p.a.allowed");
         assert_eq!(name(Metric::ShadowDenied(1)), "ratelimit_wasm.p.b.shadow_denied");
         assert_eq!(name(Metric::TableFull), "ratelimit_wasm.p.table_full");

@@ -51,6 +51,16 @@ pub fn request_key(seed: u64, rule: &Rule, request: &dyn Request) -> Option<Rule
     Some(RuleKey { hasher })
 }
 
+/// The status endpoint's bucket for the caller: its client address, hashed apart from every
+/// rule's key (another first tag).
+pub fn status_key(seed: u64, request: &dyn Request, kind: LimitKind) -> Fingerprint {
+    let mut hasher = SipHasher13::new_with_keys(seed, KEY_DOMAIN);
+    let address = part_value(&KeyPart::ClientAddress, request).unwrap_or_default();
+    write_part(&mut hasher, 0xfd, &address);
+    hasher.write(&[kind as u8]);
+    Fingerprint::from_hash(hasher.finish())
+}
+
 /// The key parts as readable text (`part|part`, each cut to 64 bytes, lossy UTF-8), for the
 /// violation log when it is told to include keys.
 pub fn key_text(rule: &Rule, request: &dyn Request) -> String {

@@ -176,6 +176,18 @@ def test_the_status_endpoint_reports_without_consuming(envoy_factory):
     assert envoy.request("/ratelimit/status", {"x-key": key}, method="POST").status == 200
 
 
+def test_the_status_endpoint_has_its_own_limit_per_client(envoy_factory):
+    envoy = envoy_factory(filter_config(
+        rule("api", limit={"capacity": 5, "refill_period": "1h"}),
+        status_path="/rl", status_limit={"capacity": 3, "refill_period": "1h"}))
+    key = fresh_key("status")
+    calls = [envoy.request("/rl", {"x-key": key}) for _ in range(4)]
+    assert [c.status for c in calls] == [200, 200, 200, 429]
+    assert calls[3].header("retry-after") == "1200", "3 per hour: the next one in 20 minutes"
+    # Status calls take nothing from the rules.
+    assert [envoy.request("/", {"x-key": key}).status for _ in range(6)] == [200] * 5 + [429]
+
+
 def test_the_violation_log_is_itself_rate_limited(envoy_factory):
     envoy = envoy_factory(filter_config(
         rule("api", {"capacity": 1, "refill_period": "1h"}),
