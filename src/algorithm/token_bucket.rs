@@ -53,10 +53,12 @@ impl TokenBucket {
         if capacity == 0 || refill_tokens == 0 {
             return None;
         }
-        let interval = refill_period_nanos / u64::from(refill_tokens);
-        if interval == 0 {
+        if refill_period_nanos / u64::from(refill_tokens) == 0 {
             return None;
         }
+        // Rounded up: a rate that is not a whole number of nanoseconds per token refills at most a
+        // nanosecond per token slower than configured, never faster.
+        let interval = refill_period_nanos.div_ceil(u64::from(refill_tokens));
         let tolerance = interval.checked_mul(u64::from(capacity))?;
         (tolerance <= MAX_TOLERANCE_NANOS).then_some(TokenBucket {
             capacity: u64::from(capacity),
@@ -250,6 +252,30 @@ mod tests {
         let (_, two) = b.decide_bucket(one, T0, 1);
         assert_eq!(b.give_back_bucket(two, T0, 1).full_at, one.full_at);
         assert!(b.give_back_bucket(one, T0, 1).full_at <= T0, "a full bucket again");
+    }
+
+    #[test]
+    fn never_refills_faster_than_configured_when_a_token_is_not_whole_nanoseconds() {
+        // 134,616 per 6 ms is 44.57 ns a token: rounded down to 44 ns it admitted 426 units where
+        // 425 fit; 500,001 per ms rounded down to 1 ns refilled twice as fast.
+        for (capacity, tokens, period) in
+            [(333, 134_616, 6_000_000), (1, 500_001, 1_000_000), (10, 7, S), (5, 3, 1_000)]
+        {
+            let b = TokenBucket::new(capacity, tokens, period).unwrap();
+            let (mut state, mut now, mut admitted) = (BucketState::default(), T0, 0u64);
+            while now < T0 + 2 * period {
+                // Every request as soon as the bucket says one fits: the most it can be made to admit.
+                let (d, next) = b.decide_bucket(state, now, 1);
+                if d.allowed {
+                    admitted += 1;
+                    state = next;
+                    let fit = u64::from(capacity) + (now - T0) * u64::from(tokens) / period;
+                    assert!(admitted <= fit, "{tokens} per {period} ns: {admitted} admitted where {fit} fit");
+                } else {
+                    now += d.retry_after_nanos;
+                }
+            }
+        }
     }
 
     #[test]
