@@ -111,7 +111,7 @@ struct CostRefusal<'a> {
 type Collected<'a> = Result<Vec<Item<'a>>, Verdict>;
 
 /// Counts what one table operation ran into.
-pub(super) fn count_events(env: &Env<'_>, events: &TableEvents) {
+fn count_events(env: &Env<'_>, events: &TableEvents) {
     for _ in 0..events.duplicates_folded {
         env.observer.count(Metric::DuplicateFolded);
     }
@@ -266,7 +266,9 @@ impl Limiter {
             if items[i].skip {
                 continue;
             }
-            let applied = self.consume(env, table, &items[i])?;
+            let item = &items[i];
+            let bucket = Bucket { fp: item.fp, algorithm: &item.limit.algorithm, now: env.now() };
+            let applied = self.consume(env, table, bucket, Some(item.lookup), item.cost)?;
             if let Some(refused) = self.settle_item(env, &mut items[i], applied) {
                 let taken: Vec<Consumed> = items[..i].iter().filter_map(Item::consumed).collect();
                 self.give_back(env, &taken);
@@ -276,23 +278,25 @@ impl Limiter {
         Ok(None)
     }
 
-    /// Read-compute-CAS of one item: the write only happens if its limit still allows it.
-    fn consume(
+    /// Read-compute-CAS of one bucket at `cost`, from `first` (a fresh lookup when `None`): the
+    /// write only happens if the limit still allows it. What the table ran into is counted, even
+    /// when a store error then ends the operation.
+    pub(super) fn consume(
         &self,
         env: &Env<'_>,
         table: &Table<'_>,
-        item: &Item<'_>,
+        bucket: Bucket<'_>,
+        first: Option<Lookup>,
+        cost: u64,
     ) -> Result<Applied<Decision>, StoreError> {
-        let (algorithm, cost, now) = (&item.limit.algorithm, item.cost, env.now());
+        let (algorithm, now) = (bucket.algorithm, bucket.now);
         let mut events = TableEvents::default();
-        let bucket = Bucket { fp: item.fp, algorithm, now };
-        let applied =
-            table.measure_and_replace(env.store, bucket, Some(item.lookup), &mut events, |state| {
-                let (decision, next) = algorithm.decide(state, now, cost);
-                (decision, decision.allowed.then_some(next))
-            })?;
+        let applied = table.measure_and_replace(env.store, bucket, first, &mut events, |state| {
+            let (decision, next) = algorithm.decide(state, now, cost);
+            (decision, decision.allowed.then_some(next))
+        });
         count_events(env, &events);
-        Ok(applied)
+        applied
     }
 
     /// Records what consuming one item did; the denial when it refused the request.

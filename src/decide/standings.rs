@@ -1,22 +1,19 @@
 //! The status endpoint: the caller's standing in every limit that applies to it, consuming
 //! nothing. Local limits are read from the table; global ones are asked of the service (hits 0).
 
-use super::local::count_events;
 use super::{Env, Limiter};
-use crate::config::Found;
-use crate::config::TableFullPolicy;
+use crate::config::{Found, TableFullPolicy};
 use crate::global::answer::{read_answer, CallError};
 use crate::global::{verdict, GlobalCall};
 use crate::report::headers::LimitReport;
 use crate::report::metrics::Metric;
 use crate::report::reply::{self, LocalReply};
 use crate::report::status::{status_json, Standing};
-use crate::request::keys::request_key;
-use crate::request::keys::status_key;
+use crate::request::keys::{request_key, status_key};
 use crate::request::plan::limits_for;
 use crate::request::Request;
 use crate::state::store::StoreError;
-use crate::state::table::{Applied, Bucket, TableEvents};
+use crate::state::table::{Applied, Bucket};
 
 impl Limiter {
     /// `GET` or `HEAD` on `status_path` (any query string).
@@ -36,13 +33,7 @@ impl Limiter {
         let (limit, now) = (&self.config.status_limit, env.now());
         let bucket =
             Bucket { fp: status_key(self.seed, env.request, limit.kind), algorithm: &limit.algorithm, now };
-        let mut events = TableEvents::default();
-        let applied = self.table().measure_and_replace(env.store, bucket, None, &mut events, |state| {
-            let (decision, next) = limit.algorithm.decide(state, now, 1);
-            (decision, decision.allowed.then_some(next))
-        });
-        count_events(env, &events);
-        let decision = match applied {
+        let decision = match self.consume(env, &self.table(), bucket, None, 1) {
             Ok(Applied::Unchanged(decision)) => decision,
             Ok(Applied::Full) => {
                 env.observer.count(Metric::TableFull);
