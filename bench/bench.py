@@ -598,7 +598,7 @@ def memory(workdir: Path, upstream: Envoy, keys: int, table_size: int) -> dict:
         completed = e.stat("http.ingress.downstream_rq_completed")
         after = e.rss_kib()
         wasm = {k: e.stat(f"wasmcustom.ratelimit_wasm.bench.{k}") for k in
-                ("per-key.allowed", "per-key.denied", "table_full", "slot_reclaimed", "store_errors")}
+                ("per-key.allowed", "per-key.denied", "per-key.table_full", "slot_reclaimed", "store_errors")}
         return {"small_kib": small_kib, "before_kib": before, "after_kib": after, "requests": completed, "seconds": elapsed,
                 "table_size": table_size, "wasm": wasm}
     finally:
@@ -1199,7 +1199,7 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
         L.append("")
         w = mem["wasm"]
         L.append(f"Filter counters after the flood: allowed {w['per-key.allowed']:,}, denied {w['per-key.denied']:,}, "
-                 f"table_full {w['table_full']:,}, slot_reclaimed {w['slot_reclaimed']:,}, store_errors {w['store_errors']:,}. "
+                 f"table_full {w['per-key.table_full']:,}, slot_reclaimed {w['slot_reclaimed']:,}, store_errors {w['store_errors']:,}. "
                  "Growth that remains is Envoy's own (connections, stats, allocator), not shared data: the table's "
                  "keys all exist from start-up.\n")
 

@@ -12,3 +12,20 @@ fn the_readme_complete_example_is_a_valid_configuration() {
     assert_eq!(config.rules.len(), 7);
     assert!(config.rules.iter().any(|r| r.shadow));
 }
+
+#[test]
+fn every_filter_configuration_in_the_readme_is_accepted() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```json\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("\n```").next())
+        .filter(|block| block.trim_start().starts_with('{') && block.contains("\"rules\""))
+        .collect();
+    assert!(blocks.len() >= 2, "the README's filter configurations were not found");
+    for block in blocks {
+        if let Err(e) = Config::parse(block.as_bytes()) {
+            panic!("{e}\nin:\n{block}");
+        }
+    }
+}

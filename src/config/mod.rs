@@ -9,10 +9,12 @@ use serde::Deserialize;
 
 pub mod duration;
 mod limits;
+mod table;
 mod unique;
 
 pub use limits::{Cost, Limit, LimitKind, Limits, Plan, PlanSource, Plans};
 use limits::{RawCost, RawLimit, RawPlan, RawPlanSource};
+pub use table::TableShare;
 
 pub const DEFAULT_KEY_PREFIX: &str = "ratelimit-wasm";
 pub const DEFAULT_TABLE_SIZE: u32 = 65_536;
@@ -125,6 +127,10 @@ pub struct Rule {
     pub shadow: bool,
     /// Decided by the rate limit service instead of shared data.
     pub global: Option<FailureMode>,
+    /// The slots this rule's buckets live in (`None` for a global rule, which keeps none).
+    pub table: Option<TableShare>,
+    /// What a new key does when its probe window in the rule's share is all live.
+    pub when_table_full: TableFullPolicy,
 }
 
 /// What a global rule does when the rate limit service cannot answer in time.
@@ -169,6 +175,8 @@ pub struct Config {
     pub status_path: Option<String>,
     /// How often one client address may call the status endpoint.
     pub status_limit: Limit,
+    /// The slots the status endpoint's limit lives in (`None` without a status path).
+    pub status_table: Option<TableShare>,
     pub violation_log: ViolationLog,
     pub global: Option<GlobalService>,
     pub rules: Vec<Rule>,
@@ -330,6 +338,10 @@ struct RawRule {
     global: bool,
     #[serde(default)]
     failure_mode: Option<FailureMode>,
+    #[serde(default)]
+    table_size: Option<u32>,
+    #[serde(default)]
+    when_table_full: Option<TableFullPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -459,23 +471,7 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         other => other,
     };
     let status_limit = limits::compile_status_limit(raw.status_limit)?;
-    let violation_log = match raw.violation_log {
-        Some(v) => {
-            let max_per_second = v.max_per_second.unwrap_or(10);
-            if max_per_second == 0 {
-                return Err(ConfigError::at(
-                    "violation_log.max_per_second",
-                    "must be at least 1 (use \"level\": \"off\" to turn the log off)",
-                ));
-            }
-            ViolationLog {
-                level: v.level.unwrap_or(LogLevel::Info),
-                max_per_second,
-                include_key: v.include_key.unwrap_or(false),
-            }
-        }
-        None => ViolationLog { level: LogLevel::Info, max_per_second: 10, include_key: false },
-    };
+    let violation_log = compile_violation_log(raw.violation_log)?;
     if raw.rules.is_empty() {
         return Err(ConfigError::at("rules", "at least one rule is required"));
     }
@@ -483,29 +479,74 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(g) => Some(compile_global(g)?),
         None => None,
     };
+    let when_table_full = raw.when_table_full.unwrap_or(TableFullPolicy::Allow);
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rules.len());
+    let mut claims = Vec::with_capacity(raw.rules.len() + 1);
     for (i, raw_rule) in raw.rules.into_iter().enumerate() {
-        let rule = compile_rule(&format!("rules[{i}]"), raw_rule, global.as_ref())?;
+        let path = format!("rules[{i}]");
+        let reserved = raw_rule.table_size;
+        let rule = compile_rule(&path, raw_rule, global.as_ref(), when_table_full)?;
         if let Some(j) = rules.iter().position(|r| r.name == rule.name) {
             return Err(ConfigError::at(
                 format!("rules[{i}].name"),
                 format!("duplicate rule name {:?} (also rules[{j}])", rule.name),
             ));
         }
+        if rule.global.is_none() {
+            claims.push(table::Claim { path, reserved });
+        }
         rules.push(rule);
     }
+    let status_table = assign_shares(table_size, claims, &mut rules, status_path.is_some())?;
     Ok(Config {
         key_prefix,
         table_size,
-        when_table_full: raw.when_table_full.unwrap_or(TableFullPolicy::Allow),
+        when_table_full,
         headers: raw.headers.unwrap_or(HeaderFormat::Both),
         deny,
         status_path,
         status_limit,
+        status_table,
         violation_log,
         global,
         rules,
     })
+}
+
+fn compile_violation_log(raw: Option<RawViolationLog>) -> Result<ViolationLog, ConfigError> {
+    let Some(v) = raw else {
+        return Ok(ViolationLog { level: LogLevel::Info, max_per_second: 10, include_key: false });
+    };
+    let max_per_second = v.max_per_second.unwrap_or(10);
+    if max_per_second == 0 {
+        return Err(ConfigError::at(
+            "violation_log.max_per_second",
+            "must be at least 1 (use \"level\": \"off\" to turn the log off)",
+        ));
+    }
+    Ok(ViolationLog {
+        level: v.level.unwrap_or(LogLevel::Info),
+        max_per_second,
+        include_key: v.include_key.unwrap_or(false),
+    })
+}
+
+/// Gives each local rule (in `claims`, in rule order) its share of the table, and returns the
+/// status endpoint's (its claim comes last, when there is a status path).
+fn assign_shares(
+    table_size: u32,
+    mut claims: Vec<table::Claim>,
+    rules: &mut [Rule],
+    status_endpoint: bool,
+) -> Result<Option<TableShare>, ConfigError> {
+    if status_endpoint {
+        claims.push(table::Claim { path: "status_limit".to_owned(), reserved: None });
+    }
+    let mut shares = table::share_out(table_size, &claims)?.into_iter();
+    for rule in rules.iter_mut().filter(|r| r.global.is_none()) {
+        rule.table = shares.next();
+    }
+    Ok(if status_endpoint { shares.next() } else { None })
 }
 
 fn compile_global(raw: RawGlobal) -> Result<GlobalService, ConfigError> {
@@ -561,7 +602,12 @@ fn compile_deny(raw: Option<RawDenyResponse>) -> Result<DenyResponse, ConfigErro
     Ok(DenyResponse { status, body, content_type, grpc_status })
 }
 
-fn compile_rule(path: &str, raw: RawRule, global: Option<&GlobalService>) -> Result<Rule, ConfigError> {
+fn compile_rule(
+    path: &str,
+    raw: RawRule,
+    global: Option<&GlobalService>,
+    when_table_full: TableFullPolicy,
+) -> Result<Rule, ConfigError> {
     if !is_name(&raw.name, "") {
         return Err(ConfigError::at(
             format!("{path}.name"),
@@ -610,21 +656,8 @@ fn compile_rule(path: &str, raw: RawRule, global: Option<&GlobalService>) -> Res
             ))
         }
         (true, Some(service), mode) => {
-            if raw.shadow {
-                return Err(ConfigError::at(
-                    format!("{path}.shadow"),
-                    "a global rule cannot be a shadow rule",
-                ));
-            }
-            if let Some(limit) = limits.all().find(|l| l.rls_unit.is_none()) {
-                return Err(ConfigError::at(
-                    format!("{path}.global"),
-                    format!(
-                        "limit {:?} cannot be sent to a rate limit service, which counts requests per second, minute, hour, day, week or month: use {{\"algorithm\": \"fixed_window\", \"window\": \"1s\" | \"1m\" | \"1h\" | \"day\" | \"7d\" | \"month\"}} (the service chooses the algorithm)",
-                        limit.name
-                    ),
-                ));
-            }
+            let table_field = local_table_field(raw.table_size, raw.when_table_full);
+            check_global_rule(path, raw.shadow, table_field, &limits)?;
             Some(mode.unwrap_or(service.failure_mode))
         }
     };
@@ -637,7 +670,48 @@ fn compile_rule(path: &str, raw: RawRule, global: Option<&GlobalService>) -> Res
         cost,
         shadow: raw.shadow,
         global,
+        table: None,
+        when_table_full: raw.when_table_full.unwrap_or(when_table_full),
     })
+}
+
+/// What a global rule may not have: shadow mode, table fields, limits the service cannot count.
+fn check_global_rule(
+    path: &str,
+    shadow: bool,
+    table_field: Option<&str>,
+    limits: &Limits,
+) -> Result<(), ConfigError> {
+    if shadow {
+        return Err(ConfigError::at(format!("{path}.shadow"), "a global rule cannot be a shadow rule"));
+    }
+    if let Some(field) = table_field {
+        return Err(ConfigError::at(
+            format!("{path}.{field}"),
+            "a global rule keeps no state in this Envoy's table (the rate limit service counts it)",
+        ));
+    }
+    if let Some(limit) = limits.all().find(|l| l.rls_unit.is_none()) {
+        return Err(ConfigError::at(
+            format!("{path}.global"),
+            format!(
+                "limit {:?} cannot be sent to a rate limit service, which counts requests per second, minute, hour, day, week or month: use {{\"algorithm\": \"fixed_window\", \"window\": \"1s\" | \"1m\" | \"1h\" | \"day\" | \"7d\" | \"month\"}} (the service chooses the algorithm)",
+                limit.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The first table field a global rule was given, which only local rules take.
+fn local_table_field(table_size: Option<u32>, when_full: Option<TableFullPolicy>) -> Option<&'static str> {
+    if table_size.is_some() {
+        Some("table_size")
+    } else if when_full.is_some() {
+        Some("when_table_full")
+    } else {
+        None
+    }
 }
 
 fn compile_match(path: &str, raw: RawMatch) -> Result<Matcher, ConfigError> {

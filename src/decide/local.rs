@@ -5,7 +5,7 @@
 use super::{Env, Limiter};
 use crate::algorithm::time::ceil_seconds;
 use crate::algorithm::{Algorithm, Decision};
-use crate::config::{Limit, LimitRef, Rule, TableFullPolicy};
+use crate::config::{Limit, LimitRef, Rule, TableFullPolicy, TableShare};
 use crate::report::metrics::Metric;
 use crate::report::violations::Violation;
 use crate::report::{most_restrictive, Reported};
@@ -34,6 +34,7 @@ pub enum Verdict {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Consumed {
     fp: Fingerprint,
+    share: TableShare,
     index: u32,
     cost: u64,
     algorithm: Algorithm,
@@ -41,9 +42,9 @@ pub struct Consumed {
 
 impl Consumed {
     /// Gives it back: `Ok(false)` when other workers kept winning the CAS race.
-    fn give_back(&self, env: &Env<'_>, table: &Table<'_>) -> Result<bool, StoreError> {
+    fn give_back(&self, env: &Env<'_>, limiter: &Limiter) -> Result<bool, StoreError> {
         let now = env.now();
-        table.update_at(env.store, self.fp, self.index, |state| {
+        limiter.table(self.share).update_at(env.store, self.fp, self.index, |state| {
             self.algorithm.give_back(state, now, self.cost)
         })
     }
@@ -56,6 +57,7 @@ struct Item<'a> {
     limit: &'a Limit,
     plan: Option<&'a str>,
     fp: Fingerprint,
+    share: TableShare,
     lookup: Lookup,
     cost: u64,
     decision: Option<Decision>,
@@ -69,6 +71,7 @@ impl Item<'_> {
     fn consumed(&self) -> Option<Consumed> {
         Some(Consumed {
             fp: self.fp,
+            share: self.share,
             index: self.stored_at?,
             cost: self.cost,
             algorithm: self.limit.algorithm,
@@ -141,28 +144,30 @@ impl Limiter {
     }
 
     fn try_check(&self, env: &Env<'_>) -> Result<Verdict, StoreError> {
-        let table = self.table();
-        let mut items = match self.collect(env, &table)? {
+        let mut items = match self.collect(env)? {
             Ok(items) => items,
             Err(verdict) => return Ok(verdict),
         };
         if let Some(denial) = self.check_all(env, &mut items) {
             return Ok(denial);
         }
-        if let Some(refused) = self.commit(env, &table, &mut items)? {
+        if let Some(refused) = self.commit(env, &mut items)? {
             return Ok(refused);
         }
         Ok(self.allow(env, &items))
     }
 
     /// Every local limit that applies, with where its bucket is.
-    fn collect<'a>(&'a self, env: &Env<'_>, table: &Table<'_>) -> Result<Collected<'a>, StoreError> {
+    fn collect<'a>(&'a self, env: &Env<'_>) -> Result<Collected<'a>, StoreError> {
         let mut items = Vec::new();
         for (index, rule) in self.config.rules.iter().enumerate() {
-            if rule.global.is_some() || !rule.matcher.matches(env.request) {
+            // Global rules have no share: the service decides them.
+            let Some(share) = rule.table else { continue };
+            if !rule.matcher.matches(env.request) {
                 continue;
             }
-            if let Err(verdict) = self.collect_rule(env, table, index, rule, &mut items)? {
+            let table = self.table(share);
+            if let Err(verdict) = self.collect_rule(env, &table, index, rule, &mut items)? {
                 return Ok(Err(verdict));
             }
         }
@@ -203,8 +208,8 @@ impl Limiter {
             }
             let lookup = table.lookup(env.store, fp, env.now())?;
             if lookup == Lookup::Full {
-                env.observer.count(Metric::TableFull);
-                if rule.shadow || self.config.when_table_full == TableFullPolicy::Allow {
+                env.observer.count(Metric::TableFull(index));
+                if rule.shadow || rule.when_table_full == TableFullPolicy::Allow {
                     continue;
                 }
                 env.observer.count(Metric::Denied(index));
@@ -218,6 +223,7 @@ impl Limiter {
                 limit,
                 plan,
                 fp,
+                share: table.share(),
                 lookup,
                 cost,
                 decision: None,
@@ -256,19 +262,14 @@ impl Limiter {
     /// Consumes from every item in turn; the denial to send if one of them cannot be consumed
     /// after all (what the earlier ones took is given back first; a store error while giving back
     /// is counted and never turns the denial into an admission).
-    fn commit(
-        &self,
-        env: &Env<'_>,
-        table: &Table<'_>,
-        items: &mut [Item<'_>],
-    ) -> Result<Option<Verdict>, StoreError> {
+    fn commit(&self, env: &Env<'_>, items: &mut [Item<'_>]) -> Result<Option<Verdict>, StoreError> {
         for i in 0..items.len() {
             if items[i].skip {
                 continue;
             }
             let item = &items[i];
             let bucket = Bucket { fp: item.fp, algorithm: &item.limit.algorithm, now: env.now() };
-            let applied = self.consume(env, table, bucket, Some(item.lookup), item.cost)?;
+            let applied = self.consume(env, &self.table(item.share), bucket, Some(item.lookup), item.cost)?;
             if let Some(refused) = self.settle_item(env, &mut items[i], applied) {
                 let taken: Vec<Consumed> = items[..i].iter().filter_map(Item::consumed).collect();
                 self.give_back(env, &taken);
@@ -324,8 +325,8 @@ impl Limiter {
                 Some(item.deny(&decision, env.now()))
             }
             Applied::Full => {
-                observer.count(Metric::TableFull);
-                if shadow || self.config.when_table_full == TableFullPolicy::Allow {
+                observer.count(Metric::TableFull(rule));
+                if shadow || item.rule.when_table_full == TableFullPolicy::Allow {
                     item.decision = None;
                     return None;
                 }
@@ -369,9 +370,8 @@ impl Limiter {
     /// Gives back what `consumed` took (a later limit or a global rule denied the request). Errors
     /// are counted: the request stays denied.
     pub fn give_back(&self, env: &Env<'_>, consumed: &[Consumed]) {
-        let table = self.table();
         for c in consumed {
-            match c.give_back(env, &table) {
+            match c.give_back(env, self) {
                 Ok(true) => {}
                 Ok(false) => env.observer.count(Metric::CasRetriesExhausted),
                 Err(_) => env.observer.count(Metric::StoreError),

@@ -20,6 +20,7 @@ pub use lifecycle::{Ask, Exchange, Next};
 pub use local::{Consumed, Verdict};
 
 use crate::config::Config;
+use crate::config::TableShare;
 use crate::report::Observer;
 use crate::request::Request;
 use crate::state::clock::Clock;
@@ -83,8 +84,9 @@ impl Limiter {
         &self.config
     }
 
-    pub fn table(&self) -> Table<'_> {
-        Table::new(&self.config.key_prefix, self.config.table_size)
+    /// The slots of one rule's (or the status endpoint's) share of the table.
+    pub fn table(&self, share: TableShare) -> Table<'_> {
+        Table::new(&self.config.key_prefix, share)
     }
 }
 

@@ -31,12 +31,14 @@ impl Limiter {
     /// it. A store that fails lets the call through, as for rules.
     pub(super) fn limit_status_calls(&self, env: &Env<'_>) -> Option<LocalReply<'_>> {
         let (limit, now) = (&self.config.status_limit, env.now());
+        // Only a configuration with a status path has a share, and only it has status requests.
+        let share = self.config.status_table?;
         let bucket =
             Bucket { fp: status_key(self.seed, env.request, limit.kind), algorithm: &limit.algorithm, now };
-        let decision = match self.consume(env, &self.table(), bucket, None, 1) {
+        let decision = match self.consume(env, &self.table(share), bucket, None, 1) {
             Ok(Applied::Unchanged(decision)) => decision,
             Ok(Applied::Full) => {
-                env.observer.count(Metric::TableFull);
+                env.observer.count(Metric::StatusTableFull);
                 if self.config.when_table_full == TableFullPolicy::Allow {
                     return None;
                 }
@@ -66,13 +68,15 @@ impl Limiter {
     /// The caller's standing in every local rule whose header conditions and key it meets (path
     /// and method conditions are ignored: the status request has its own), consuming nothing.
     pub fn standings(&self, env: &Env<'_>) -> Result<Vec<Standing<'_>>, StoreError> {
-        let (table, now) = (self.table(), env.now());
+        let now = env.now();
         let mut out = Vec::new();
         for rule in &self.config.rules {
-            // Global rules: the service reports them.
-            if rule.global.is_some() || !rule.matcher.headers_match(env.request) {
+            // Global rules have no share: the service reports them.
+            let Some(share) = rule.table else { continue };
+            if !rule.matcher.headers_match(env.request) {
                 continue;
             }
+            let table = self.table(share);
             let Some(key) = request_key(self.seed, rule, env.request) else { continue };
             let chosen = limits_for(rule, env.request);
             for (limit_index, limit) in chosen.limits.iter().enumerate() {

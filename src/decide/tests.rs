@@ -15,7 +15,7 @@ use crate::state::clock::{Clock, FakeClock};
 use crate::state::memory::{FailingStore, MemoryStore, Op};
 use crate::state::slot::{REUSE_MARGIN_NANOS, SLOT_LEN};
 use crate::state::store::SharedStore;
-use crate::state::table::{Applied, Bucket, Lookup, TableEvents};
+use crate::state::table::{Applied, Bucket, Lookup, Table, TableEvents};
 use crate::state::Fingerprint;
 
 const S: u64 = 1_000_000_000;
@@ -60,10 +60,20 @@ fn retry_after(v: &Verdict) -> Option<u64> {
     }
 }
 
+/// Every slot of the limiter's table, as the root creates them at start-up.
+fn whole_table(l: &Limiter) -> Table<'_> {
+    Table::whole(&l.config().key_prefix, l.config().table_size)
+}
+
+/// The share of the table that rule `index` keeps its buckets in.
+fn rule_table(l: &Limiter, index: usize) -> Table<'_> {
+    l.table(l.config().rules[index].table.unwrap())
+}
+
 fn limiter(json: &str) -> (Limiter, MemoryStore) {
     let store = MemoryStore::new();
     let limiter = Limiter::new(Config::parse(json.as_bytes()).unwrap(), 42);
-    limiter.table().initialize(&store).unwrap();
+    whole_table(&limiter).initialize(&store).unwrap();
     (limiter, store)
 }
 
@@ -93,9 +103,9 @@ fn denies_the_51st_request_on_a_fresh_key() {
 #[test]
 fn the_table_is_created_once_with_one_key_per_slot_plus_the_seed() {
     let (l, store) = limiter(&per_key(1, "1s", ""));
-    l.table().shared_seed(&store, 7).unwrap();
+    whole_table(&l).shared_seed(&store, 7).unwrap();
     assert_eq!(store.len(), 64 + 1);
-    let again = l.table().shared_seed(&store, 8).unwrap();
+    let again = whole_table(&l).shared_seed(&store, 8).unwrap();
     assert_eq!(again, 7, "the first worker's seed wins");
 }
 
@@ -171,7 +181,54 @@ fn an_exhausted_key_stays_denied_after_a_flood_of_other_keys() {
     }
     assert!(!allowed(l.check(&Env::at(&store, &keyed("victim"), T0 + 20_000, &m))));
     assert_eq!(store.stored_bytes(), size_before, "the table never grows");
-    assert!(m.get(Metric::TableFull) > 0);
+    assert!(m.get(Metric::TableFull(0)) > 0);
+}
+
+/// The audit's case: a day-long limit keyed on a header the client chooses, next to a login limit
+/// per client address.
+const FLOOD_AND_LOGIN: &str = r#"{"table_size":256,"rules":[
+  {"name":"api","match":{"path_prefix":"/api/"},"key":[{"source":"header","name":"x-api-key"}],
+   "limit":{"algorithm":"fixed_window","requests":100,"window":"day"}},
+  {"name":"login","match":{"path":"/login"},"key":[{"source":"client_address"}],
+   "limit":{"algorithm":"fixed_window","requests":3,"window":"1h"}}]}"#;
+
+#[test]
+fn a_flood_of_new_keys_on_one_rule_never_changes_another_rules_decisions() {
+    let (l, store) = limiter(FLOOD_AND_LOGIN);
+    let m = Counts::default();
+    for i in 0..3_000 {
+        let api = TestRequest::get("/api/x").with_header("x-api-key", format!("flood-{i}"));
+        l.check(&Env::at(&store, &api, T0, &m));
+    }
+    assert!(m.get(Metric::TableFull(0)) > 0, "the flood filled the api rule's share");
+    let mut admitted = 0;
+    for client in 0..20 {
+        let login = TestRequest::get("/login").with_source(&format!("10.0.0.{client}:5000"));
+        for _ in 0..5 {
+            admitted += u64::from(allowed(l.check(&Env::at(&store, &login, T0, &m))));
+        }
+    }
+    assert_eq!(admitted, 20 * 3, "each new client gets exactly its 3 logins");
+    assert_eq!(m.get(Metric::TableFull(1)), 0);
+}
+
+#[test]
+fn a_rule_can_deny_new_keys_when_its_share_is_full_while_another_lets_them_through() {
+    let json = FLOOD_AND_LOGIN
+        .replace(r#""name":"api","#, r#""name":"api","table_size":8,"when_table_full":"deny","#)
+        .replace(r#""name":"login","#, r#""name":"login","table_size":8,"#);
+    let (l, store) = limiter(&json);
+    let m = Counts::default();
+    let (mut api_admitted, mut login_admitted) = (0, 0);
+    for i in 0..100 {
+        let api = TestRequest::get("/api/x").with_header("x-api-key", format!("k{i}"));
+        api_admitted += u64::from(allowed(l.check(&Env::at(&store, &api, T0, &m))));
+        let login = TestRequest::get("/login").with_source(&format!("10.0.1.{i}:5000"));
+        login_admitted += u64::from(allowed(l.check(&Env::at(&store, &login, T0, &m))));
+    }
+    assert_eq!(api_admitted, 8, "8 slots, then new keys are denied");
+    assert_eq!(login_admitted, 100, "the default policy lets untracked keys through");
+    assert_eq!((m.get(Metric::TableFull(0)), m.get(Metric::TableFull(1))), (92, 92));
 }
 
 #[test]
@@ -185,7 +242,7 @@ fn a_full_table_denies_new_keys_when_told_to() {
         }
     }
     assert!(denied_new > 0);
-    assert_eq!(m.get(Metric::TableFull), denied_new);
+    assert_eq!(m.get(Metric::TableFull(0)), denied_new);
 }
 
 #[test]
@@ -222,7 +279,7 @@ fn table_with_a_slot_about_to_idle() -> (Limiter, MemoryStore) {
     let (l, store) = limiter(
         r#"{"table_size":8,"rules":[{"name":"r","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":2,"refill_period":"2s"}}]}"#,
     );
-    let table = l.table();
+    let table = rule_table(&l, 0);
     let mut e = TableEvents::default();
     for i in 0..1000u64 {
         let fp = Fingerprint(0x1000 + i);
@@ -255,8 +312,7 @@ fn consume(
 ) -> (bool, TableEvents) {
     let algorithm = l.config().rules[0].limits.all().next().unwrap().algorithm;
     let mut events = TableEvents::default();
-    let applied = l
-        .table()
+    let applied = rule_table(l, 0)
         .measure_and_replace(store, Bucket { fp, algorithm: &algorithm, now }, first, &mut events, |state| {
             let (d, next) = algorithm.decide(state, now, 1);
             (d.allowed, d.allowed.then_some(next))
@@ -271,7 +327,7 @@ fn two_workers_inserting_one_key_across_an_idling_slot_keep_one_bucket() {
     // they pick different free slots for the same new key. B confirms last and folds.
     let (l, store) = table_with_a_slot_about_to_idle();
     let (_, fp) = key_at_home_zero(&l);
-    let b_lookup = l.table().lookup(&store, fp, T0 + S - 1).unwrap();
+    let b_lookup = rule_table(&l, 0).lookup(&store, fp, T0 + S - 1).unwrap();
     assert!(matches!(b_lookup, Lookup::Vacant(s) if s.index == 5));
     let (a_ok, _) = consume(&l, &store, fp, T0 + S, None);
     let (b_ok, b_events) = consume(&l, &store, fp, T0 + S - 1, Some(b_lookup));
@@ -285,7 +341,7 @@ fn two_workers_inserting_one_key_across_an_idling_slot_keep_one_bucket() {
 fn an_insert_confirmed_first_makes_the_racing_writer_retry_on_its_slot() {
     let (l, store) = table_with_a_slot_about_to_idle();
     let (_, fp) = key_at_home_zero(&l);
-    let a_lookup = l.table().lookup(&store, fp, T0 + S).unwrap();
+    let a_lookup = rule_table(&l, 0).lookup(&store, fp, T0 + S).unwrap();
     assert!(matches!(a_lookup, Lookup::Vacant(s) if s.index == 0));
     let (b_ok, _) = consume(&l, &store, fp, T0 + S - 1, None);
     let (a_ok, a_events) = consume(&l, &store, fp, T0 + S, Some(a_lookup));
@@ -745,7 +801,7 @@ fn a_new_key_in_a_sparse_table_costs_three_reads_and_two_writes() {
 /// A limiter with another configuration over the same shared data, as after a configuration push.
 fn reconfigured(json: &str, store: &MemoryStore) -> Limiter {
     let limiter = Limiter::new(Config::parse(json.as_bytes()).unwrap(), 42);
-    limiter.table().initialize(store).unwrap();
+    whole_table(&limiter).initialize(store).unwrap();
     limiter
 }
 
@@ -784,7 +840,7 @@ fn a_store_error_while_giving_back_never_turns_a_denial_into_an_admission() {
     let other = std::sync::Arc::new(Limiter::new(config.clone(), 42));
     let l = Limiter::new(config, 42);
     let store = FailingStore::new(MemoryStore::new());
-    l.table().initialize(&store).unwrap();
+    whole_table(&l).initialize(&store).unwrap();
     let m = Counts::default();
     assert!(allowed(l.check(&Env::at(&store, &keyed("k"), T0, &m))));
     let base = store.calls(Op::Set);

@@ -48,10 +48,13 @@ metrics! {
         Denied = "denied",
         /// A shadow rule would have denied the request (it was not denied for it).
         ShadowDenied = "shadow_denied",
+        /// A new key found its whole probe window in the rule's share of the table live; the
+        /// rule's table-full policy was applied.
+        TableFull = "table_full",
     }
     filter_wide {
-        /// A key found its whole probe window live; the table-full policy was applied.
-        TableFull = "table_full",
+        /// As `table_full`, in the status endpoint's share of the table.
+        StatusTableFull = "status_table_full",
         /// A request gave up after losing the CAS race too often (it is denied).
         CasRetriesExhausted = "cas_retries_exhausted",
         /// An idle slot (a limit whose quota had come back) was reused for another key.
@@ -93,10 +96,11 @@ mod tests {
         let config = Config::parse(json.as_bytes()).unwrap();
         let names = counter_names(&config);
         let name = |m: Metric| names[m.slot(2)].as_str();
-        assert_eq!(names.len(), 3 * 2 + 8);
+        assert_eq!(names.len(), 4 * 2 + 8);
         assert_eq!(name(Metric::Allowed(0)), "ratelimit_wasm.p.a.allowed");
         assert_eq!(name(Metric::ShadowDenied(1)), "ratelimit_wasm.p.b.shadow_denied");
-        assert_eq!(name(Metric::TableFull), "ratelimit_wasm.p.table_full");
+        assert_eq!(name(Metric::TableFull(1)), "ratelimit_wasm.p.b.table_full");
+        assert_eq!(name(Metric::StatusTableFull), "ratelimit_wasm.p.status_table_full");
         assert_eq!(name(Metric::CasRetry), "ratelimit_wasm.p.cas_retries");
         let mut slots: Vec<usize> =
             [Metric::Denied(0), Metric::Denied(1), Metric::StoreError, Metric::GlobalFailure]

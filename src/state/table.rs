@@ -18,6 +18,7 @@ use super::slot::{store_key, Slot, StoreKey, EMPTY_SLOT, NEVER_USED};
 use super::store::{SharedStore, StoreError, Versioned, CREATE_ONLY_CAS};
 use super::Fingerprint;
 use crate::algorithm::{Algorithm, State};
+use crate::config::TableShare;
 
 /// Slots probed for one key.
 pub const WINDOW: u32 = 8;
@@ -84,19 +85,32 @@ pub struct TableEvents {
     pub cas_retries: u32,
 }
 
+/// The slots `start .. start + size` of the table under `prefix`: the whole table, or one rule's
+/// share of it (a key's probe window wraps around within the share).
 pub struct Table<'a> {
     prefix: &'a str,
+    start: u32,
     size: u32,
 }
 
 impl<'a> Table<'a> {
-    pub fn new(prefix: &'a str, size: u32) -> Table<'a> {
-        Table { prefix, size: size.max(WINDOW) }
+    pub fn new(prefix: &'a str, share: TableShare) -> Table<'a> {
+        Table { prefix, start: share.start, size: share.size.max(WINDOW) }
+    }
+
+    /// The slots this table covers.
+    pub fn share(&self) -> TableShare {
+        TableShare { start: self.start, size: self.size }
+    }
+
+    /// All `size` slots, as created at start-up.
+    pub fn whole(prefix: &'a str, size: u32) -> Table<'a> {
+        Table::new(prefix, TableShare { start: 0, size })
     }
 
     /// Creates every slot that does not exist yet. Safe to run from every worker at once.
     pub fn initialize(&self, store: &dyn SharedStore) -> Result<(), StoreError> {
-        for index in 0..self.size {
+        for index in self.start..self.start.saturating_add(self.size) {
             let key = store_key(self.prefix, StoreKey::Slot(index));
             if store.get(key.as_str())?.is_none() {
                 create(store, key.as_str(), &EMPTY_SLOT)?;
@@ -130,11 +144,12 @@ impl<'a> Table<'a> {
     }
 
     fn home(&self, fp: Fingerprint) -> u32 {
-        (fp.0 % u64::from(self.size)) as u32
+        self.start + (fp.0 % u64::from(self.size)) as u32
     }
 
     fn slot_index(&self, home: u32, offset: u32) -> u32 {
-        ((u64::from(home) + u64::from(offset)) % u64::from(self.size)) as u32
+        let within = (u64::from(home.saturating_sub(self.start)) + u64::from(offset)) % u64::from(self.size);
+        self.start + within as u32
     }
 
     fn read(&self, store: &dyn SharedStore, index: u32) -> Result<Snapshot, StoreError> {
@@ -328,7 +343,7 @@ mod tests {
     fn an_unreadable_seed_is_replaced_and_every_worker_reads_the_same_one() {
         let store = MemoryStore::new();
         store.set("p:seed", b"not eight bytes", 0).unwrap();
-        let table = Table::new("p", 8);
+        let table = Table::whole("p", 8);
         let first = table.shared_seed(&store, 1).unwrap();
         let second = table.shared_seed(&store, 2).unwrap();
         assert_eq!((first, second), (1, 1));

@@ -144,7 +144,7 @@ impl Root {
 /// The shared hash seed, once the table exists; `None` (logged) when shared data is unavailable.
 fn prepare_table(config: &Config) -> Option<u64> {
     let store = HostStore;
-    let table = Table::new(&config.key_prefix, config.table_size);
+    let table = Table::whole(&config.key_prefix, config.table_size);
     let seed = match table.shared_seed(&store, random_seed()) {
         Ok(seed) => seed,
         Err(e) => {

@@ -32,7 +32,7 @@ def test_distinct_key_flood_keeps_memory_bounded_and_victim_limited(envoy_factor
 
     counts = sum(run_parallel(CONNECTIONS, work, envoy, timeout=120), collections.Counter())
     rss_after = envoy.rss_kib()
-    table_full = custom_stat(envoy, f"ratelimit_wasm.{PREFIX}.table_full")
+    table_full = custom_stat(envoy, f"ratelimit_wasm.{PREFIX}.per-key.table_full")
     report(
         f"memory: table_size 4096, --concurrency 4, {per_conn * CONNECTIONS} distinct keys: "
         f"VmRSS {rss_before} KiB -> {rss_after} KiB (growth {rss_after - rss_before} KiB); "

@@ -16,7 +16,7 @@ def test_counters_count_allowed_and_denied(envoy_factory, report):
     base = f"ratelimit_wasm.{PREFIX}"
     assert custom_stat(envoy, f"{base}.{RULE}.allowed") == 3, envoy.stats("wasmcustom.")
     assert custom_stat(envoy, f"{base}.{RULE}.denied") == 2
-    assert custom_stat(envoy, f"{base}.table_full") == 0
+    assert custom_stat(envoy, f"{base}.{RULE}.table_full") == 0
     assert custom_stat(envoy, f"{base}.cas_retries_exhausted") == 0
 
     # Envoy strips the "wasmcustom." namespace in Prometheus output (no "envoy_" prefix) and
@@ -26,5 +26,5 @@ def test_counters_count_allowed_and_denied(envoy_factory, report):
     report("metrics: prometheus samples: " + ", ".join(f"{k} {v:g}" for k, v in sorted(prom.items())))
     assert prom["ratelimit_wasm_rl_per_key_allowed{}"] == 3
     assert prom["ratelimit_wasm_rl_per_key_denied{}"] == 2
-    assert prom["ratelimit_wasm_rl_table_full{}"] == 0
+    assert prom["ratelimit_wasm_rl_per_key_table_full{}"] == 0
     assert prom["ratelimit_wasm_rl_cas_retries_exhausted{}"] == 0

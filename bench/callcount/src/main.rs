@@ -58,7 +58,7 @@ fn main() {
         let json = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let config = Config::parse(&json).unwrap_or_else(|e| panic!("{path}: {e}"));
         let store = MemoryStore::new();
-        Table::new(&config.key_prefix, config.table_size).initialize(&store).expect("initialize");
+        Table::whole(&config.key_prefix, config.table_size).initialize(&store).expect("initialize");
         (Limiter::new(config, 0x5eed), store)
     };
     let allowed_setup = load(&args[0]);
