@@ -21,6 +21,11 @@ pub struct Exchange {
     report: Option<Reported>,
     /// The call to the rate limit service the request waits for.
     awaiting: Option<Awaiting>,
+    /// Headers the rate limit service asked to add to the response.
+    service_headers: Vec<(String, String)>,
+    /// Headers the rate limit service asked to add to the request, for the glue to add before it
+    /// resumes the request.
+    upstream_headers: Vec<(String, String)>,
 }
 
 impl Exchange {
@@ -28,6 +33,21 @@ impl Exchange {
     pub fn is_awaiting(&self) -> bool {
         self.awaiting.is_some()
     }
+
+    /// The headers to add to the request before it goes upstream (once).
+    pub fn take_upstream_headers(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.upstream_headers)
+    }
+}
+
+/// The headers a response from upstream gets: the limit headers, and the rate limit service's.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ResponseHeaders {
+    /// Ours, less any whose name the service sends (its figures win).
+    pub limit: Vec<(&'static str, String)>,
+    /// The service's, in its order (a name may repeat). No `content-type`: that belongs to the
+    /// upstream's response (the service's applies to a deny response only).
+    pub service: Vec<(String, String)>,
 }
 
 /// What a paused request waits for from the rate limit service.
@@ -104,16 +124,25 @@ impl Limiter {
         let verdict = verdict(&self.config, &call, answer.and_then(read_answer), env.observer);
         if verdict.deny {
             self.give_back(env, &consumed);
-            return Next::Reply(self.deny(verdict.report, verdict.retry_after_seconds, None));
+            let reply = self.deny(verdict.report, verdict.retry_after_seconds, None);
+            return Next::Reply(reply.with_service_headers(verdict.response_headers));
         }
         exchange.report = most_restrictive(local, verdict.report);
+        exchange.service_headers = verdict.response_headers;
+        exchange.upstream_headers = verdict.request_headers;
         Next::Continue
     }
 
     /// Response headers: the headers to add to a response the request got from upstream.
-    pub fn settle(&self, _env: &Env<'_>, exchange: &mut Exchange) -> Vec<(&'static str, String)> {
+    pub fn settle(&self, _env: &Env<'_>, exchange: &mut Exchange) -> ResponseHeaders {
         let report = exchange.report.take().map(|r| r.view(&self.config));
-        render(self.config.headers, report.as_ref(), None)
+        let mut limit = render(self.config.headers, report.as_ref(), None);
+        let mut service = std::mem::take(&mut exchange.service_headers);
+        if !service.is_empty() {
+            service.retain(|(name, _)| name != "content-type");
+            limit.retain(|(name, _)| !service.iter().any(|(n, _)| n == name));
+        }
+        ResponseHeaders { limit, service }
     }
 
     /// The stream is over, whatever ended it. Nothing outlives a request yet.

@@ -16,7 +16,7 @@ mod standings;
 
 use std::cell::Cell;
 
-pub use lifecycle::{Ask, Exchange, Next};
+pub use lifecycle::{Ask, Exchange, Next, ResponseHeaders};
 pub use local::{Consumed, Verdict};
 
 use crate::config::Config;

@@ -692,7 +692,7 @@ mod global {
         let (l, _) = limiter(CONFIG);
         let m = Counts::default();
         let call = prepare(l.config(), &keyed("k"), Purpose::Decide).unwrap().unwrap();
-        let answer = Answer { over_limit: true, limits: vec![(0, status(true, 0, 42))] };
+        let answer = Answer { over_limit: true, limits: vec![(0, status(true, 0, 42))], ..Answer::default() };
         let v = verdict(l.config(), &call, Ok(answer), &m);
         assert!(v.deny);
         assert_eq!(v.retry_after_seconds, Some(42));
@@ -711,8 +711,11 @@ mod global {
             .unwrap()
             .unwrap();
         assert_eq!(call.origins.len(), 2);
-        let answer =
-            Answer { over_limit: false, limits: vec![(0, status(false, 7, 30)), (1, status(false, 2, 1))] };
+        let answer = Answer {
+            over_limit: false,
+            limits: vec![(0, status(false, 7, 30)), (1, status(false, 2, 1))],
+            ..Answer::default()
+        };
         let v = verdict(l.config(), &call, Ok(answer), &m);
         assert!(!v.deny);
         assert_eq!(v.report.map(|r| r.view(l.config())).map(|r| (r.name, r.remaining)), Some(("closed", 2)));
@@ -748,8 +751,11 @@ mod global {
         let call = prepare(l.config(), &TestRequest::get("/s").with_header("x-key", "k"), Purpose::Status)
             .unwrap()
             .unwrap();
-        let answer =
-            Answer { over_limit: false, limits: vec![(0, status(false, 7, 30)), (1, status(true, 0, 1))] };
+        let answer = Answer {
+            over_limit: false,
+            limits: vec![(0, status(false, 7, 30)), (1, status(true, 0, 1))],
+            ..Answer::default()
+        };
         let m = Counts::default();
         let reported = standings(l.config(), &call, Ok(answer), &m).unwrap();
         assert!(m.0.lock().unwrap().is_empty(), "a status call decides no request");
@@ -888,7 +894,7 @@ fn the_status_endpoint_has_its_own_limit_per_client_address() {
         let request = TestRequest::get("/rl").with_header("x-key", "k").with_source(from);
         match l.decide(&Env::at(&store, &request, T0, &m), &mut Exchange::default()) {
             Next::Reply(r) => {
-                let retry = r.headers.iter().find(|(n, _)| *n == "retry-after").map(|(_, v)| v.to_string());
+                let retry = r.headers.iter().find(|(n, _)| n == "retry-after").map(|(_, v)| v.to_string());
                 (r.status, retry)
             }
             other => panic!("{other:?}"),
@@ -901,4 +907,91 @@ fn the_status_endpoint_has_its_own_limit_per_client_address() {
     assert_eq!(m.get(Metric::StatusDenied), 1);
     let standing = l.standings(&Env::at(&store, &keyed("k"), T0, &m)).unwrap();
     assert_eq!(standing[0].remaining, 5, "status calls take nothing from the rules");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A third-party rate limit service (Limitador's way): no per-descriptor statuses, the figures in
+// `response_headers_to_add`.
+
+const GLOBAL_HOURLY: &str = r#"{"headers":"x-ratelimit","global":{"cluster":"rls","domain":"d"},"rules":[
+  {"name":"per-user","global":true,"key":[{"source":"header","name":"x-user"}],
+   "limit":{"algorithm":"fixed_window","requests":5,"window":"1h"}}]}"#;
+
+fn service_answer(over_limit: bool, headers: &[(&str, &str)], upstream: &[(&str, &str)]) -> Vec<u8> {
+    use crate::global::protocol::{HeaderValue, RateLimitResponse};
+    use prost::Message;
+    let to_add = |list: &[(&str, &str)]| -> Vec<HeaderValue> {
+        list.iter()
+            .map(|(k, v)| HeaderValue { key: (*k).into(), value: (*v).into(), raw_value: Vec::new() })
+            .collect()
+    };
+    RateLimitResponse {
+        overall_code: if over_limit { 2 } else { 1 },
+        response_headers_to_add: to_add(headers),
+        request_headers_to_add: to_add(upstream),
+        ..RateLimitResponse::default()
+    }
+    .encode_to_vec()
+}
+
+/// A reply's headers, owned.
+type Headers = Vec<(String, String)>;
+
+/// Decides a request of user "u" and hands the limiter `answer`; the reply's headers, if any.
+fn answered_with(json: &str, answer: &[u8]) -> (Option<Headers>, Exchange, Limiter, MemoryStore) {
+    let (l, store) = limiter(json);
+    let m = Counts::default();
+    let request = TestRequest::get("/").with_header("x-user", "u");
+    let env = Env::at(&store, &request, T0, &m);
+    let mut exchange = Exchange::default();
+    assert!(matches!(l.decide(&env, &mut exchange), Next::Ask(_)));
+    let reply = match l.answered(&env, &mut exchange, Ok(answer)) {
+        Next::Reply(r) => Some(r.headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()),
+        _ => None,
+    };
+    (reply, exchange, l, store)
+}
+
+fn value_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn a_denial_without_statuses_never_announces_a_retry_before_the_services_reset() {
+    let answer = service_answer(true, &[("X-RateLimit-Limit", "5"), ("X-RateLimit-Reset", "2400")], &[]);
+    let (reply, ..) = answered_with(GLOBAL_HOURLY, &answer);
+    let headers = reply.expect("denied");
+    assert_eq!(value_of(&headers, "retry-after"), Some("2400"));
+    assert_eq!(value_of(&headers, "x-ratelimit-limit"), Some("5"), "the service's headers are forwarded");
+    assert_eq!(headers.iter().filter(|(n, _)| n == "x-ratelimit-reset").count(), 1, "{headers:?}");
+}
+
+#[test]
+fn a_denial_that_says_nothing_about_its_reset_waits_the_longest_window_asked_about() {
+    let (reply, ..) = answered_with(GLOBAL_HOURLY, &service_answer(true, &[], &[]));
+    assert_eq!(value_of(&reply.expect("denied"), "retry-after"), Some("3600"));
+}
+
+#[test]
+fn a_denial_of_a_limit_left_to_the_service_that_says_nothing_sends_no_retry_after() {
+    let json = r#"{"global":{"cluster":"rls","domain":"d"},"rules":[
+        {"name":"per-user","global":true,"key":[{"source":"header","name":"x-user"}]}]}"#;
+    let (reply, ..) = answered_with(json, &service_answer(true, &[], &[]));
+    assert_eq!(value_of(&reply.expect("denied"), "retry-after"), None);
+}
+
+#[test]
+fn an_admission_carries_the_services_headers_to_the_response_and_upstream() {
+    let answer = service_answer(
+        false,
+        &[("x-ratelimit-remaining", "4"), ("content-type", "text/html")],
+        &[("x-ratelimit-tier", "gold")],
+    );
+    let (reply, mut exchange, l, store) = answered_with(GLOBAL_HOURLY, &answer);
+    assert_eq!(reply, None);
+    assert_eq!(exchange.take_upstream_headers(), vec![("x-ratelimit-tier".to_owned(), "gold".to_owned())]);
+    let m = Counts::default();
+    let settled = l.settle(&Env::at(&store, &TestRequest::get("/"), T0, &m), &mut exchange);
+    assert_eq!(settled.service, vec![("x-ratelimit-remaining".to_owned(), "4".to_owned())]);
+    assert!(settled.limit.iter().all(|(n, _)| *n != "x-ratelimit-remaining"));
 }

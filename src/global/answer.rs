@@ -4,7 +4,7 @@ use std::fmt;
 
 use prost::Message;
 
-use super::protocol::{unit_seconds, RateLimitResponse, CODE_OVER_LIMIT};
+use super::protocol::{unit_seconds, HeaderValue, RateLimitResponse, CODE_OVER_LIMIT};
 
 /// Why a call to the rate limit service gave no usable answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,11 +55,16 @@ fn grpc_status_hint(status: u32) -> &'static str {
 }
 
 /// What the service's answer means for the request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Answer {
     pub over_limit: bool,
     /// (descriptor index, status) for statuses that carry a limit.
     pub limits: Vec<(usize, LimitStatus)>,
+    /// Headers (name, value) the service asks to add to the client's response, as checked by
+    /// [`service_header`].
+    pub response_headers: Vec<(String, String)>,
+    /// Headers the service asks to add to the request sent upstream.
+    pub request_headers: Vec<(String, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +76,11 @@ pub struct LimitStatus {
     pub reset_seconds: u64,
 }
 
+/// At most this many headers of each list are taken from one answer; the rest are dropped.
+pub const MAX_SERVICE_HEADERS: usize = 16;
+/// A longer header value from the service is dropped.
+pub const MAX_SERVICE_HEADER_VALUE: usize = 4096;
+
 /// Decodes a `RateLimitResponse`.
 pub fn read_answer(body: &[u8]) -> Result<Answer, CallError> {
     let response = RateLimitResponse::decode(body).map_err(CallError::Undecodable)?;
@@ -80,21 +90,56 @@ pub fn read_answer(body: &[u8]) -> Result<Answer, CallError> {
         .enumerate()
         .filter_map(|(i, s)| {
             let limit = s.current_limit.as_ref()?;
-            let reset = s.duration_until_reset.as_ref().map_or(0, |d| {
+            let window_seconds = unit_seconds(limit.unit);
+            // Without the service's reset, the window is the longest it can be: never earlier.
+            let reset = s.duration_until_reset.as_ref().map_or(window_seconds, |d| {
                 let secs = u64::try_from(d.seconds).unwrap_or(0);
-                secs + u64::from(d.nanos > 0)
+                secs.saturating_add(u64::from(d.nanos > 0))
             });
             Some((
                 i,
                 LimitStatus {
                     over_limit: s.code == CODE_OVER_LIMIT,
                     quota: u64::from(limit.requests_per_unit),
-                    window_seconds: unit_seconds(limit.unit),
+                    window_seconds,
                     remaining: u64::from(s.limit_remaining),
                     reset_seconds: reset,
                 },
             ))
         })
         .collect();
-    Ok(Answer { over_limit: response.overall_code == CODE_OVER_LIMIT, limits })
+    Ok(Answer {
+        over_limit: response.overall_code == CODE_OVER_LIMIT,
+        limits,
+        response_headers: service_headers(&response.response_headers_to_add),
+        request_headers: service_headers(&response.request_headers_to_add),
+    })
 }
+
+fn service_headers(given: &[HeaderValue]) -> Vec<(String, String)> {
+    given.iter().filter_map(service_header).take(MAX_SERVICE_HEADERS).collect()
+}
+
+/// The header as Envoy may be given it, or `None`: a name that is an HTTP token (no pseudo-header,
+/// no framing header), lower-cased; a value of printable characters and tabs, at most
+/// [`MAX_SERVICE_HEADER_VALUE`] bytes. `raw_value`, when set, is the value.
+pub fn service_header(header: &HeaderValue) -> Option<(String, String)> {
+    let name = header.key.to_ascii_lowercase();
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) || FRAMING.contains(&name.as_str()) {
+        return None;
+    }
+    let value = if header.raw_value.is_empty() {
+        header.value.clone()
+    } else {
+        String::from_utf8(header.raw_value.clone()).ok()?
+    };
+    let printable = |c: char| c == '\t' || !c.is_control();
+    if value.len() > MAX_SERVICE_HEADER_VALUE || !value.chars().all(printable) {
+        return None;
+    }
+    Some((name, value))
+}
+
+/// Headers that frame the message: Envoy sets them, a service must not.
+const FRAMING: &[&str] = &["content-length", "transfer-encoding", "connection", "host", "te", "upgrade"];

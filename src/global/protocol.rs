@@ -58,6 +58,23 @@ pub struct RateLimitResponse {
     pub overall_code: i32,
     #[prost(message, repeated, tag = "2")]
     pub statuses: Vec<DescriptorStatus>,
+    /// Headers for the client's response (the deny response, or the upstream's).
+    #[prost(message, repeated, tag = "3")]
+    pub response_headers_to_add: Vec<HeaderValue>,
+    /// Headers for the request sent upstream, when it passes.
+    #[prost(message, repeated, tag = "4")]
+    pub request_headers_to_add: Vec<HeaderValue>,
+}
+
+/// `envoy.config.core.v3.HeaderValue`: newer services may put the value in `raw_value`.
+#[derive(Clone, PartialEq, Message)]
+pub struct HeaderValue {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub raw_value: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, Message)]

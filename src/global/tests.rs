@@ -129,6 +129,7 @@ fn reads_over_limit_answers_with_their_reset() {
             },
             DescriptorStatus { code: 1, current_limit: None, limit_remaining: 0, duration_until_reset: None },
         ],
+        ..RateLimitResponse::default()
     };
     let answer = read_answer(&response.encode_to_vec()).unwrap();
     assert!(answer.over_limit);
@@ -150,4 +151,47 @@ fn an_answer_above_64_kib_is_a_failed_call_and_is_never_read() {
         CallError::TooLarge { bytes: 3_000_000 }.to_string(),
         "answer of 3000000 bytes, larger than the 65536 read"
     );
+}
+
+#[test]
+fn a_status_without_its_reset_is_taken_to_reset_at_the_end_of_a_whole_window() {
+    let status = DescriptorStatus {
+        code: 2,
+        current_limit: Some(CurrentLimit { requests_per_unit: 5, unit: 3, name: String::new() }),
+        limit_remaining: 0,
+        duration_until_reset: None,
+    };
+    let response =
+        RateLimitResponse { overall_code: 2, statuses: vec![status], ..RateLimitResponse::default() };
+    let answer = read_answer(&response.encode_to_vec()).unwrap();
+    assert_eq!(answer.limits[0].1.reset_seconds, 3_600);
+}
+
+fn header(key: &str, value: &str) -> HeaderValue {
+    HeaderValue { key: key.into(), value: value.into(), raw_value: Vec::new() }
+}
+
+#[test]
+fn the_services_headers_are_read_and_unsafe_ones_dropped() {
+    let mut response_headers = vec![
+        header("X-RateLimit-Limit", "10, 10;w=3600"),
+        header("bad name", "x"),
+        header(":status", "200"),
+        header("content-length", "0"),
+        header("x-split", "a\r\nset-cookie: evil=1"),
+        HeaderValue { key: "x-raw".into(), value: "ignored".into(), raw_value: b"raw wins".to_vec() },
+    ];
+    response_headers.extend((0..40).map(|i| header(&format!("x-many-{i}"), "1")));
+    let response = RateLimitResponse {
+        overall_code: 1,
+        response_headers_to_add: response_headers,
+        request_headers_to_add: vec![header("x-limited-by", "limitador")],
+        ..RateLimitResponse::default()
+    };
+    let answer = read_answer(&response.encode_to_vec()).unwrap();
+    let names: Vec<&str> = answer.response_headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(&names[..3], ["x-ratelimit-limit", "x-raw", "x-many-0"]);
+    assert_eq!(answer.response_headers.len(), super::answer::MAX_SERVICE_HEADERS);
+    assert_eq!(answer.response_headers[1].1, "raw wins");
+    assert_eq!(answer.request_headers, vec![("x-limited-by".to_owned(), "limitador".to_owned())]);
 }

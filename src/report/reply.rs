@@ -10,7 +10,7 @@ use crate::config::Config;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalReply<'a> {
     pub status: u32,
-    pub headers: Vec<(&'a str, Cow<'a, str>)>,
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     pub body: Cow<'a, [u8]>,
     /// For a gRPC request, the `grpc-status` to send (else Envoy maps the HTTP status).
     pub grpc_status: Option<u32>,
@@ -25,11 +25,11 @@ pub fn deny<'a>(
     reason: Option<String>,
 ) -> LocalReply<'a> {
     let rendered = render(config.headers, report, retry_after_seconds);
-    let mut headers: Vec<(&'a str, Cow<'a, str>)> = Vec::with_capacity(rendered.len() + 2);
-    headers.push(("content-type", Cow::Borrowed(config.deny.content_type.as_str())));
-    headers.extend(rendered.into_iter().map(|(name, value)| (name, Cow::Owned(value))));
+    let mut headers: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(rendered.len() + 2);
+    headers.push((Cow::Borrowed("content-type"), Cow::Borrowed(config.deny.content_type.as_str())));
+    headers.extend(rendered.into_iter().map(|(name, value)| (Cow::Borrowed(name), Cow::Owned(value))));
     if let Some(reason) = reason {
-        headers.push(("x-ratelimit-reason", Cow::Owned(reason)));
+        headers.push((Cow::Borrowed("x-ratelimit-reason"), Cow::Owned(reason)));
     }
     LocalReply {
         status: config.deny.status,
@@ -44,8 +44,8 @@ pub fn status(json: String) -> LocalReply<'static> {
     LocalReply {
         status: 200,
         headers: vec![
-            ("content-type", Cow::Borrowed("application/json")),
-            ("cache-control", Cow::Borrowed("no-store")),
+            (Cow::Borrowed("content-type"), Cow::Borrowed("application/json")),
+            (Cow::Borrowed("cache-control"), Cow::Borrowed("no-store")),
         ],
         body: Cow::Owned(json.into_bytes()),
         grpc_status: None,
@@ -56,8 +56,21 @@ pub fn status(json: String) -> LocalReply<'static> {
 pub fn status_unavailable() -> LocalReply<'static> {
     LocalReply {
         status: 503,
-        headers: vec![("content-type", Cow::Borrowed("text/plain"))],
+        headers: vec![(Cow::Borrowed("content-type"), Cow::Borrowed("text/plain"))],
         body: Cow::Borrowed(b"rate limit status unavailable\n"),
         grpc_status: None,
+    }
+}
+
+impl<'a> LocalReply<'a> {
+    /// Adds the rate limit service's headers; the service's figures win over ours: a header of
+    /// ours with a name the service sends is left out.
+    pub fn with_service_headers(mut self, service: Vec<(String, String)>) -> LocalReply<'a> {
+        if service.is_empty() {
+            return self;
+        }
+        self.headers.retain(|(name, _)| !service.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)));
+        self.headers.extend(service.into_iter().map(|(name, value)| (Cow::Owned(name), Cow::Owned(value))));
+        self
     }
 }

@@ -53,6 +53,13 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
     ) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
         path_size: usize,
@@ -229,6 +236,22 @@ pub fn set_response_header(name: &str, value: &str) -> bool {
         )
     };
     status == OK
+}
+
+/// Adds a header to `map` (request or response headers), keeping those of the same name.
+fn add_header(map: u32, name: &str, value: &str) -> bool {
+    // SAFETY: pointers and lengths describe live strings.
+    let status =
+        unsafe { proxy_add_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+    status == OK
+}
+
+pub fn add_response_header(name: &str, value: &str) -> bool {
+    add_header(MAP_RESPONSE_HEADERS, name, value)
+}
+
+pub fn add_request_header(name: &str, value: &str) -> bool {
+    add_header(MAP_REQUEST_HEADERS, name, value)
 }
 
 /// `path` is the property path with its segments separated by NUL bytes.

@@ -58,7 +58,12 @@ impl Filter {
         in_env(&shared, |env| {
             match shared.limiter.answered(env, &mut self.exchange, answer.as_deref().map_err(Clone::clone)) {
                 Next::Reply(reply) => end_with(&reply),
-                Next::Continue | Next::Ask(_) => resume(),
+                Next::Continue | Next::Ask(_) => {
+                    for (name, value) in self.exchange.take_upstream_headers() {
+                        host::add_request_header(&name, &value);
+                    }
+                    resume();
+                }
             }
         });
     }
@@ -66,8 +71,17 @@ impl Filter {
     pub fn on_response_headers(&mut self) -> u32 {
         let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
         let headers = in_env(&shared, |env| shared.limiter.settle(env, &mut self.exchange));
-        for (name, value) in headers {
+        for (name, value) in headers.limit {
             host::set_response_header(name, &value);
+        }
+        // The service's replace the upstream's of the same name, and may repeat a name.
+        for (i, (name, value)) in headers.service.iter().enumerate() {
+            let again = headers.service[..i].iter().any(|(n, _)| n == name);
+            if again {
+                host::add_response_header(name, value);
+            } else {
+                host::set_response_header(name, value);
+            }
         }
         ACTION_CONTINUE
     }
@@ -119,7 +133,7 @@ fn resume() {
 }
 
 fn respond(reply: &LocalReply<'_>) -> u32 {
-    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (n.as_ref(), v.as_ref())).collect();
     match host::send_local_response(reply.status, &headers, &reply.body, reply.grpc_status) {
         Ok(()) => ACTION_PAUSE,
         Err(code) => {

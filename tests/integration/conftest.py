@@ -84,6 +84,7 @@ def render_bootstrap(
     fail_open: bool = False,
     rls_port: int | None = None,
     native_ratelimit: dict | None = None,
+    upstream_echo: str | None = None,
 ) -> dict:
     """Same shape as envoy/demo.yaml: filtered listener -> router -> cluster -> second listener
     (direct_response 200 "ok"). Returned as a dict; JSON is valid YAML, so it is written as JSON."""
@@ -170,6 +171,11 @@ def render_bootstrap(
                     "socket_address": {"address": "127.0.0.1", "port_value": rls_port}}}}]}],
             },
         })
+    upstream_route: dict = {"direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}}}
+    if upstream_echo is not None:
+        # The upstream answers with what it received in that request header, to show what reached it.
+        upstream_route["response_headers_to_add"] = [
+            {"header": {"key": f"x-upstream-saw-{upstream_echo}", "value": f"%REQ({upstream_echo})%"}}]
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
@@ -187,11 +193,7 @@ def render_bootstrap(
                     "filter_chains": [
                         {
                             "filters": [
-                                hcm(
-                                    "upstream",
-                                    {"direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}}},
-                                    [],
-                                )
+                                hcm("upstream", upstream_route, [])
                             ]
                         }
                     ],
