@@ -6,6 +6,9 @@
 //! - token bucket and GCRA: the units admitted in any interval `[a, b]` never exceed the capacity
 //!   (burst) plus what refills in `b - a` at the configured rate.
 
+// A test crate: its helpers may fail the test outright.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
 use std::collections::HashMap;
 
 use proptest::prelude::*;

@@ -2,11 +2,13 @@
 //! Each is a pure function from (old state, now, cost) to (decision, new state); the store owns
 //! the read-compute-CAS loop around it.
 
+pub mod concurrency;
 pub mod fixed_window;
 pub mod sliding_window;
 pub mod time;
 pub mod token_bucket;
 
+use concurrency::Concurrency;
 use fixed_window::{FixedWindow, Window};
 use sliding_window::SlidingWindow;
 use time::ceil_seconds;
@@ -58,6 +60,8 @@ pub enum Algorithm {
     TokenBucket(TokenBucket),
     FixedWindow(FixedWindow),
     SlidingWindow(SlidingWindow),
+    /// Units in flight, released when their request ends.
+    Concurrency(Concurrency),
 }
 
 impl Algorithm {
@@ -66,6 +70,7 @@ impl Algorithm {
             Algorithm::TokenBucket(b) => b.decide(state, now, cost),
             Algorithm::FixedWindow(w) => w.decide(state, now, cost),
             Algorithm::SlidingWindow(w) => w.decide(state, now, cost),
+            Algorithm::Concurrency(c) => c.decide(state, now, cost),
         }
     }
 
@@ -75,15 +80,27 @@ impl Algorithm {
             Algorithm::TokenBucket(b) => b.status(state, now),
             Algorithm::FixedWindow(w) => w.status(state, now),
             Algorithm::SlidingWindow(w) => w.status(state, now),
+            Algorithm::Concurrency(c) => c.status(state, now),
         }
     }
 
-    /// Gives back what an earlier `decide` at the same cost took.
-    pub fn give_back(&self, state: State, now: u64, cost: u64) -> State {
+    /// Gives back what an earlier `decide` at the same cost took; `held_in` is [`Self::held_in`]
+    /// of the state that `decide` stored (only a concurrency limit needs it).
+    pub fn give_back(&self, state: State, now: u64, cost: u64, held_in: u64) -> State {
         match self {
             Algorithm::TokenBucket(b) => b.give_back(state, now, cost),
             Algorithm::FixedWindow(w) => w.give_back(state, now, cost),
             Algorithm::SlidingWindow(w) => w.give_back(state, now, cost),
+            Algorithm::Concurrency(c) => c.release(state, now, cost, held_in),
+        }
+    }
+
+    /// For a concurrency limit, the lease epoch the units placed by storing `stored` count in;
+    /// 0 for the others, which need no such mark.
+    pub fn held_in(&self, stored: State) -> u64 {
+        match self {
+            Algorithm::Concurrency(c) => c.held_in(stored),
+            _ => 0,
         }
     }
 
@@ -93,6 +110,7 @@ impl Algorithm {
             Algorithm::TokenBucket(t) => t.merge(a, b, now),
             Algorithm::FixedWindow(w) => w.merge(a, b, now),
             Algorithm::SlidingWindow(w) => w.merge(a, b, now),
+            Algorithm::Concurrency(c) => c.merge(a, b, now),
         }
     }
 
@@ -102,6 +120,7 @@ impl Algorithm {
             Algorithm::TokenBucket(b) => b.capacity(),
             Algorithm::FixedWindow(w) => w.limit,
             Algorithm::SlidingWindow(w) => w.limit,
+            Algorithm::Concurrency(c) => c.max,
         }
     }
 
@@ -114,6 +133,8 @@ impl Algorithm {
                 ceil_seconds(end - start)
             }
             Algorithm::SlidingWindow(w) => ceil_seconds(w.window),
+            // Units in flight have no window; the policy's `w` says 1.
+            Algorithm::Concurrency(_) => 1,
         }
     }
 

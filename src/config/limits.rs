@@ -7,6 +7,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::duration::Duration;
 use super::{header_name, is_name, ConfigError, MAX_NAME_LEN};
+use crate::algorithm::concurrency::Concurrency;
 use crate::algorithm::fixed_window::{FixedWindow, Window};
 use crate::algorithm::sliding_window::SlidingWindow;
 use crate::algorithm::time::{ceil_seconds, NANOS_PER_SECOND};
@@ -20,6 +21,7 @@ pub enum LimitKind {
     Gcra,
     FixedWindow,
     SlidingWindow,
+    Concurrency,
 }
 
 impl LimitKind {
@@ -29,6 +31,7 @@ impl LimitKind {
             LimitKind::Gcra => "gcra",
             LimitKind::FixedWindow => "fixed_window",
             LimitKind::SlidingWindow => "sliding_window",
+            LimitKind::Concurrency => "concurrency",
         }
     }
 
@@ -38,6 +41,7 @@ impl LimitKind {
             LimitKind::TokenBucket => &["capacity", "refill_tokens", "refill_period"],
             LimitKind::Gcra => &["requests", "period", "burst"],
             LimitKind::FixedWindow | LimitKind::SlidingWindow => &["requests", "window"],
+            LimitKind::Concurrency => &["max_in_flight", "lease"],
         }
     }
 }
@@ -140,6 +144,10 @@ pub(super) struct RawLimit {
     burst: Option<NonZeroU32>,
     #[serde(default)]
     window: Option<RawWindow>,
+    #[serde(default)]
+    max_in_flight: Option<NonZeroU32>,
+    #[serde(default)]
+    lease: Option<Duration>,
 }
 
 /// `"month"`, `"day"`, or a duration.
@@ -344,6 +352,8 @@ fn refuse_foreign_fields(path: &str, kind: LimitKind, raw: &RawLimit) -> Result<
         ("period", raw.period.is_some()),
         ("burst", raw.burst.is_some()),
         ("window", raw.window.is_some()),
+        ("max_in_flight", raw.max_in_flight.is_some()),
+        ("lease", raw.lease.is_some()),
     ];
     for (field, is_present) in present {
         if is_present && !kind.fields().contains(&field) {
@@ -424,7 +434,30 @@ fn compile_algorithm(path: &str, kind: LimitKind, raw: &RawLimit) -> Result<Comp
                 default_name: Duration::from_nanos(nanos).map_or_else(String::new, |d| d.to_string()),
             })
         }
+        LimitKind::Concurrency => concurrency(path, raw),
     }
+}
+
+/// The lease of units in flight when none is given, and the shortest allowed: a lease is two
+/// epochs, and every worker must renew its units (on a 100 ms tick) within each.
+const DEFAULT_LEASE_NANOS: u64 = 60 * NANOS_PER_SECOND;
+const MIN_LEASE_NANOS: u64 = 2 * NANOS_PER_SECOND;
+const MAX_LEASE_NANOS: u64 = 86_400 * NANOS_PER_SECOND;
+
+fn concurrency(path: &str, raw: &RawLimit) -> Result<Compiled, ConfigError> {
+    let max = raw.max_in_flight.ok_or_else(|| {
+        ConfigError::at(path, "missing field `max_in_flight` for algorithm \"concurrency\"")
+    })?;
+    let lease = raw.lease.map_or(DEFAULT_LEASE_NANOS, Duration::as_nanos);
+    if !(MIN_LEASE_NANOS..=MAX_LEASE_NANOS).contains(&lease) {
+        return Err(ConfigError::at(format!("{path}.lease"), "must be between 2s and 24h"));
+    }
+    Ok(Compiled {
+        algorithm: Algorithm::Concurrency(Concurrency { max: u64::from(max.get()), epoch: lease / 2 }),
+        quota: u64::from(max.get()),
+        window_seconds: Some(1),
+        default_name: "in_flight".to_owned(),
+    })
 }
 
 fn fixed_window(requests: u32, RawWindow(window, label): RawWindow) -> Compiled {

@@ -691,6 +691,15 @@ fn check_global_rule(
             "a global rule keeps no state in this Envoy's table (the rate limit service counts it)",
         ));
     }
+    if let Some(limit) = limits.all().find(|l| l.kind == LimitKind::Concurrency) {
+        return Err(ConfigError::at(
+            format!("{path}.global"),
+            format!(
+                "limit {:?} is a concurrency limit, which cannot be global: the Rate Limit Service API has no call to release a request's unit; make the rule local (per Envoy)",
+                limit.name
+            ),
+        ));
+    }
     if let Some(limit) = limits.all().find(|l| l.rls_unit.is_none()) {
         return Err(ConfigError::at(
             format!("{path}.global"),

@@ -1,6 +1,7 @@
 //! The moments of one request, as the wasm glue calls them, and what the request carries between
 //! them.
 
+use super::holdings::Hold;
 use super::local::{Consumed, Verdict};
 use super::{Env, Limiter};
 use crate::global::answer::{read_answer, CallError};
@@ -10,7 +11,7 @@ use crate::global::{GlobalCall, Purpose};
 use crate::report::headers::render;
 use crate::report::metrics::Metric;
 use crate::report::reply::{self, LocalReply};
-use crate::report::{most_restrictive, Reported};
+use crate::report::{most_restrictive, Observer, Reported};
 use crate::state::store::SharedStore;
 
 /// One request's state from its first moment to its last; owned by the HTTP context, passed to
@@ -26,6 +27,8 @@ pub struct Exchange {
     /// Headers the rate limit service asked to add to the request, for the glue to add before it
     /// resumes the request.
     upstream_headers: Vec<(String, String)>,
+    /// Concurrency units the request holds until its stream ends.
+    holds: Vec<Hold>,
 }
 
 impl Exchange {
@@ -97,6 +100,7 @@ impl Limiter {
         match prepare(&self.config, env.request, Purpose::Decide) {
             Ok(None) => {
                 exchange.report = local;
+                exchange.holds = self.hold(consumed);
                 Next::Continue
             }
             Ok(Some(call)) => self.ask(exchange, Awaiting::Decision { call, consumed, local }),
@@ -130,6 +134,7 @@ impl Limiter {
         exchange.report = most_restrictive(local, verdict.report);
         exchange.service_headers = verdict.response_headers;
         exchange.upstream_headers = verdict.request_headers;
+        exchange.holds = self.hold(consumed);
         Next::Continue
     }
 
@@ -145,12 +150,24 @@ impl Limiter {
         ResponseHeaders { limit, service }
     }
 
-    /// The stream is over, whatever ended it. Nothing outlives a request yet.
-    pub fn end(&self, _env: &Env<'_>, _exchange: &mut Exchange) {}
+    /// The stream is over, whatever ended it (response sent, client or upstream reset, timeout, a
+    /// local reply): the concurrency units it held are released, and a request still waiting for
+    /// the rate limit service gives back what its local limits took (it was never admitted).
+    pub fn end(&self, env: &Env<'_>, exchange: &mut Exchange) {
+        if let Some(Awaiting::Decision { consumed, .. }) = exchange.awaiting.take() {
+            self.give_back(env, &consumed);
+        }
+        let holds = std::mem::take(&mut exchange.holds);
+        if !holds.is_empty() {
+            self.release(env, &holds);
+        }
+    }
 
-    /// Background work of one worker, on its every tick. There is none yet beyond what the glue
-    /// does itself (flushing counters).
-    pub fn tick(&self, _store: &dyn SharedStore, _now: u64) {}
+    /// Background work of one worker, on its every tick: renewing the lease of the concurrency
+    /// units its requests hold.
+    pub fn tick(&self, store: &dyn SharedStore, now: u64, observer: &dyn Observer) {
+        self.renew_holdings(store, now, observer);
+    }
 
     fn ask_status(&self, env: &Env<'_>, exchange: &mut Exchange) -> Next<'_> {
         match prepare(&self.config, env.request, Purpose::Status) {

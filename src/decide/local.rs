@@ -4,7 +4,7 @@
 
 use super::{Env, Limiter};
 use crate::algorithm::time::ceil_seconds;
-use crate::algorithm::{Algorithm, Decision};
+use crate::algorithm::{Algorithm, Decision, State};
 use crate::config::{Limit, LimitRef, Rule, TableFullPolicy, TableShare};
 use crate::report::metrics::Metric;
 use crate::report::violations::Violation;
@@ -33,11 +33,13 @@ pub enum Verdict {
 /// denies the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Consumed {
-    fp: Fingerprint,
-    share: TableShare,
+    pub(super) fp: Fingerprint,
+    pub(super) share: TableShare,
     index: u32,
-    cost: u64,
-    algorithm: Algorithm,
+    pub(super) cost: u64,
+    pub(super) algorithm: Algorithm,
+    /// Where a concurrency limit's units are counted (see [`Algorithm::held_in`]).
+    pub(super) held_in: u64,
 }
 
 impl Consumed {
@@ -45,7 +47,7 @@ impl Consumed {
     fn give_back(&self, env: &Env<'_>, limiter: &Limiter) -> Result<bool, StoreError> {
         let now = env.now();
         limiter.table(self.share).update_at(env.store, self.fp, self.index, |state| {
-            self.algorithm.give_back(state, now, self.cost)
+            self.algorithm.give_back(state, now, self.cost, self.held_in)
         })
     }
 }
@@ -61,7 +63,8 @@ struct Item<'a> {
     lookup: Lookup,
     cost: u64,
     decision: Option<Decision>,
-    stored_at: Option<u32>,
+    /// The slot its new state went to, and that state.
+    stored: Option<(u32, State)>,
     /// A shadow limit over its quota: reported, not consumed.
     skip: bool,
 }
@@ -69,12 +72,14 @@ struct Item<'a> {
 impl Item<'_> {
     /// What this item took, once its write is stored.
     fn consumed(&self) -> Option<Consumed> {
+        let (index, state) = self.stored?;
         Some(Consumed {
             fp: self.fp,
             share: self.share,
-            index: self.stored_at?,
+            index,
             cost: self.cost,
             algorithm: self.limit.algorithm,
+            held_in: self.limit.algorithm.held_in(state),
         })
     }
 
@@ -227,7 +232,7 @@ impl Limiter {
                 lookup,
                 cost,
                 decision: None,
-                stored_at: None,
+                stored: None,
                 skip: false,
             });
         }
@@ -304,12 +309,12 @@ impl Limiter {
     fn settle_item(&self, env: &Env<'_>, item: &mut Item<'_>, applied: Applied<Decision>) -> Option<Verdict> {
         let (observer, rule, shadow) = (env.observer, item.at.rule, item.rule.shadow);
         match applied {
-            Applied::Stored { decision, index, reclaimed } => {
+            Applied::Stored { decision, index, reclaimed, state } => {
                 if reclaimed {
                     observer.count(Metric::SlotReclaimed);
                 }
                 item.decision = Some(decision);
-                item.stored_at = Some(index);
+                item.stored = Some((index, state));
                 None
             }
             Applied::Unchanged(decision) if shadow => {
@@ -347,12 +352,14 @@ impl Limiter {
 
     /// The request passes: counts once per rule, reports the most restrictive limit.
     fn allow(&self, env: &Env<'_>, items: &[Item<'_>]) -> Verdict {
-        // Only a later global denial needs this; without global rules nothing is allocated.
-        let consumed = if self.config.global.is_some() {
-            items.iter().filter_map(Item::consumed).collect()
-        } else {
-            Vec::new()
-        };
+        // Concurrency units are held until the request ends; the rest only a later global denial
+        // needs. Without either, nothing is allocated.
+        let keep_all = self.config.global.is_some();
+        let consumed = items
+            .iter()
+            .filter(|i| keep_all || matches!(i.limit.algorithm, Algorithm::Concurrency(_)))
+            .filter_map(Item::consumed)
+            .collect();
         let now = env.now();
         let mut report: Option<Reported> = None;
         let mut counted: Option<usize> = None;

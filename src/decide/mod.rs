@@ -10,11 +10,13 @@
 //! What a request carries from one moment to the next is its [`Exchange`], owned by the HTTP
 //! context; every moment runs in an [`Env`]: the store, the request, the clock and the observer.
 
+mod holdings;
 mod lifecycle;
 mod local;
 mod standings;
 
 use std::cell::Cell;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use lifecycle::{Ask, Exchange, Next, ResponseHeaders};
 pub use local::{Consumed, Verdict};
@@ -26,6 +28,7 @@ use crate::request::Request;
 use crate::state::clock::Clock;
 use crate::state::store::SharedStore;
 use crate::state::table::Table;
+use holdings::Holdings;
 
 /// What every moment of a request works with.
 pub struct Env<'a> {
@@ -69,15 +72,29 @@ impl<'a> Env<'a> {
     }
 }
 
-/// An immutable, configured limiter; shared by every request of a worker.
+/// A configured limiter, shared by every request of a worker. Its one mutable part is what the
+/// worker's requests hold of concurrency limits (behind a lock that a worker, which runs one
+/// callback at a time, never waits on; it lets tests share a limiter between threads).
 pub struct Limiter {
     config: Config,
     seed: u64,
+    holdings: Mutex<Holdings>,
 }
 
 impl Limiter {
     pub fn new(config: Config, seed: u64) -> Limiter {
-        Limiter { config, seed }
+        Limiter { config, seed, holdings: Mutex::new(Holdings::default()) }
+    }
+
+    /// Concurrency units this worker's requests hold, in all.
+    pub fn units_held(&self) -> u64 {
+        self.holdings().units()
+    }
+
+    /// A panic cannot happen while the lock is held (no code there panics); were it poisoned, the
+    /// holdings are still whole.
+    fn holdings(&self) -> MutexGuard<'_, Holdings> {
+        self.holdings.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn config(&self) -> &Config {

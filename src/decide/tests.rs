@@ -995,3 +995,142 @@ fn an_admission_carries_the_services_headers_to_the_response_and_upstream() {
     assert_eq!(settled.service, vec![("x-ratelimit-remaining".to_owned(), "4".to_owned())]);
     assert!(settled.limit.iter().all(|(n, _)| *n != "x-ratelimit-remaining"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency limits: units held from admission to the end of the stream, leased.
+
+const IN_FLIGHT_3: &str = r#"{"table_size":64,"headers":"ietf","rules":[{"name":"slow","key":[{"source":"header","name":"x-key"}],
+    "limit":{"algorithm":"concurrency","max_in_flight":3,"lease":"60s"}}]}"#;
+
+/// Decides a request of `key` at `now`; its exchange when it is let through.
+fn start(l: &Limiter, store: &dyn SharedStore, key: &str, now: u64, m: &Counts) -> Option<Exchange> {
+    let mut exchange = Exchange::default();
+    match l.decide(&Env::at(store, &keyed(key), now, m), &mut exchange) {
+        Next::Continue => Some(exchange),
+        _ => None,
+    }
+}
+
+fn finish(l: &Limiter, store: &dyn SharedStore, mut exchange: Exchange, now: u64, m: &Counts) {
+    l.end(&Env::at(store, &keyed("any"), now, m), &mut exchange);
+}
+
+#[test]
+fn no_more_than_max_in_flight_are_admitted_until_one_ends() {
+    let (l, store) = limiter(IN_FLIGHT_3);
+    let m = Counts::default();
+    let mut open: Vec<Exchange> = (0..5).filter_map(|_| start(&l, &store, "k", T0, &m)).collect();
+    assert_eq!(open.len(), 3);
+    assert_eq!(l.units_held(), 3);
+    finish(&l, &store, open.pop().unwrap(), T0 + S, &m);
+    assert!(start(&l, &store, "k", T0 + S, &m).is_some(), "an ended request frees its unit");
+    assert!(start(&l, &store, "other", T0 + S, &m).is_some(), "keys are counted apart");
+}
+
+#[test]
+fn units_in_flight_are_counted_across_workers() {
+    let (first, store) = limiter(IN_FLIGHT_3);
+    let second = reconfigured(IN_FLIGHT_3, &store);
+    let m = Counts::default();
+    let a = start(&first, &store, "k", T0, &m);
+    let b = start(&second, &store, "k", T0, &m);
+    let c = start(&first, &store, "k", T0, &m);
+    assert!(a.is_some() && b.is_some() && c.is_some());
+    assert!(start(&second, &store, "k", T0, &m).is_none());
+    finish(&second, &store, b.unwrap(), T0 + S, &m);
+    assert!(start(&first, &store, "k", T0 + S, &m).is_some());
+}
+
+#[test]
+fn the_last_request_to_end_leaves_the_slot_free_for_another_key() {
+    let (l, store) = limiter(IN_FLIGHT_3);
+    let m = Counts::default();
+    let exchange = start(&l, &store, "k", T0, &m).unwrap();
+    finish(&l, &store, exchange, T0 + S, &m);
+    let table = rule_table(&l, 0);
+    let fp = request_key(42, &l.config().rules[0], &keyed("k")).unwrap().limit(None, 0, kind_of(&l));
+    let lookup = table.lookup(&store, fp, T0 + S).unwrap();
+    assert!(matches!(lookup, Lookup::Found(_)) && lookup.state() == State::default(), "{lookup:?}");
+}
+
+fn kind_of(l: &Limiter) -> crate::config::LimitKind {
+    l.config().rules[0].limits.all().next().unwrap().kind
+}
+
+#[test]
+fn a_denial_by_another_limit_of_the_request_gives_its_unit_back() {
+    let json = r#"{"table_size":64,"rules":[{"name":"r","key":[{"source":"header","name":"x-key"}],
+        "limits":[{"algorithm":"concurrency","max_in_flight":2},{"name":"rate","capacity":1,"refill_period":"1h"}]}]}"#;
+    let (l, store) = limiter(json);
+    let m = Counts::default();
+    let first = start(&l, &store, "k", T0, &m);
+    assert!(first.is_some());
+    for _ in 0..5 {
+        assert!(start(&l, &store, "k", T0, &m).is_none(), "the rate limit denies");
+    }
+    assert_eq!(l.units_held(), 1, "the denied requests hold nothing");
+    let standing = l.standings(&Env::at(&store, &keyed("k"), T0, &m)).unwrap();
+    assert_eq!(standing[0].remaining, 1, "one of two slots in use");
+}
+
+#[test]
+fn units_of_a_worker_that_vanished_are_dropped_one_lease_later_while_a_live_worker_keeps_its_own() {
+    let (live, store) = limiter(IN_FLIGHT_3);
+    let m = Counts::default();
+    let kept = start(&live, &store, "k", T0, &m).unwrap();
+    {
+        // A worker that crashes holding two units: it never ends them, nor renews them.
+        let vanished = reconfigured(IN_FLIGHT_3, &store);
+        assert!(start(&vanished, &store, "k", T0, &m).is_some());
+        assert!(start(&vanished, &store, "k", T0, &m).is_some());
+    }
+    assert!(start(&live, &store, "k", T0 + 30 * S, &m).is_none(), "still leased");
+    // The live worker ticks (every 100 ms in Envoy; here once per second) for ten minutes.
+    for second in 1..=600 {
+        live.tick(&store, T0 + second * S, &m);
+    }
+    let later = T0 + 600 * S;
+    let standing = live.standings(&Env::at(&store, &keyed("k"), later, &m)).unwrap();
+    assert_eq!(standing[0].remaining, 2, "the vanished worker's two units are gone, the live one's stays");
+    finish(&live, &store, kept, later, &m);
+    let standing = live.standings(&Env::at(&store, &keyed("k"), later, &m)).unwrap();
+    assert_eq!(standing[0].remaining, 3);
+}
+
+#[test]
+fn a_concurrency_limit_reports_free_slots_and_a_denial_retries_after_a_second() {
+    let (l, store) = limiter(IN_FLIGHT_3);
+    let m = Counts::default();
+    let mut exchange = start(&l, &store, "k", T0, &m).unwrap();
+    let headers = l.settle(&Env::at(&store, &keyed("k"), T0, &m), &mut exchange);
+    let value = |name: &str| headers.limit.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone());
+    assert_eq!(value("ratelimit").as_deref(), Some(r#""slow";r=2;t=0"#));
+    assert_eq!(value("ratelimit-policy").as_deref(), Some(r#""slow";q=3;w=1"#));
+    let _held: Vec<Exchange> = (0..2).filter_map(|_| start(&l, &store, "k", T0, &m)).collect();
+    let mut denied = Exchange::default();
+    match l.decide(&Env::at(&store, &keyed("k"), T0, &m), &mut denied) {
+        Next::Reply(reply) => {
+            let retry = reply.headers.iter().find(|(n, _)| n == "retry-after").map(|(_, v)| v.to_string());
+            assert_eq!(retry.as_deref(), Some("1"));
+        }
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_request_that_ends_while_waiting_for_the_service_gives_back_its_units() {
+    let json = r#"{"table_size":64,"global":{"cluster":"rls","domain":"d"},"rules":[
+        {"name":"slow","key":[{"source":"header","name":"x-key"}],"limit":{"algorithm":"concurrency","max_in_flight":1}},
+        {"name":"g","global":true,"key":[{"source":"header","name":"x-key"}],
+         "limit":{"algorithm":"fixed_window","requests":5,"window":"1h"}}]}"#;
+    let (l, store) = limiter(json);
+    let m = Counts::default();
+    let mut waiting = Exchange::default();
+    assert!(matches!(l.decide(&Env::at(&store, &keyed("k"), T0, &m), &mut waiting), Next::Ask(_)));
+    let mut second = Exchange::default();
+    assert!(matches!(l.decide(&Env::at(&store, &keyed("k"), T0, &m), &mut second), Next::Reply(_)));
+    // The client goes away before the service answers.
+    l.end(&Env::at(&store, &keyed("k"), T0, &m), &mut waiting);
+    let mut third = Exchange::default();
+    assert!(matches!(l.decide(&Env::at(&store, &keyed("k"), T0, &m), &mut third), Next::Ask(_)));
+}

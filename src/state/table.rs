@@ -57,8 +57,8 @@ impl Lookup {
 /// What a read-compute-CAS on one key did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied<D> {
-    /// The new state is stored in slot `index`.
-    Stored { decision: D, index: u32, reclaimed: bool },
+    /// The new state `state` is stored in slot `index`.
+    Stored { decision: D, index: u32, reclaimed: bool, state: State },
     /// The decision asked for no write (a denial).
     Unchanged(D),
     /// No slot could be had for the key.
@@ -225,7 +225,7 @@ impl<'a> Table<'a> {
                     self.confirm_insert(store, bucket, events)?;
                 }
                 let reclaimed = inserted && snapshot.slot.fingerprint != NEVER_USED;
-                return Ok(Applied::Stored { decision, index: snapshot.index, reclaimed });
+                return Ok(Applied::Stored { decision, index: snapshot.index, reclaimed, state: new_state });
             }
             // Lost the race: if the slot we wanted now holds our key, retry there.
             events.cas_retries += 1;

@@ -132,7 +132,7 @@ impl Root {
     pub fn on_tick(&mut self) {
         if let Some(shared) = &self.shared {
             shared.events.counters.flush();
-            shared.limiter.tick(&HostStore, host::now_nanos());
+            shared.limiter.tick(&HostStore, host::now_nanos(), &shared.events);
         }
     }
 

@@ -85,9 +85,12 @@ def render_bootstrap(
     rls_port: int | None = None,
     native_ratelimit: dict | None = None,
     upstream_echo: str | None = None,
+    external_upstream: int | None = None,
+    route_timeout: str = "30s",
 ) -> dict:
     """Same shape as envoy/demo.yaml: filtered listener -> router -> cluster -> second listener
-    (direct_response 200 "ok"). Returned as a dict; JSON is valid YAML, so it is written as JSON."""
+    (direct_response 200 "ok"), or the server on port `external_upstream` when given. Returned as a
+    dict; JSON is valid YAML, so it is written as JSON."""
     value = filter_config if isinstance(filter_config, str) else json.dumps(filter_config)
     vm_config: dict = {
         "runtime": "envoy.wasm.runtime.v8",
@@ -135,7 +138,7 @@ def render_bootstrap(
         },
     }
     filters = [wasm_filter]
-    route: dict = {"route": {"cluster": "upstream", "timeout": "30s"}}
+    route: dict = {"route": {"cluster": "upstream", "timeout": route_timeout}}
     if native_ratelimit is not None:
         # Envoy's own global rate limit filter, asking the same service (instead of ours).
         filters = [{
@@ -218,7 +221,8 @@ def render_bootstrap(
                                     {
                                         "endpoint": {
                                             "address": {
-                                                "socket_address": {"address": "127.0.0.1", "port_value": upstream_port}
+                                                "socket_address": {"address": "127.0.0.1",
+                                                                   "port_value": external_upstream or upstream_port}
                                             }
                                         }
                                     }
