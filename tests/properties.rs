@@ -69,12 +69,19 @@ impl Limit {
 
 fn limits() -> impl Strategy<Value = Limit> {
     let periods = prop::sample::select(vec![("500ms", S / 2), ("1s", S), ("3s", 3 * S), ("1m", 60 * S)]);
+    // Sometimes with a delay: a denied request then waits for its turn, counted when it comes.
+    let delay =
+        prop_oneof![Just(String::new()), (1u64..2000).prop_map(|ms| format!(r#","max_delay":"{ms}ms""#))];
     let bucket =
-        (1u64..8, 1u64..5, periods.clone()).prop_map(|(capacity, tokens, (p, period))| Limit::Bucket {
-            json: format!(r#"{{"capacity":{capacity},"refill_tokens":{tokens},"refill_period":"{p}"}}"#),
-            capacity,
-            tokens,
-            period,
+        (1u64..8, 1u64..5, periods.clone(), delay).prop_map(|(capacity, tokens, (p, period), delay)| {
+            Limit::Bucket {
+                json: format!(
+                    r#"{{"capacity":{capacity},"refill_tokens":{tokens},"refill_period":"{p}"{delay}}}"#
+                ),
+                capacity,
+                tokens,
+                period,
+            }
         });
     let gcra = (1u64..8, 1u64..5, periods.clone()).prop_map(|(burst, requests, (p, period))| Limit::Bucket {
         json: format!(r#"{{"algorithm":"gcra","requests":{requests},"period":"{p}","burst":{burst}}}"#),
@@ -161,8 +168,9 @@ fn admissions(limit: &Limit, arrivals: &[Arrival], skews: &[i64; WORKERS]) -> Ve
         let request = TestRequest::get("/")
             .with_header("x-key", format!("k{}", a.key))
             .with_header("x-cost", a.cost.to_string());
-        if let Verdict::Allow { .. } = limiter.check(&Env::at(&store, &request, reading, &Quiet)) {
-            admitted.push((a.key, reading, a.cost));
+        if let Verdict::Allow { turn, .. } = limiter.check(&Env::at(&store, &request, reading, &Quiet)) {
+            // A request that waits reaches the upstream at its turn.
+            admitted.push((a.key, turn.map_or(reading, |t| t.until), a.cost));
         }
     }
     admitted

@@ -74,6 +74,21 @@ impl Algorithm {
         }
     }
 
+    /// For a request this limit denies now: its turn reserved, if the algorithm knows the exact
+    /// instant (token bucket, GCRA) and it comes within `max_delay`.
+    pub fn reserve(
+        &self,
+        state: State,
+        now: u64,
+        cost: u64,
+        max_delay: u64,
+    ) -> Option<token_bucket::Reserved> {
+        match self {
+            Algorithm::TokenBucket(b) => b.reserve(state, now, cost, max_delay),
+            _ => None,
+        }
+    }
+
     /// The limit as it stands, consuming nothing.
     pub fn status(&self, state: State, now: u64) -> Decision {
         match self {

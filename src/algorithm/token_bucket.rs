@@ -32,6 +32,16 @@ impl From<BucketState> for State {
     }
 }
 
+/// A turn reserved for a request that waits for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reserved {
+    /// The instant of its turn. Counted from the bucket's own latest time, which may be a moment
+    /// ahead of this worker's clock reading.
+    pub turn_at: u64,
+    pub decision: Decision,
+    pub state: State,
+}
+
 /// An immutable bucket definition, validated at configuration time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenBucket {
@@ -76,8 +86,15 @@ impl TokenBucket {
         ceil_seconds(self.tolerance)
     }
 
+    /// The debt as far as admitting goes: never more than a full bucket's.
     fn debt(&self, state: BucketState, now: u64) -> u64 {
-        state.full_at.saturating_sub(now).min(self.tolerance)
+        self.owed(state, now).min(self.tolerance)
+    }
+
+    /// The whole debt, including the turns reserved beyond the bucket's capacity for requests
+    /// that wait (see [`Self::reserve`]): what giving back and merging must keep.
+    fn owed(&self, state: BucketState, now: u64) -> u64 {
+        state.full_at.saturating_sub(now)
     }
 
     pub fn decide(&self, state: State, now: u64, cost: u64) -> (Decision, State) {
@@ -111,24 +128,41 @@ impl TokenBucket {
             };
             (decision, BucketState { full_at: now.saturating_add(new_debt), updated_at: now })
         } else {
-            let retry_after = new_debt - self.tolerance;
+            // Turns reserved for waiting requests come first: the wait counts the whole debt.
+            let owed = self.owed(state, now);
             let decision = Decision {
                 allowed: false,
                 remaining: (self.tolerance - debt) / self.interval,
-                until_full_nanos: debt,
-                retry_after_nanos: retry_after,
+                until_full_nanos: owed,
+                retry_after_nanos: owed.saturating_add(cost_nanos).saturating_sub(self.tolerance),
             };
             (decision, state)
         }
     }
 
+    /// A denied request's turn, reserved now: the units are taken at once (running `max_delay`
+    /// into debt beyond the bucket's capacity), and the request must wait until its turn, when the
+    /// bucket would have let it pass. `None` when its turn is further than `max_delay` away.
+    pub fn reserve(&self, state: State, now: u64, cost: u64, max_delay: u64) -> Option<Reserved> {
+        let state = BucketState::from(state);
+        let now = now.max(state.updated_at);
+        let new_debt = self.owed(state, now).saturating_add(cost.saturating_mul(self.interval));
+        let wait = new_debt.saturating_sub(self.tolerance);
+        if wait > max_delay {
+            return None;
+        }
+        let decision =
+            Decision { allowed: true, remaining: 0, until_full_nanos: new_debt, retry_after_nanos: 0 };
+        let state = BucketState { full_at: now.saturating_add(new_debt), updated_at: now };
+        Some(Reserved { turn_at: now.saturating_add(wait), decision, state: state.into() })
+    }
+
     fn status_bucket(&self, state: BucketState, now: u64) -> Decision {
         let now = now.max(state.updated_at);
-        let debt = self.debt(state, now);
         Decision {
             allowed: true,
-            remaining: (self.tolerance - debt) / self.interval,
-            until_full_nanos: debt,
+            remaining: (self.tolerance - self.debt(state, now)) / self.interval,
+            until_full_nanos: self.owed(state, now),
             retry_after_nanos: 0,
         }
     }
@@ -136,16 +170,16 @@ impl TokenBucket {
     /// One bucket holding what two copies of it had taken.
     fn merge_buckets(&self, a: BucketState, b: BucketState, now: u64) -> BucketState {
         let now = now.max(a.updated_at).max(b.updated_at);
-        let debt = self.debt(a, now).saturating_add(self.debt(b, now)).min(self.tolerance);
+        let debt = self.owed(a, now).saturating_add(self.owed(b, now)).min(MAX_TOLERANCE_NANOS);
         BucketState { full_at: now.saturating_add(debt), updated_at: now }
     }
 
     /// Gives back what an earlier `decide` at the same cost took.
     fn give_back_bucket(&self, state: BucketState, now: u64, cost: u64) -> BucketState {
         let now = now.max(state.updated_at);
-        let debt = self.debt(state, now);
+        let owed = self.owed(state, now);
         let cost_nanos = cost.saturating_mul(self.interval);
-        BucketState { full_at: now.saturating_add(debt.saturating_sub(cost_nanos)), updated_at: now }
+        BucketState { full_at: now.saturating_add(owed.saturating_sub(cost_nanos)), updated_at: now }
     }
 }
 
@@ -300,5 +334,21 @@ mod tests {
         let (allowed, state) = burst(&b, BucketState::default(), T0, 2);
         assert_eq!(allowed, 2);
         assert!(!b.decide_bucket(state, T0 - 10 * S, 1).0.allowed);
+    }
+
+    #[test]
+    fn turns_are_reserved_one_interval_apart_up_to_the_longest_delay() {
+        let b = bucket(1, 10, 1); // one at once, then one every 100 ms
+        let (_, mut state) = b.decide(State::default(), T0, 1);
+        let mut waits = Vec::new();
+        while let Some(r) = b.reserve(state, T0, 1, S) {
+            waits.push((r.turn_at - T0) / 1_000_000);
+            state = r.state;
+        }
+        assert_eq!(waits, [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]);
+        let (d, _) = b.decide(state, T0 + S, 1);
+        assert!(!d.allowed, "the reserved turns are taken: nothing left at their last one");
+        let (d, _) = b.decide(state, T0 + S + S / 10, 1);
+        assert!(d.allowed);
     }
 }

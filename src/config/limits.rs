@@ -38,8 +38,10 @@ impl LimitKind {
     /// The fields each algorithm takes, for error messages.
     fn fields(self) -> &'static [&'static str] {
         match self {
-            LimitKind::TokenBucket => &["capacity", "refill_tokens", "refill_period"],
-            LimitKind::Gcra => &["requests", "period", "burst"],
+            LimitKind::TokenBucket => {
+                &["capacity", "refill_tokens", "refill_period", "max_delay", "max_queued"]
+            }
+            LimitKind::Gcra => &["requests", "period", "burst", "max_delay", "max_queued"],
             LimitKind::FixedWindow | LimitKind::SlidingWindow => &["requests", "window"],
             LimitKind::Concurrency => &["max_in_flight", "lease"],
         }
@@ -62,6 +64,16 @@ pub struct Limit {
     /// The Rate Limit Service unit (`envoy.type.v3.RateLimitUnit`) of a fixed window that has
     /// one: 1 second, minute, hour, day, week, or the calendar month.
     pub rls_unit: Option<i32>,
+    /// Delay a request this limit would deny, when its turn comes soon enough.
+    pub delay: Option<Delay>,
+}
+
+/// How long a request may be held for its turn, and how many may wait at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delay {
+    pub max_nanos: u64,
+    /// Per key and worker.
+    pub max_queued: u32,
 }
 
 impl Limit {
@@ -148,6 +160,10 @@ pub(super) struct RawLimit {
     max_in_flight: Option<NonZeroU32>,
     #[serde(default)]
     lease: Option<Duration>,
+    #[serde(default)]
+    max_delay: Option<Duration>,
+    #[serde(default)]
+    max_queued: Option<NonZeroU32>,
 }
 
 /// `"month"`, `"day"`, or a duration.
@@ -329,17 +345,44 @@ pub(super) fn compile_status_limit(raw: Option<RawLimit>) -> Result<Limit, Confi
         refill_period: Duration::from_nanos(60 * NANOS_PER_SECOND),
         ..RawLimit::default()
     };
-    compile_limit("status_limit", "status", false, raw.unwrap_or_else(default))
+    let limit = compile_limit("status_limit", "status", false, raw.unwrap_or_else(default))?;
+    if limit.delay.is_some() {
+        return Err(ConfigError::at("status_limit.max_delay", "the status endpoint answers or refuses at once"));
+    }
+    Ok(limit)
 }
 
 fn compile_limit(path: &str, rule: &str, several: bool, raw: RawLimit) -> Result<Limit, ConfigError> {
     let kind = raw.algorithm.unwrap_or(LimitKind::TokenBucket);
     refuse_foreign_fields(path, kind, &raw)?;
     let Compiled { algorithm, quota, window_seconds, default_name } = compile_algorithm(path, kind, &raw)?;
+    let delay = compile_delay(path, &raw)?;
     let name = limit_name(path, rule, several, raw.name, default_name)?;
     let policy = window_seconds.map(|w| format!("\"{name}\";q={quota};w={w}"));
     let rls_unit = rls_unit(&algorithm);
-    Ok(Limit { name, kind, algorithm, quota, window_seconds, policy, rls_unit })
+    Ok(Limit { name, kind, algorithm, quota, window_seconds, policy, rls_unit, delay })
+}
+
+/// Requests wait at most this long, and by default at most this many per key and worker.
+const MAX_DELAY_NANOS: u64 = 60 * NANOS_PER_SECOND;
+const DEFAULT_MAX_QUEUED: u32 = 100;
+
+fn compile_delay(path: &str, raw: &RawLimit) -> Result<Option<Delay>, ConfigError> {
+    let Some(max_delay) = raw.max_delay else {
+        if raw.max_queued.is_some() {
+            return Err(ConfigError::at(
+                format!("{path}.max_queued"),
+                "only limits with a max_delay queue requests",
+            ));
+        }
+        return Ok(None);
+    };
+    let max_nanos = max_delay.as_nanos();
+    if !(1_000_000..=MAX_DELAY_NANOS).contains(&max_nanos) {
+        return Err(ConfigError::at(format!("{path}.max_delay"), "must be between 1ms and 60s"));
+    }
+    let max_queued = raw.max_queued.map_or(DEFAULT_MAX_QUEUED, NonZeroU32::get);
+    Ok(Some(Delay { max_nanos, max_queued }))
 }
 
 /// A field that belongs to another algorithm is refused, naming the fields this one takes.
@@ -354,6 +397,8 @@ fn refuse_foreign_fields(path: &str, kind: LimitKind, raw: &RawLimit) -> Result<
         ("window", raw.window.is_some()),
         ("max_in_flight", raw.max_in_flight.is_some()),
         ("lease", raw.lease.is_some()),
+        ("max_delay", raw.max_delay.is_some()),
+        ("max_queued", raw.max_queued.is_some()),
     ];
     for (field, is_present) in present {
         if is_present && !kind.fields().contains(&field) {

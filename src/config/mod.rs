@@ -12,7 +12,7 @@ mod limits;
 mod table;
 mod unique;
 
-pub use limits::{Cost, Limit, LimitKind, Limits, Plan, PlanSource, Plans};
+pub use limits::{Cost, Delay, Limit, LimitKind, Limits, Plan, PlanSource, Plans};
 use limits::{RawCost, RawLimit, RawPlan, RawPlanSource};
 pub use table::TableShare;
 

@@ -2,7 +2,7 @@
 //! them.
 
 use super::holdings::Hold;
-use super::local::{Consumed, Verdict};
+use super::local::{Consumed, Turn, Verdict};
 use super::{Env, Limiter};
 use crate::global::answer::{read_answer, CallError};
 use crate::global::descriptors::prepare;
@@ -18,6 +18,8 @@ use crate::state::store::SharedStore;
 /// every moment.
 #[derive(Debug, Default)]
 pub struct Exchange {
+    /// Which request of the worker this is (the glue's context id), to find it when its turn comes.
+    id: u32,
     /// The limit the response headers describe; set only when the request passes.
     report: Option<Reported>,
     /// The call to the rate limit service the request waits for.
@@ -29,9 +31,16 @@ pub struct Exchange {
     upstream_headers: Vec<(String, String)>,
     /// Concurrency units the request holds until its stream ends.
     holds: Vec<Hold>,
+    /// While it waits for its turn: what it took, to give back if it ends before its turn.
+    reserved: Vec<Consumed>,
 }
 
 impl Exchange {
+    /// The exchange of request `id` (unique among the worker's requests in flight).
+    pub fn for_request(id: u32) -> Exchange {
+        Exchange { id, ..Exchange::default() }
+    }
+
     /// The request is paused, waiting for the rate limit service.
     pub fn is_awaiting(&self) -> bool {
         self.awaiting.is_some()
@@ -57,7 +66,7 @@ pub struct ResponseHeaders {
 #[derive(Debug)]
 enum Awaiting {
     /// The decision on its global rules; what local limits took is given back if it denies.
-    Decision { call: GlobalCall, consumed: Vec<Consumed>, local: Option<Reported> },
+    Decision { call: GlobalCall, consumed: Vec<Consumed>, local: Option<Reported>, turn: Option<Turn> },
     /// The standing in its global rules, for the status endpoint.
     Status(GlobalCall),
 }
@@ -72,6 +81,9 @@ pub enum Next<'a> {
     /// Call the rate limit service and pause the request; the answer, or the failure to start
     /// the call, goes to [`Limiter::answered`].
     Ask(Ask<'a>),
+    /// Pause the request until its turn, the instant `until`: the tick that finds it due (see
+    /// [`Limiter::tick`]) resumes it.
+    Delay { until: u64 },
 }
 
 /// A call to start: ShouldRateLimit on the service's cluster.
@@ -91,8 +103,8 @@ impl Limiter {
             }
             return self.ask_status(env, exchange);
         }
-        let (local, consumed) = match self.check(env) {
-            Verdict::Allow { report, consumed } => (report, consumed),
+        let (local, consumed, turn) = match self.check(env) {
+            Verdict::Allow { report, consumed, turn } => (report, consumed, turn),
             Verdict::Deny { report, retry_after_seconds, reason } => {
                 return Next::Reply(self.deny(report, retry_after_seconds, reason.map(|r| r.to_string())));
             }
@@ -100,10 +112,9 @@ impl Limiter {
         match prepare(&self.config, env.request, Purpose::Decide) {
             Ok(None) => {
                 exchange.report = local;
-                exchange.holds = self.hold(consumed);
-                Next::Continue
+                self.admit(env, exchange, consumed, turn)
             }
-            Ok(Some(call)) => self.ask(exchange, Awaiting::Decision { call, consumed, local }),
+            Ok(Some(call)) => self.ask(exchange, Awaiting::Decision { call, consumed, local, turn }),
             Err(refusal) => {
                 self.give_back(env, &consumed);
                 env.observer.count(Metric::Denied(refusal.rule));
@@ -121,9 +132,9 @@ impl Limiter {
         answer: Result<&[u8], CallError>,
     ) -> Next<'_> {
         let Some(awaiting) = exchange.awaiting.take() else { return Next::Continue };
-        let (call, consumed, local) = match awaiting {
+        let (call, consumed, local, turn) = match awaiting {
             Awaiting::Status(call) => return Next::Reply(self.status_reply(env, Some((&call, answer)))),
-            Awaiting::Decision { call, consumed, local } => (call, consumed, local),
+            Awaiting::Decision { call, consumed, local, turn } => (call, consumed, local, turn),
         };
         let verdict = verdict(&self.config, &call, answer.and_then(read_answer), env.observer);
         if verdict.deny {
@@ -134,8 +145,26 @@ impl Limiter {
         exchange.report = most_restrictive(local, verdict.report);
         exchange.service_headers = verdict.response_headers;
         exchange.upstream_headers = verdict.request_headers;
+        self.admit(env, exchange, consumed, turn)
+    }
+
+    /// The request is admitted: it holds its concurrency units, and goes on at once or waits for
+    /// its turn.
+    fn admit(
+        &self,
+        env: &Env<'_>,
+        exchange: &mut Exchange,
+        consumed: Vec<Consumed>,
+        turn: Option<Turn>,
+    ) -> Next<'_> {
+        let Some(turn) = turn.filter(|t| t.until > env.now()) else {
+            exchange.holds = self.hold(consumed);
+            return Next::Continue;
+        };
+        exchange.reserved = consumed.iter().filter(|c| !c.is_concurrency()).copied().collect();
         exchange.holds = self.hold(consumed);
-        Next::Continue
+        self.queue().add(exchange.id, turn.until, turn.keys);
+        Next::Delay { until: turn.until }
     }
 
     /// Response headers: the headers to add to a response the request got from upstream.
@@ -157,6 +186,12 @@ impl Limiter {
         if let Some(Awaiting::Decision { consumed, .. }) = exchange.awaiting.take() {
             self.give_back(env, &consumed);
         }
+        let reserved = std::mem::take(&mut exchange.reserved);
+        if !reserved.is_empty() && self.queue().remove(exchange.id) {
+            // It went away before its turn: the turn goes back to the bucket.
+            env.observer.count(Metric::DelayAbandoned);
+            self.give_back(env, &reserved);
+        }
         let holds = std::mem::take(&mut exchange.holds);
         if !holds.is_empty() {
             self.release(env, &holds);
@@ -164,9 +199,10 @@ impl Limiter {
     }
 
     /// Background work of one worker, on its every tick: renewing the lease of the concurrency
-    /// units its requests hold.
-    pub fn tick(&self, store: &dyn SharedStore, now: u64, observer: &dyn Observer) {
+    /// units its requests hold. The requests whose turn has come, to resume, earliest first.
+    pub fn tick(&self, store: &dyn SharedStore, now: u64, observer: &dyn Observer) -> Vec<u32> {
         self.renew_holdings(store, now, observer);
+        self.queue().due(now)
     }
 
     fn ask_status(&self, env: &Env<'_>, exchange: &mut Exchange) -> Next<'_> {

@@ -22,11 +22,22 @@ const TABLE_FULL_RETRY_AFTER_SECONDS: u64 = 1;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Pass the request; `report` is the most restrictive limit that applied, `consumed` what it
-    /// took from local limits (kept only when global rules may still deny it).
-    Allow { report: Option<Reported>, consumed: Vec<Consumed> },
+    /// took from local limits (kept when global rules may still deny it, when it waits, and for
+    /// concurrency limits, held until it ends). `turn`: when turns were reserved for it, how long
+    /// it must wait.
+    Allow { report: Option<Reported>, consumed: Vec<Consumed>, turn: Option<Turn> },
     /// Answer with the deny response. `retry_after_seconds` is `None` when retrying cannot help
     /// (the request costs more than a limit can ever hold); `reason` then says why.
     Deny { report: Option<Reported>, retry_after_seconds: Option<u64>, reason: Option<CostError> },
+}
+
+/// A request that must wait for the turns reserved for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Turn {
+    /// The instant the last of its turns comes.
+    pub until: u64,
+    /// The buckets (fingerprints) of the limits that delay it: each lets only so many wait.
+    pub keys: Vec<u64>,
 }
 
 /// What a request took from one local limit, so it can be given back if a global rule then
@@ -43,6 +54,10 @@ pub struct Consumed {
 }
 
 impl Consumed {
+    pub(super) fn is_concurrency(&self) -> bool {
+        matches!(self.algorithm, Algorithm::Concurrency(_))
+    }
+
     /// Gives it back: `Ok(false)` when other workers kept winning the CAS race.
     fn give_back(&self, env: &Env<'_>, limiter: &Limiter) -> Result<bool, StoreError> {
         let now = env.now();
@@ -67,6 +82,8 @@ struct Item<'a> {
     stored: Option<(u32, State)>,
     /// A shadow limit over its quota: reported, not consumed.
     skip: bool,
+    /// The instant of the turn reserved for the request in this limit (0: none).
+    turn_at: u64,
 }
 
 impl Item<'_> {
@@ -143,7 +160,7 @@ impl Limiter {
             Ok(verdict) => verdict,
             Err(_) => {
                 env.observer.count(Metric::StoreError);
-                Verdict::Allow { report: None, consumed: Vec::new() }
+                Verdict::Allow { report: None, consumed: Vec::new(), turn: None }
             }
         }
     }
@@ -234,6 +251,7 @@ impl Limiter {
                 decision: None,
                 stored: None,
                 skip: false,
+                turn_at: 0,
             });
         }
         Ok(Ok(()))
@@ -244,8 +262,9 @@ impl Limiter {
     fn check_all(&self, env: &Env<'_>, items: &mut [Item<'_>]) -> Option<Verdict> {
         let now = env.now();
         for item in items.iter_mut() {
-            let (decision, _) = item.limit.algorithm.decide(item.lookup.state(), now, item.cost);
+            let (decision, turn_at, _) = self.measure(item, item.lookup.state(), now);
             item.decision = Some(decision);
+            item.turn_at = turn_at;
             if !decision.allowed && item.rule.shadow {
                 item.skip = true;
                 env.observer.count(Metric::ShadowDenied(item.at.rule));
@@ -272,9 +291,7 @@ impl Limiter {
             if items[i].skip {
                 continue;
             }
-            let item = &items[i];
-            let bucket = Bucket { fp: item.fp, algorithm: &item.limit.algorithm, now: env.now() };
-            let applied = self.consume(env, &self.table(item.share), bucket, Some(item.lookup), item.cost)?;
+            let applied = self.consume_item(env, &items[i])?;
             if let Some(refused) = self.settle_item(env, &mut items[i], applied) {
                 let taken: Vec<Consumed> = items[..i].iter().filter_map(Item::consumed).collect();
                 self.give_back(env, &taken);
@@ -282,6 +299,36 @@ impl Limiter {
             }
         }
         Ok(None)
+    }
+
+    /// A limit's decision on `state`, with the turn reserved for the request when the limit denies
+    /// it but may delay it: (decision, the turn's instant or 0, the state to store if any). A
+    /// shadow rule never delays.
+    fn measure(&self, item: &Item<'_>, state: State, now: u64) -> (Decision, u64, Option<State>) {
+        let algorithm = &item.limit.algorithm;
+        let (decision, next) = algorithm.decide(state, now, item.cost);
+        if decision.allowed {
+            return (decision, 0, Some(next));
+        }
+        let delay = item.limit.delay.filter(|d| !item.rule.shadow && self.may_queue(item.fp.0, d));
+        match delay.and_then(|d| algorithm.reserve(state, now, item.cost, d.max_nanos)) {
+            Some(turn) => (turn.decision, turn.turn_at, Some(turn.state)),
+            None => (decision, 0, None),
+        }
+    }
+
+    /// Read-compute-CAS of one item's bucket, as [`Self::measure`] decides it.
+    fn consume_item(&self, env: &Env<'_>, item: &Item<'_>) -> Result<Applied<(Decision, u64)>, StoreError> {
+        let now = env.now();
+        let bucket = Bucket { fp: item.fp, algorithm: &item.limit.algorithm, now };
+        let mut events = TableEvents::default();
+        let table = self.table(item.share);
+        let applied = table.measure_and_replace(env.store, bucket, Some(item.lookup), &mut events, |state| {
+            let (decision, turn_at, next) = self.measure(item, state, now);
+            ((decision, turn_at), next)
+        });
+        count_events(env, &events);
+        applied
     }
 
     /// Read-compute-CAS of one bucket at `cost`, from `first` (a fresh lookup when `None`): the
@@ -306,24 +353,30 @@ impl Limiter {
     }
 
     /// Records what consuming one item did; the denial when it refused the request.
-    fn settle_item(&self, env: &Env<'_>, item: &mut Item<'_>, applied: Applied<Decision>) -> Option<Verdict> {
+    fn settle_item(
+        &self,
+        env: &Env<'_>,
+        item: &mut Item<'_>,
+        applied: Applied<(Decision, u64)>,
+    ) -> Option<Verdict> {
         let (observer, rule, shadow) = (env.observer, item.at.rule, item.rule.shadow);
         match applied {
-            Applied::Stored { decision, index, reclaimed, state } => {
+            Applied::Stored { decision: (decision, turn_at), index, reclaimed, state } => {
                 if reclaimed {
                     observer.count(Metric::SlotReclaimed);
                 }
                 item.decision = Some(decision);
+                item.turn_at = turn_at;
                 item.stored = Some((index, state));
                 None
             }
-            Applied::Unchanged(decision) if shadow => {
+            Applied::Unchanged((decision, _)) if shadow => {
                 // Another worker took the last of a shadow limit: report it, deny nothing.
                 observer.count(Metric::ShadowDenied(rule));
                 item.decision = Some(decision);
                 None
             }
-            Applied::Unchanged(decision) => {
+            Applied::Unchanged((decision, _)) => {
                 // Another worker took the last of it between our check and our write.
                 observer.count(Metric::Denied(rule));
                 observer.violation(&self.violation(env, item, &decision));
@@ -352,9 +405,10 @@ impl Limiter {
 
     /// The request passes: counts once per rule, reports the most restrictive limit.
     fn allow(&self, env: &Env<'_>, items: &[Item<'_>]) -> Verdict {
+        let turn = Self::turn(env, items);
         // Concurrency units are held until the request ends; the rest only a later global denial
-        // needs. Without either, nothing is allocated.
-        let keep_all = self.config.global.is_some();
+        // or a client leaving while it waits needs. Without either, nothing is allocated.
+        let keep_all = self.config.global.is_some() || turn.is_some();
         let consumed = items
             .iter()
             .filter(|i| keep_all || matches!(i.limit.algorithm, Algorithm::Concurrency(_)))
@@ -371,7 +425,23 @@ impl Limiter {
             let Some(decision) = item.decision else { continue };
             report = most_restrictive(report, Some(item.report(&decision, now)));
         }
-        Verdict::Allow { report, consumed }
+        Verdict::Allow { report, consumed, turn }
+    }
+
+    /// The latest of the turns reserved for the request, counted per rule.
+    fn turn(env: &Env<'_>, items: &[Item<'_>]) -> Option<Turn> {
+        let delayed: Vec<&Item<'_>> = items.iter().filter(|i| i.turn_at > 0).collect();
+        let until = delayed.iter().map(|i| i.turn_at).max()?;
+        let mut counted: Option<usize> = None;
+        for item in &delayed {
+            if counted != Some(item.at.rule) {
+                env.observer.count(Metric::Delayed(item.at.rule));
+                let wait = item.turn_at.saturating_sub(env.now());
+                env.observer.add(Metric::DelayedMs(item.at.rule), wait / 1_000_000);
+                counted = Some(item.at.rule);
+            }
+        }
+        Some(Turn { until, keys: delayed.iter().map(|i| i.fp.0).collect() })
     }
 
     /// Gives back what `consumed` took (a later limit or a global rule denied the request). Errors

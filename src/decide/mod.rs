@@ -13,22 +13,24 @@
 mod holdings;
 mod lifecycle;
 mod local;
+mod queue;
 mod standings;
 
 use std::cell::Cell;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use lifecycle::{Ask, Exchange, Next, ResponseHeaders};
-pub use local::{Consumed, Verdict};
+pub use local::{Consumed, Turn, Verdict};
 
-use crate::config::Config;
 use crate::config::TableShare;
+use crate::config::{Config, Delay};
 use crate::report::Observer;
 use crate::request::Request;
 use crate::state::clock::Clock;
 use crate::state::store::SharedStore;
 use crate::state::table::Table;
 use holdings::Holdings;
+use queue::Queue;
 
 /// What every moment of a request works with.
 pub struct Env<'a> {
@@ -79,11 +81,18 @@ pub struct Limiter {
     config: Config,
     seed: u64,
     holdings: Mutex<Holdings>,
+    /// Requests of this worker held for their turn.
+    queue: Mutex<Queue>,
 }
 
 impl Limiter {
     pub fn new(config: Config, seed: u64) -> Limiter {
-        Limiter { config, seed, holdings: Mutex::new(Holdings::default()) }
+        Limiter {
+            config,
+            seed,
+            holdings: Mutex::new(Holdings::default()),
+            queue: Mutex::new(Queue::default()),
+        }
     }
 
     /// Concurrency units this worker's requests hold, in all.
@@ -95,6 +104,20 @@ impl Limiter {
     /// holdings are still whole.
     fn holdings(&self) -> MutexGuard<'_, Holdings> {
         self.holdings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Requests of this worker held for their turn (the glue ticks faster while there are some).
+    pub fn waiting(&self) -> usize {
+        self.queue().len()
+    }
+
+    /// Whether one more request of the bucket `key` may wait for its turn in this worker.
+    fn may_queue(&self, key: u64, delay: &Delay) -> bool {
+        self.queue().waiting_for(key) < delay.max_queued
     }
 
     pub fn config(&self) -> &Config {

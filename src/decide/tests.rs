@@ -673,7 +673,7 @@ mod global {
         let (l, store) = limiter(CONFIG);
         let m = Counts::default();
         match l.check(&Env::at(&store, &keyed("k"), T0, &m)) {
-            Verdict::Allow { report: Some(r), consumed } => {
+            Verdict::Allow { report: Some(r), consumed, .. } => {
                 assert_eq!(l.config().find(r.limit).unwrap().name(), "local");
                 assert_eq!(consumed.len(), 1);
                 l.give_back(&Env::at(&store, &keyed("k"), T0, &m), &consumed);
@@ -1133,4 +1133,109 @@ fn a_request_that_ends_while_waiting_for_the_service_gives_back_its_units() {
     l.end(&Env::at(&store, &keyed("k"), T0, &m), &mut waiting);
     let mut third = Exchange::default();
     assert!(matches!(l.decide(&Env::at(&store, &keyed("k"), T0, &m), &mut third), Next::Ask(_)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delay instead of reject: a request whose turn comes within max_delay waits for it.
+
+const MS: u64 = 1_000_000;
+
+fn ten_per_second(extra: &str) -> String {
+    format!(
+        r#"{{"table_size":64,"rules":[{{"name":"smooth","key":[{{"source":"header","name":"x-key"}}],
+        "limit":{{"capacity":1,"refill_tokens":10,"refill_period":"1s","max_delay":"1s"{extra}}}}}]}}"#
+    )
+}
+
+/// Decides request `id` of key "k" at `now`.
+fn arrive<'l>(
+    l: &'l Limiter,
+    store: &dyn SharedStore,
+    id: u32,
+    now: u64,
+    m: &Counts,
+) -> (Next<'l>, Exchange) {
+    let mut exchange = Exchange::for_request(id);
+    let next = l.decide(&Env::at(store, &keyed("k"), now, m), &mut exchange);
+    (next, exchange)
+}
+
+#[test]
+fn a_request_whose_turn_comes_within_max_delay_waits_for_it_instead_of_being_denied() {
+    let (l, store) = limiter(&ten_per_second(""));
+    let m = Counts::default();
+    let mut turns = Vec::new();
+    let (mut passed, mut denied) = (0, 0);
+    for id in 1..=30 {
+        match arrive(&l, &store, id, T0, &m).0 {
+            Next::Continue => passed += 1,
+            Next::Delay { until } => turns.push((until - T0) / MS),
+            Next::Reply(_) => denied += 1,
+            Next::Ask(_) => unreachable!(),
+        }
+    }
+    assert_eq!((passed, denied), (1, 19));
+    assert_eq!(turns, [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]);
+    assert_eq!(l.tick(&store, T0 + 350 * MS, &m), [2, 3, 4], "due in the order they arrived");
+    assert_eq!(l.waiting(), 7);
+    assert_eq!((m.get(Metric::Delayed(0)), m.get(Metric::DelayedMs(0))), (10, 5_500));
+}
+
+#[test]
+fn a_client_that_leaves_while_waiting_gives_its_turn_back() {
+    let (l, store) = limiter(&ten_per_second(""));
+    let m = Counts::default();
+    let mut waiting: Vec<Exchange> = Vec::new();
+    for id in 1..=11 {
+        let (next, exchange) = arrive(&l, &store, id, T0, &m);
+        if matches!(next, Next::Delay { .. }) {
+            waiting.push(exchange);
+        }
+    }
+    assert_eq!(waiting.len(), 10);
+    assert!(matches!(arrive(&l, &store, 12, T0, &m).0, Next::Reply(_)), "no turn within a second");
+    let mut gone = waiting.pop().unwrap();
+    l.end(&Env::at(&store, &keyed("k"), T0, &m), &mut gone);
+    assert_eq!(l.waiting(), 9);
+    assert!(matches!(arrive(&l, &store, 13, T0, &m).0, Next::Delay { until } if until == T0 + 1_000 * MS));
+}
+
+#[test]
+fn no_more_than_max_queued_requests_of_a_key_wait_in_a_worker() {
+    let (l, store) = limiter(&ten_per_second(r#","max_queued":3"#));
+    let m = Counts::default();
+    let delayed =
+        (1..=30).filter(|id| matches!(arrive(&l, &store, *id, T0, &m).0, Next::Delay { .. })).count();
+    assert_eq!(delayed, 3);
+}
+
+#[test]
+fn a_shadow_rule_never_delays() {
+    let json = ten_per_second("").replace(r#""name":"smooth","#, r#""name":"smooth","shadow":true,"#);
+    let (l, store) = limiter(&json);
+    let m = Counts::default();
+    assert!((1..=5).all(|id| matches!(arrive(&l, &store, id, T0, &m).0, Next::Continue)));
+}
+
+#[test]
+fn a_request_with_global_rules_waits_for_its_turn_once_the_service_agrees() {
+    let json = r#"{"table_size":64,"global":{"cluster":"rls","domain":"d"},"rules":[
+        {"name":"smooth","key":[{"source":"header","name":"x-key"}],
+         "limit":{"capacity":1,"refill_tokens":10,"refill_period":"1s","max_delay":"1s"}},
+        {"name":"g","global":true,"key":[{"source":"header","name":"x-key"}],
+         "limit":{"algorithm":"fixed_window","requests":5,"window":"1h"}}]}"#;
+    let (l, store) = limiter(json);
+    let m = Counts::default();
+    let ok = service_answer(false, &[], &[]);
+    let mut first = Exchange::for_request(1);
+    let request = keyed("k");
+    let env = Env::at(&store, &request, T0, &m);
+    assert!(matches!(l.decide(&env, &mut first), Next::Ask(_)));
+    assert!(matches!(l.answered(&env, &mut first, Ok(&ok)), Next::Continue));
+    let mut second = Exchange::for_request(2);
+    assert!(matches!(l.decide(&env, &mut second), Next::Ask(_)));
+    let later = Env::at(&store, &request, T0 + 20 * MS, &m);
+    assert!(
+        matches!(l.answered(&later, &mut second, Ok(&ok)), Next::Delay { until } if until == T0 + 100 * MS)
+    );
 }

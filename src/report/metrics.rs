@@ -51,6 +51,10 @@ metrics! {
         /// A new key found its whole probe window in the rule's share of the table live; the
         /// rule's table-full policy was applied.
         TableFull = "table_full",
+        /// A request the rule would have denied was held for the turn reserved for it instead.
+        Delayed = "delayed",
+        /// Milliseconds that delayed requests were held for, in all.
+        DelayedMs = "delayed_ms",
     }
     filter_wide {
         /// As `table_full`, in the status endpoint's share of the table.
@@ -69,6 +73,9 @@ metrics! {
         CasRetry = "cas_retries",
         /// A call to the status endpoint was refused: its caller is over `status_limit`.
         StatusDenied = "status_denied",
+        /// A request that waited for its turn ended before it (the client left); the turn was
+        /// given back.
+        DelayAbandoned = "delay_abandoned",
     }
 }
 
@@ -96,7 +103,7 @@ mod tests {
         let config = Config::parse(json.as_bytes()).unwrap();
         let names = counter_names(&config);
         let name = |m: Metric| names[m.slot(2)].as_str();
-        assert_eq!(names.len(), 4 * 2 + 8);
+        assert_eq!(names.len(), 6 * 2 + 9);
         assert_eq!(name(Metric::Allowed(0)), "ratelimit_wasm.p.a.allowed");
         assert_eq!(name(Metric::ShadowDenied(1)), "ratelimit_wasm.p.b.shadow_denied");
         assert_eq!(name(Metric::TableFull(1)), "ratelimit_wasm.p.b.table_full");

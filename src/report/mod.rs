@@ -18,6 +18,12 @@ use violations::Violation;
 /// glue implements it with Envoy's counters and log; tests record.
 pub trait Observer {
     fn count(&self, metric: Metric);
+    /// Adds `n` to a counter (a total, such as milliseconds of delay).
+    fn add(&self, metric: Metric, n: u64) {
+        for _ in 0..n {
+            self.count(metric);
+        }
+    }
     fn violation(&self, _violation: &Violation<'_>) {}
     /// The rate limit service could not be asked or did not answer usefully.
     fn global_failure(&self, _reason: &str) {}

@@ -73,7 +73,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, parent_context_id: u3
     if parent_context_id == 0 {
         with_contexts(|c| c.roots.insert(context_id, Root::default()));
     } else {
-        let filter = with_root(parent_context_id, None, |root| Some(root.new_filter()));
+        let filter = with_root(parent_context_id, None, |root| Some(root.new_filter(context_id)));
         with_contexts(|c| c.filters.insert(context_id, filter.unwrap_or_else(Filter::inert)));
     }
 }

@@ -8,7 +8,7 @@ use crate::global::answer::CallError;
 use crate::global::protocol::{METHOD, SERVICE};
 use crate::report::reply::LocalReply;
 use crate::wasm::host::{self, HostClock, HostRequest, HostStore, LogLevel};
-use crate::wasm::root::Shared;
+use crate::wasm::root::{Shared, WAITING_TICK_MS};
 
 const ACTION_CONTINUE: u32 = 0;
 const ACTION_PAUSE: u32 = 1;
@@ -27,12 +27,12 @@ fn in_env<R>(shared: &Shared, moment: impl FnOnce(&Env<'_>) -> R) -> R {
 }
 
 impl Filter {
-    pub fn new(shared: Option<Rc<Shared>>) -> Filter {
-        Filter { shared, exchange: Exchange::default(), new_call: None }
+    pub fn new(shared: Option<Rc<Shared>>, context_id: u32) -> Filter {
+        Filter { shared, exchange: Exchange::for_request(context_id), new_call: None }
     }
 
     pub fn inert() -> Filter {
-        Filter::new(None)
+        Filter::new(None, 0)
     }
 
     pub fn take_new_call(&mut self) -> Option<u32> {
@@ -58,6 +58,8 @@ impl Filter {
         in_env(&shared, |env| {
             match shared.limiter.answered(env, &mut self.exchange, answer.as_deref().map_err(Clone::clone)) {
                 Next::Reply(reply) => end_with(&reply),
+                // Still paused: the tick resumes it at its turn.
+                Next::Delay { .. } => host::set_tick_period_ms(WAITING_TICK_MS),
                 Next::Continue | Next::Ask(_) => {
                     for (name, value) in self.exchange.take_upstream_headers() {
                         host::add_request_header(&name, &value);
@@ -96,6 +98,10 @@ impl Filter {
         let ask = match next {
             Next::Continue => return ACTION_CONTINUE,
             Next::Reply(reply) => return respond(&reply),
+            Next::Delay { .. } => {
+                host::set_tick_period_ms(WAITING_TICK_MS);
+                return ACTION_PAUSE;
+            }
             Next::Ask(ask) => ask,
         };
         match host::grpc_call(ask.cluster, SERVICE, METHOD, &ask.message, ask.timeout_ms) {
@@ -105,10 +111,8 @@ impl Filter {
             }
             Err(host_status) => {
                 let error = CallError::CannotCall { cluster: ask.cluster.to_owned(), host_status };
-                match shared.limiter.answered(env, &mut self.exchange, Err(error)) {
-                    Next::Reply(reply) => respond(&reply),
-                    Next::Continue | Next::Ask(_) => ACTION_CONTINUE,
-                }
+                let next = shared.limiter.answered(env, &mut self.exchange, Err(error));
+                self.carry_out(shared, env, next)
             }
         }
     }

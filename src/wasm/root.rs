@@ -16,6 +16,8 @@ use crate::wasm::http::Filter;
 
 /// How often counts reach Envoy's counters.
 const TICK_MS: u32 = 100;
+/// The tick while requests wait for their turn: how late a turn can be resumed, at most.
+pub const WAITING_TICK_MS: u32 = 5;
 
 /// The filter's counters for one worker: counted in wasm memory and added to Envoy's counters on
 /// every tick (each 100 ms), which saves a host call per request.
@@ -96,6 +98,8 @@ pub struct Shared {
 #[derive(Default)]
 pub struct Root {
     shared: Option<Rc<Shared>>,
+    /// When counters were last flushed (the tick may run faster than that).
+    flushed_at: u64,
 }
 
 impl Root {
@@ -130,14 +134,25 @@ impl Root {
     }
 
     pub fn on_tick(&mut self) {
-        if let Some(shared) = &self.shared {
+        let Some(shared) = &self.shared else { return };
+        let now = host::now_nanos();
+        for context_id in shared.limiter.tick(&HostStore, now, &shared.events) {
+            // Its turn has come. A request that ended meanwhile left the queue then.
+            if host::set_effective_context(context_id) && !host::resume_request() {
+                host::log(LogLevel::Error, "ratelimit-wasm: could not resume a request at its turn");
+            }
+        }
+        if shared.limiter.waiting() == 0 {
+            host::set_tick_period_ms(TICK_MS);
+        }
+        if now.saturating_sub(self.flushed_at) >= u64::from(TICK_MS) * 1_000_000 {
             shared.events.counters.flush();
-            shared.limiter.tick(&HostStore, host::now_nanos(), &shared.events);
+            self.flushed_at = now;
         }
     }
 
-    pub fn new_filter(&self) -> Filter {
-        Filter::new(self.shared.clone())
+    pub fn new_filter(&self, context_id: u32) -> Filter {
+        Filter::new(self.shared.clone(), context_id)
     }
 }
 
