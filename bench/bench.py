@@ -172,7 +172,8 @@ def wasm_filter(wasm: Path, configuration: str, vm_id: str) -> dict:
     }
 
 
-def ours_config(capacity: int, refill_period: str, table_size: int = 65536, headers: str = "x-ratelimit") -> dict:
+def ours_config(capacity: int, refill_period: str, table_size: int = 65536, headers: str = "x-ratelimit",
+                limit: dict | None = None) -> dict:
     # x-ratelimit: the same three X-RateLimit-* headers native local_ratelimit sends (like for like).
     return {
         "key_prefix": "bench",
@@ -181,14 +182,14 @@ def ours_config(capacity: int, refill_period: str, table_size: int = 65536, head
         "rules": [{
             "name": "per-key",
             "key": [{"source": "header", "name": "x-key"}],
-            "limit": {"capacity": capacity, "refill_period": refill_period},
+            "limit": limit or {"capacity": capacity, "refill_period": refill_period},
         }],
     }
 
 
 def ours_filter(capacity: int, refill_period: str, table_size: int = 65536, headers: str = "x-ratelimit",
-                wasm: Path = WASM) -> dict:
-    return wasm_filter(wasm, json.dumps(ours_config(capacity, refill_period, table_size, headers)), "ratelimit")
+                wasm: Path = WASM, limit: dict | None = None) -> dict:
+    return wasm_filter(wasm, json.dumps(ours_config(capacity, refill_period, table_size, headers, limit)), "ratelimit")
 
 
 def native_filter(capacity: int, fill_interval: str) -> dict:
@@ -224,7 +225,7 @@ def filtered_config(kind: str, upstream_port: int, **kw) -> dict:
         route["rate_limits"] = NATIVE_ROUTE_RATE_LIMITS
     elif kind == "ours":
         filters = [ours_filter(kw["capacity"], kw["period"], kw.get("table_size", 65536), kw.get("headers", "x-ratelimit"),
-                               kw.get("wasm", WASM))]
+                               kw.get("wasm", WASM), kw.get("limit"))]
     elif kind == "probe":
         filters = [wasm_filter(NOOP_WASM, kw["steps"], "probe")]
     elif kind == "ours-global":
@@ -489,6 +490,9 @@ SPEED_VARIANTS = [
     ("ours-end", "ours", {"capacity": BIG, "period": "1s", "wasm": END_WASM}, HOT_KEY, "2xx"),
     ("ours-o3", "ours", {"capacity": BIG, "period": "1s", "wasm": O3_WASM}, HOT_KEY, "2xx"),
     ("ours-o3-429", "ours", {"capacity": 1, "period": "24h", "wasm": O3_WASM}, EXHAUSTED_KEY, "4xx"),
+    # A concurrency limit that never denies: acquire at the request, release at its end.
+    ("ours-conc", "ours", {"capacity": BIG, "period": "1s",
+                           "limit": {"algorithm": "concurrency", "max_in_flight": 1_000_000}}, HOT_KEY, "2xx"),
 ]
 
 # The 429 rows are about 3x faster per request: they get 3x the requests, so their CPU figures
@@ -1034,9 +1038,10 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
         "ours-end": "ratelimit-wasm as `ours`, also exporting no-op proxy_on_done and proxy_on_log",
         "ours-o3": "ratelimit-wasm as `ours`, built with opt-level 3 (`make build OPT_LEVEL=3`)",
         "ours-o3-429": "ratelimit-wasm built with opt-level 3, over limit (429)",
+        "ours-conc": "ratelimit-wasm, the rule's limit a concurrency limit (max_in_flight 1,000,000): a unit taken and released per request",
     }
     native_of = {"ours": "native", "ours-both": "native", "ours-429": "native-429", "native": "native", "native-429": "native-429",
-                 "ours-end": "native", "ours-o3": "native", "ours-o3-429": "native-429"}
+                 "ours-end": "native", "ours-o3": "native", "ours-o3-429": "native-429", "ours-conc": "native"}
     summary = {}
     for workers in params["workers"]:
         for name, *_ in SPEED_VARIANTS:
@@ -1071,6 +1076,7 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                        ("ours", "plain", "ours / plain, allowed"), ("native", "plain", "native / plain, allowed"),
                        ("noop-wasm", "plain", "no-op wasm / plain"),
                        ("ours-end", "ours", "ours exporting proxy_on_done + proxy_on_log / ours, allowed"),
+                       ("ours-conc", "ours", "concurrency limit / token bucket, allowed"),
                        ("ours", "ours-o3", "ours (opt-level s) / ours at opt-level 3, allowed"),
                        ("ours-429", "ours-o3-429", "ours (opt-level s) / ours at opt-level 3, 429")):
         for workers, ra, rb in paired_runs(res, a, b, params["workers"]):
