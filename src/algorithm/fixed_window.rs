@@ -95,6 +95,12 @@ impl FixedWindow {
         Decision { allowed: true, remaining, until_full_nanos: until_full, retry_after_nanos: 0 }
     }
 
+    /// Counts `units` whatever is left: the count may pass the limit.
+    pub fn charge(&self, state: State, now: u64, units: u64) -> State {
+        let WindowCount { end, count } = self.current(state, now);
+        WindowCount { end, count: count.saturating_add(units) }.into()
+    }
+
     pub fn give_back(&self, state: State, now: u64, cost: u64) -> State {
         let WindowCount { end, count } = self.current(state, now);
         WindowCount { end, count: count.saturating_sub(cost) }.into()

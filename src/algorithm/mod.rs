@@ -110,6 +110,17 @@ impl Algorithm {
         }
     }
 
+    /// Takes `units` whatever is left (a usage known only from the response): the remaining
+    /// quota may go below zero. A concurrency limit is never charged so (refused at configuration).
+    pub fn charge(&self, state: State, now: u64, units: u64) -> State {
+        match self {
+            Algorithm::TokenBucket(b) => b.charge(state, now, units),
+            Algorithm::FixedWindow(w) => w.charge(state, now, units),
+            Algorithm::SlidingWindow(w) => w.charge(state, now, units),
+            Algorithm::Concurrency(_) => state,
+        }
+    }
+
     /// For a concurrency limit, the lease epoch the units placed by storing `stored` count in;
     /// 0 for the others, which need no such mark.
     pub fn held_in(&self, stored: State) -> u64 {

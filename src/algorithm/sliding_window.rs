@@ -127,6 +127,12 @@ impl SlidingWindow {
         }
     }
 
+    /// Counts `units` whatever is left: the weighted count may pass the limit.
+    pub fn charge(&self, state: State, now: u64, units: u64) -> State {
+        let c = self.counts(state, now);
+        self.store(Counts { current: c.current.saturating_add(units), ..c })
+    }
+
     pub fn give_back(&self, state: State, now: u64, cost: u64) -> State {
         let c = self.counts(state, now);
         self.store(Counts { current: c.current.saturating_sub(cost), ..c })

@@ -157,6 +157,15 @@ impl TokenBucket {
         Some(Reserved { turn_at: now.saturating_add(wait), decision, state: state.into() })
     }
 
+    /// Takes `units` whatever is left: a usage known only afterwards. The bucket may owe more than
+    /// its capacity; it refills from there.
+    pub fn charge(&self, state: State, now: u64, units: u64) -> State {
+        let state = BucketState::from(state);
+        let now = now.max(state.updated_at);
+        let owed = self.owed(state, now).saturating_add(units.saturating_mul(self.interval));
+        BucketState { full_at: now.saturating_add(owed.min(MAX_TOLERANCE_NANOS)), updated_at: now }.into()
+    }
+
     fn status_bucket(&self, state: BucketState, now: u64) -> Decision {
         let now = now.max(state.updated_at);
         Decision {

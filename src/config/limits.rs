@@ -131,6 +131,14 @@ pub enum Cost {
         max: u64,
         default: u64,
     },
+    /// Known from the response: `estimate` is taken when the request is admitted (so it passes
+    /// while that much is left), and the usage the response header states (at most `max`) is
+    /// charged when it arrives, correcting the estimate. The remaining quota may go below zero.
+    Response {
+        name: String,
+        estimate: u64,
+        max: u64,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -212,10 +220,21 @@ pub(super) struct RawCostHeader {
     default: Option<NonZeroU32>,
 }
 
-/// `"cost": 3` or `"cost": {"header": "x-cost", "max": 100, "default": 1}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCostResponse {
+    response_header: String,
+    max: NonZeroU32,
+    #[serde(default)]
+    estimate: Option<NonZeroU32>,
+}
+
+/// `"cost": 3`, `{"header": "x-cost", "max": 100, "default": 1}` or
+/// `{"response_header": "x-usage-tokens", "max": 100000, "estimate": 1}`.
 pub(super) enum RawCost {
     Constant(NonZeroU32),
     Header(RawCostHeader),
+    Response(RawCostResponse),
 }
 
 impl<'de> Deserialize<'de> for RawCost {
@@ -223,6 +242,9 @@ impl<'de> Deserialize<'de> for RawCost {
         use serde::de::Error;
         let value = serde_json::Value::deserialize(deserializer)?;
         match value {
+            serde_json::Value::Object(ref fields) if fields.contains_key("response_header") => {
+                serde_json::from_value(value).map(RawCost::Response).map_err(D::Error::custom)
+            }
             serde_json::Value::Object(_) => {
                 serde_json::from_value(value).map(RawCost::Header).map_err(D::Error::custom)
             }
@@ -347,7 +369,10 @@ pub(super) fn compile_status_limit(raw: Option<RawLimit>) -> Result<Limit, Confi
     };
     let limit = compile_limit("status_limit", "status", false, raw.unwrap_or_else(default))?;
     if limit.delay.is_some() {
-        return Err(ConfigError::at("status_limit.max_delay", "the status endpoint answers or refuses at once"));
+        return Err(ConfigError::at(
+            "status_limit.max_delay",
+            "the status endpoint answers or refuses at once",
+        ));
     }
     Ok(limit)
 }
@@ -620,5 +645,38 @@ pub(super) fn compile_cost(path: &str, raw: Option<RawCost>, limits: &Limits) ->
             }
             Ok(Cost::Header { name, max, default })
         }
+        Some(RawCost::Response(r)) => compile_response_cost(path, r, limits),
     }
+}
+
+fn compile_response_cost(path: &str, raw: RawCostResponse, limits: &Limits) -> Result<Cost, ConfigError> {
+    let name = header_name(&format!("{path}.cost.response_header"), &raw.response_header)?;
+    let max = u64::from(raw.max.get());
+    let estimate = u64::from(raw.estimate.map_or(1, NonZeroU32::get));
+    if estimate > max {
+        return Err(ConfigError::at(
+            format!("{path}.cost.estimate"),
+            format!("estimate {estimate} exceeds max {max}"),
+        ));
+    }
+    if let Some(limit) = limits.all().find(|l| l.kind == LimitKind::Concurrency) {
+        return Err(ConfigError::at(
+            format!("{path}.cost.response_header"),
+            format!(
+                "limit {:?} counts requests in flight, which a response cannot charge afterwards",
+                limit.name
+            ),
+        ));
+    }
+    if let Some(limit) = limits.all().find(|l| estimate > l.algorithm.capacity()) {
+        return Err(ConfigError::at(
+            format!("{path}.cost.estimate"),
+            format!(
+                "estimate {estimate} exceeds the capacity {} of limit {:?}",
+                limit.algorithm.capacity(),
+                limit.name
+            ),
+        ));
+    }
+    Ok(Cost::Response { name, estimate, max })
 }

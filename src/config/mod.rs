@@ -641,6 +641,12 @@ fn compile_rule(
         },
     )?;
     let cost = limits::compile_cost(path, raw.cost, &limits)?;
+    if raw.global && matches!(cost, Cost::Response { .. }) {
+        return Err(ConfigError::at(
+            format!("{path}.cost.response_header"),
+            "a global rule cannot be charged from the response (that needs a second call to the service after it); use a local rule",
+        ));
+    }
     let global = match (raw.global, global, raw.failure_mode) {
         (false, _, Some(_)) => {
             return Err(ConfigError::at(

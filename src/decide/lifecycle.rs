@@ -4,6 +4,7 @@
 use super::holdings::Hold;
 use super::local::{Consumed, Turn, Verdict};
 use super::{Env, Limiter};
+use crate::config::Cost;
 use crate::global::answer::{read_answer, CallError};
 use crate::global::descriptors::prepare;
 use crate::global::verdict::verdict;
@@ -12,6 +13,7 @@ use crate::report::headers::render;
 use crate::report::metrics::Metric;
 use crate::report::reply::{self, LocalReply};
 use crate::report::{most_restrictive, Observer, Reported};
+use crate::request::Response;
 use crate::state::store::SharedStore;
 
 /// One request's state from its first moment to its last; owned by the HTTP context, passed to
@@ -33,6 +35,8 @@ pub struct Exchange {
     holds: Vec<Hold>,
     /// While it waits for its turn: what it took, to give back if it ends before its turn.
     reserved: Vec<Consumed>,
+    /// What it took on an estimate, to correct with the usage its response states.
+    metered: Vec<Consumed>,
 }
 
 impl Exchange {
@@ -157,6 +161,10 @@ impl Limiter {
         consumed: Vec<Consumed>,
         turn: Option<Turn>,
     ) -> Next<'_> {
+        let metered = |c: &&Consumed| {
+            self.config.rules.get(c.at.rule).is_some_and(|r| matches!(r.cost, Cost::Response { .. }))
+        };
+        exchange.metered = consumed.iter().filter(metered).copied().collect();
         let Some(turn) = turn.filter(|t| t.until > env.now()) else {
             exchange.holds = self.hold(consumed);
             return Next::Continue;
@@ -167,9 +175,17 @@ impl Limiter {
         Next::Delay { until: turn.until }
     }
 
-    /// Response headers: the headers to add to a response the request got from upstream.
-    pub fn settle(&self, _env: &Env<'_>, exchange: &mut Exchange) -> ResponseHeaders {
-        let report = exchange.report.take().map(|r| r.view(&self.config));
+    /// Response headers: a cost charged from the response is charged, and the headers to add to
+    /// the response are returned.
+    pub fn settle(&self, env: &Env<'_>, exchange: &mut Exchange, response: &dyn Response) -> ResponseHeaders {
+        let mut report = exchange.report.take();
+        let metered = std::mem::take(&mut exchange.metered);
+        if !metered.is_empty() {
+            // The limits charged now describe themselves after the charge.
+            report = report.filter(|r| metered.iter().all(|c| c.at != r.limit));
+            report = most_restrictive(report, self.charge_usage(env, &metered, response));
+        }
+        let report = report.map(|r| r.view(&self.config));
         let mut limit = render(self.config.headers, report.as_ref(), None);
         let mut service = std::mem::take(&mut exchange.service_headers);
         if !service.is_empty() {

@@ -5,7 +5,7 @@
 use super::{Env, Limiter};
 use crate::algorithm::time::ceil_seconds;
 use crate::algorithm::{Algorithm, Decision, State};
-use crate::config::{Limit, LimitRef, Rule, TableFullPolicy, TableShare};
+use crate::config::{Cost, Limit, LimitRef, Rule, TableFullPolicy, TableShare};
 use crate::report::metrics::Metric;
 use crate::report::violations::Violation;
 use crate::report::{most_restrictive, Reported};
@@ -44,9 +44,11 @@ pub struct Turn {
 /// denies the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Consumed {
+    /// The limit it was taken from.
+    pub(super) at: LimitRef,
     pub(super) fp: Fingerprint,
     pub(super) share: TableShare,
-    index: u32,
+    pub(super) index: u32,
     pub(super) cost: u64,
     pub(super) algorithm: Algorithm,
     /// Where a concurrency limit's units are counted (see [`Algorithm::held_in`]).
@@ -87,10 +89,18 @@ struct Item<'a> {
 }
 
 impl Item<'_> {
+    /// A concurrency limit holds its units until the request ends; a cost charged from the
+    /// response is corrected when the response arrives.
+    fn outlives_admission(&self) -> bool {
+        matches!(self.limit.algorithm, Algorithm::Concurrency(_))
+            || matches!(self.rule.cost, Cost::Response { .. })
+    }
+
     /// What this item took, once its write is stored.
     fn consumed(&self) -> Option<Consumed> {
         let (index, state) = self.stored?;
         Some(Consumed {
+            at: self.at,
             fp: self.fp,
             share: self.share,
             index,
@@ -409,11 +419,8 @@ impl Limiter {
         // Concurrency units are held until the request ends; the rest only a later global denial
         // or a client leaving while it waits needs. Without either, nothing is allocated.
         let keep_all = self.config.global.is_some() || turn.is_some();
-        let consumed = items
-            .iter()
-            .filter(|i| keep_all || matches!(i.limit.algorithm, Algorithm::Concurrency(_)))
-            .filter_map(Item::consumed)
-            .collect();
+        let consumed =
+            items.iter().filter(|i| keep_all || i.outlives_admission()).filter_map(Item::consumed).collect();
         let now = env.now();
         let mut report: Option<Reported> = None;
         let mut counted: Option<usize> = None;

@@ -13,6 +13,7 @@
 mod holdings;
 mod lifecycle;
 mod local;
+mod metering;
 mod queue;
 mod standings;
 

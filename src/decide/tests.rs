@@ -991,7 +991,8 @@ fn an_admission_carries_the_services_headers_to_the_response_and_upstream() {
     assert_eq!(reply, None);
     assert_eq!(exchange.take_upstream_headers(), vec![("x-ratelimit-tier".to_owned(), "gold".to_owned())]);
     let m = Counts::default();
-    let settled = l.settle(&Env::at(&store, &TestRequest::get("/"), T0, &m), &mut exchange);
+    let settled =
+        l.settle(&Env::at(&store, &TestRequest::get("/"), T0, &m), &mut exchange, &TestRequest::default());
     assert_eq!(settled.service, vec![("x-ratelimit-remaining".to_owned(), "4".to_owned())]);
     assert!(settled.limit.iter().all(|(n, _)| *n != "x-ratelimit-remaining"));
 }
@@ -1102,7 +1103,7 @@ fn a_concurrency_limit_reports_free_slots_and_a_denial_retries_after_a_second() 
     let (l, store) = limiter(IN_FLIGHT_3);
     let m = Counts::default();
     let mut exchange = start(&l, &store, "k", T0, &m).unwrap();
-    let headers = l.settle(&Env::at(&store, &keyed("k"), T0, &m), &mut exchange);
+    let headers = l.settle(&Env::at(&store, &keyed("k"), T0, &m), &mut exchange, &TestRequest::default());
     let value = |name: &str| headers.limit.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone());
     assert_eq!(value("ratelimit").as_deref(), Some(r#""slow";r=2;t=0"#));
     assert_eq!(value("ratelimit-policy").as_deref(), Some(r#""slow";q=3;w=1"#));
@@ -1238,4 +1239,65 @@ fn a_request_with_global_rules_waits_for_its_turn_once_the_service_agrees() {
     assert!(
         matches!(l.answered(&later, &mut second, Ok(&ok)), Next::Delay { until } if until == T0 + 100 * MS)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Costs charged from the response (usage quotas): admitted on an estimate, corrected afterwards.
+
+const TOKENS_PER_DAY: &str = r#"{"table_size":64,"headers":"x-ratelimit","rules":[{"name":"tokens",
+    "key":[{"source":"header","name":"x-key"}],
+    "cost":{"response_header":"x-usage-tokens","max":100000,"estimate":ESTIMATE},
+    "limit":{"algorithm":"fixed_window","requests":1000,"window":"day"}}]}"#;
+
+/// One request of key "k" at T0 whose response states `used` tokens: (passed, X-RateLimit-Remaining).
+fn metered_request(l: &Limiter, store: &dyn SharedStore, used: &str, m: &Counts) -> (bool, Option<String>) {
+    let mut exchange = Exchange::default();
+    let request = keyed("k");
+    let env = Env::at(store, &request, T0, m);
+    if !matches!(l.decide(&env, &mut exchange), Next::Continue) {
+        return (false, None);
+    }
+    let response = TestRequest::default().with_header("x-usage-tokens", used);
+    let settled = l.settle(&env, &mut exchange, &response);
+    let remaining = settled.limit.iter().find(|(n, _)| *n == "x-ratelimit-remaining").map(|(_, v)| v.clone());
+    (true, remaining)
+}
+
+#[test]
+fn a_usage_quota_admits_while_any_is_left_and_charges_what_each_response_states() {
+    let (l, store) = limiter(&TOKENS_PER_DAY.replace("ESTIMATE", "1"));
+    let m = Counts::default();
+    let runs: Vec<(bool, Option<String>)> = (0..6).map(|_| metered_request(&l, &store, "300", &m)).collect();
+    let remaining: Vec<Option<&str>> = runs.iter().map(|(_, r)| r.as_deref()).collect();
+    assert_eq!(remaining, [Some("700"), Some("400"), Some("100"), Some("0"), None, None]);
+    assert_eq!(runs.iter().filter(|(passed, _)| *passed).count(), 4, "the 4th overdraws by 200; then denied");
+    assert_eq!(m.get(Metric::Charged(0)), 4 * 299);
+}
+
+#[test]
+fn a_usage_below_the_estimate_gives_the_difference_back() {
+    let (l, store) = limiter(&TOKENS_PER_DAY.replace("ESTIMATE", "100"));
+    let m = Counts::default();
+    assert_eq!(metered_request(&l, &store, "10", &m).1.as_deref(), Some("990"));
+    assert_eq!(
+        metered_request(&l, &store, "garbage", &m).1.as_deref(),
+        Some("890"),
+        "no usage: the estimate stands"
+    );
+}
+
+#[test]
+fn an_overdrawn_token_bucket_refills_from_below_zero() {
+    let json = r#"{"table_size":64,"rules":[{"name":"tokens","key":[{"source":"header","name":"x-key"}],
+        "cost":{"response_header":"x-usage-tokens","max":100000},
+        "limit":{"capacity":100,"refill_period":"100s"}}]}"#;
+    let (l, store) = limiter(json);
+    let m = Counts::default();
+    assert!(metered_request(&l, &store, "250", &m).0, "admitted on the estimate of 1");
+    let at = |seconds: u64| {
+        let mut exchange = Exchange::default();
+        matches!(l.decide(&Env::at(&store, &keyed("k"), T0 + seconds * S, &m), &mut exchange), Next::Continue)
+    };
+    assert!(!at(150), "150 s refill 150 of the 250 owed: still 0 left");
+    assert!(at(151), "one token back");
 }

@@ -55,6 +55,8 @@ metrics! {
         Delayed = "delayed",
         /// Milliseconds that delayed requests were held for, in all.
         DelayedMs = "delayed_ms",
+        /// Units charged from responses beyond the estimates taken at admission, in all.
+        Charged = "charged",
     }
     filter_wide {
         /// As `table_full`, in the status endpoint's share of the table.
@@ -103,7 +105,7 @@ mod tests {
         let config = Config::parse(json.as_bytes()).unwrap();
         let names = counter_names(&config);
         let name = |m: Metric| names[m.slot(2)].as_str();
-        assert_eq!(names.len(), 6 * 2 + 9);
+        assert_eq!(names.len(), 7 * 2 + 9);
         assert_eq!(name(Metric::Allowed(0)), "ratelimit_wasm.p.a.allowed");
         assert_eq!(name(Metric::ShadowDenied(1)), "ratelimit_wasm.p.b.shadow_denied");
         assert_eq!(name(Metric::TableFull(1)), "ratelimit_wasm.p.b.table_full");

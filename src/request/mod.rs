@@ -19,6 +19,12 @@ pub trait Request {
     fn source_address(&self) -> Option<Vec<u8>>;
 }
 
+/// The upstream's response headers, as the settle moment reads them (for a cost charged from the
+/// response). Tests use [`TestRequest`]'s headers.
+pub trait Response {
+    fn header(&self, name: &str) -> Option<Vec<u8>>;
+}
+
 /// A request built in memory (built for tests and with the `testing` feature only).
 #[cfg(any(test, feature = "testing"))]
 #[derive(Clone, Debug, Default)]
@@ -52,5 +58,12 @@ impl Request for TestRequest {
 
     fn source_address(&self) -> Option<Vec<u8>> {
         self.source.clone()
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Response for TestRequest {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.headers.get(name).cloned()
     }
 }

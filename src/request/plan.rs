@@ -79,6 +79,8 @@ impl fmt::Display for CostError {
 pub fn cost_of(rule: &Rule, request: &dyn Request) -> Result<u64, CostError> {
     match &rule.cost {
         Cost::Constant(cost) => Ok(*cost),
+        // The estimate now; the response's usage corrects it when the response arrives.
+        Cost::Response { estimate, .. } => Ok(*estimate),
         Cost::Header { name, max, default } => {
             let Some(value) = request.header(name) else { return Ok(*default) };
             let cost = std::str::from_utf8(&value)

@@ -4,7 +4,7 @@
 
 use std::ptr::{null, null_mut};
 
-use crate::request::Request;
+use crate::request::{Request, Response};
 use crate::state::clock::Clock;
 use crate::state::store::{SharedStore, StoreError, Versioned};
 
@@ -362,6 +362,15 @@ impl SharedStore for HostStore {
 }
 
 /// The request being processed by the current HTTP context.
+/// The response headers of the current stream, for a cost charged from the response.
+pub struct HostResponse;
+
+impl Response for HostResponse {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        map_value(MAP_RESPONSE_HEADERS, name)
+    }
+}
+
 pub struct HostRequest;
 
 impl Request for HostRequest {

@@ -7,7 +7,7 @@ use crate::decide::{Env, Exchange, Next};
 use crate::global::answer::CallError;
 use crate::global::protocol::{METHOD, SERVICE};
 use crate::report::reply::LocalReply;
-use crate::wasm::host::{self, HostClock, HostRequest, HostStore, LogLevel};
+use crate::wasm::host::{self, HostClock, HostRequest, HostResponse, HostStore, LogLevel};
 use crate::wasm::root::{Shared, WAITING_TICK_MS};
 
 const ACTION_CONTINUE: u32 = 0;
@@ -72,7 +72,7 @@ impl Filter {
 
     pub fn on_response_headers(&mut self) -> u32 {
         let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
-        let headers = in_env(&shared, |env| shared.limiter.settle(env, &mut self.exchange));
+        let headers = in_env(&shared, |env| shared.limiter.settle(env, &mut self.exchange, &HostResponse));
         for (name, value) in headers.limit {
             host::set_response_header(name, &value);
         }

@@ -87,6 +87,7 @@ def render_bootstrap(
     upstream_echo: str | None = None,
     external_upstream: int | None = None,
     route_timeout: str = "30s",
+    upstream_response_headers: dict | None = None,
 ) -> dict:
     """Same shape as envoy/demo.yaml: filtered listener -> router -> cluster -> second listener
     (direct_response 200 "ok"), or the server on port `external_upstream` when given. Returned as a
@@ -175,10 +176,12 @@ def render_bootstrap(
             },
         })
     upstream_route: dict = {"direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}}}
+    added = dict(upstream_response_headers or {})
     if upstream_echo is not None:
         # The upstream answers with what it received in that request header, to show what reached it.
-        upstream_route["response_headers_to_add"] = [
-            {"header": {"key": f"x-upstream-saw-{upstream_echo}", "value": f"%REQ({upstream_echo})%"}}]
+        added[f"x-upstream-saw-{upstream_echo}"] = f"%REQ({upstream_echo})%"
+    if added:
+        upstream_route["response_headers_to_add"] = [{"header": {"key": k, "value": v}} for k, v in added.items()]
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {

@@ -98,9 +98,10 @@ fn main() {
             let env = Env::at(store, &cr, now, &observer);
             let mut exchange = Exchange::default();
             match limiter.decide(&env, &mut exchange) {
-                Next::Continue => {
+                Next::Continue | Next::Delay { .. } => {
                     allowed += 1;
-                    rendered += limiter.settle(&env, &mut exchange).len() as u64;
+                    let settled = limiter.settle(&env, &mut exchange, &TestRequest::default());
+                    rendered += (settled.limit.len() + settled.service.len()) as u64;
                 }
                 Next::Reply(reply) => rendered += reply.headers.len() as u64,
                 Next::Ask(_) => panic!("the bench's configs have no global rules"),

@@ -1,0 +1,45 @@
+"""Costs charged from the response, through a real Envoy: a daily token quota per plan, where the
+upstream states each response's usage in `x-usage-tokens` (here it repeats what the client asked it
+to, through Envoy's %REQ()% formatter). A request passes while any of the quota is left; its usage
+is charged when the response arrives, and the headers show what is left after that charge."""
+
+import time
+
+from conftest import clear_of_window_edge, custom_stat, fresh_key
+
+USAGE = 300
+
+
+def config() -> dict:
+    return {"key_prefix": "usage", "headers": "x-ratelimit", "rules": [{
+        "name": "tokens", "key": [{"source": "header", "name": "x-key"}],
+        "cost": {"response_header": "x-usage-tokens", "max": 100000},
+        "plan": {"header": "x-plan"}, "default_plan": "free",
+        "plans": {
+            "free": {"limit": {"algorithm": "fixed_window", "requests": 1000, "window": "day"}},
+            "pro": {"limit": {"algorithm": "fixed_window", "requests": 5000, "window": "day"}},
+        }}]}
+
+
+def test_a_daily_token_quota_per_plan_is_charged_from_each_response(envoy_factory, report):
+    envoy = envoy_factory(config(), concurrency=2,
+                          upstream_response_headers={"x-usage-tokens": "%REQ(x-usage)%"})
+    clear_of_window_edge(86400, 120)
+    results = {}
+    for plan in ("free", "pro"):
+        headers = {"x-key": fresh_key(plan), "x-plan": plan, "x-usage": str(USAGE)}
+        responses = [envoy.request("/", headers) for _ in range(20)]
+        passed = [r for r in responses if r.status == 200]
+        results[plan] = (len(passed), [r.headers.get("x-ratelimit-remaining") for r in passed])
+        assert all(r.status == 429 for r in responses[len(passed):]), [r.status for r in responses]
+    report(f"usage: {USAGE} tokens per response, daily quota free 1000 / pro 5000: (passed, remaining after "
+           f"each) {results}")
+    # Passes while any is left: free 1000 -> 700, 400, 100, then -200 (shown as 0).
+    assert results["free"] == (4, ["700", "400", "100", "0"])
+    assert results["pro"][0] == 17 and results["pro"][1][:3] == ["4700", "4400", "4100"]
+    assert results["pro"][1][-1] == "0"
+    # Counters reach Envoy on the workers' next tick (100 ms).
+    expected, deadline = (4 + 17) * (USAGE - 1), time.monotonic() + 5
+    while custom_stat(envoy, "ratelimit_wasm.usage.tokens.charged") != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert custom_stat(envoy, "ratelimit_wasm.usage.tokens.charged") == expected
