@@ -360,6 +360,19 @@ fn compile_limit_list(path: &str, rule: &str, raw: Vec<RawLimit>) -> Result<Vec<
     Ok(limits)
 }
 
+/// The local limit a global rule falls back to while the service cannot answer (a rule of its
+/// own, `rule`). Any algorithm but concurrency, which a global rule's requests could not release.
+pub(super) fn compile_fallback(path: &str, rule: &str, raw: RawLimit) -> Result<Limit, ConfigError> {
+    let limit = compile_limit(path, rule, false, raw)?;
+    if limit.kind == LimitKind::Concurrency || limit.delay.is_some() {
+        return Err(ConfigError::at(
+            path,
+            "a fallback limit counts requests: no concurrency limit, no max_delay",
+        ));
+    }
+    Ok(limit)
+}
+
 /// The status endpoint's own limit, per client address: `raw`, or 10 calls a minute.
 pub(super) fn compile_status_limit(raw: Option<RawLimit>) -> Result<Limit, ConfigError> {
     let default = || RawLimit {

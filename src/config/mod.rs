@@ -131,6 +131,9 @@ pub struct Rule {
     pub table: Option<TableShare>,
     /// What a new key does when its probe window in the rule's share is all live.
     pub when_table_full: TableFullPolicy,
+    /// For the local rule made from a global rule's `fallback` (named `<rule>.fallback`): the
+    /// global rule's index. It applies only to requests whose call to the service failed.
+    pub fallback_for: Option<usize>,
 }
 
 /// What a global rule does when the rate limit service cannot answer in time.
@@ -139,6 +142,8 @@ pub struct Rule {
 pub enum FailureMode {
     Allow,
     Deny,
+    /// Enforce the rule's `fallback` limit in this Envoy's shared data instead.
+    Local,
 }
 
 /// Where global rules are decided: an Envoy cluster speaking the Rate Limit Service API.
@@ -342,6 +347,8 @@ struct RawRule {
     table_size: Option<u32>,
     #[serde(default)]
     when_table_full: Option<TableFullPolicy>,
+    #[serde(default)]
+    fallback: Option<RawLimit>,
 }
 
 #[derive(Deserialize)]
@@ -482,10 +489,12 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
     let when_table_full = raw.when_table_full.unwrap_or(TableFullPolicy::Allow);
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rules.len());
     let mut claims = Vec::with_capacity(raw.rules.len() + 1);
+    // Fallback rules come after every configured rule, so those keep their positions.
+    let mut fallbacks: Vec<(String, Rule)> = Vec::new();
     for (i, raw_rule) in raw.rules.into_iter().enumerate() {
         let path = format!("rules[{i}]");
         let reserved = raw_rule.table_size;
-        let rule = compile_rule(&path, raw_rule, global.as_ref(), when_table_full)?;
+        let (rule, fallback) = compile_rule(&path, raw_rule, global.as_ref(), when_table_full)?;
         if let Some(j) = rules.iter().position(|r| r.name == rule.name) {
             return Err(ConfigError::at(
                 format!("rules[{i}].name"),
@@ -493,9 +502,22 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
         if rule.global.is_none() {
-            claims.push(table::Claim { path, reserved });
+            claims.push(table::Claim { path: path.clone(), reserved });
+        }
+        if let Some(fallback) = fallback {
+            fallbacks.push((format!("{path}.fallback"), Rule { fallback_for: Some(i), ..fallback }));
         }
         rules.push(rule);
+    }
+    for (path, fallback) in fallbacks {
+        if let Some(j) = rules.iter().position(|r| r.name == fallback.name) {
+            return Err(ConfigError::at(
+                path,
+                format!("its rule {:?} is also rules[{j}]'s name", fallback.name),
+            ));
+        }
+        claims.push(table::Claim { path, reserved: None });
+        rules.push(fallback);
     }
     let status_table = assign_shares(table_size, claims, &mut rules, status_path.is_some())?;
     Ok(Config {
@@ -602,7 +624,57 @@ fn compile_deny(raw: Option<RawDenyResponse>) -> Result<DenyResponse, ConfigErro
     Ok(DenyResponse { status, body, content_type, grpc_status })
 }
 
+/// A rule as configured, and the local rule its `fallback` makes (for a global rule with
+/// `failure_mode: local`).
 fn compile_rule(
+    path: &str,
+    mut raw: RawRule,
+    global: Option<&GlobalService>,
+    when_table_full: TableFullPolicy,
+) -> Result<(Rule, Option<Rule>), ConfigError> {
+    let raw_fallback = raw.fallback.take();
+    let rule = compile_rule_itself(path, raw, global, when_table_full)?;
+    let fallback = match (rule.global, raw_fallback) {
+        (Some(FailureMode::Local), Some(limit)) => Some(fallback_rule(path, &rule, limit, when_table_full)?),
+        (Some(FailureMode::Local), None) => {
+            return Err(ConfigError::at(
+                format!("{path}.fallback"),
+                "failure_mode \"local\" needs the local limit to enforce while the service cannot answer, e.g. {\"algorithm\": \"fixed_window\", \"requests\": 25, \"window\": \"1m\"}",
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(ConfigError::at(format!("{path}.fallback"), "only a global rule with failure_mode \"local\" has a fallback"))
+        }
+        (_, None) => None,
+    };
+    Ok((rule, fallback))
+}
+
+/// The local rule `<name>.fallback`: the global rule's match, key and cost, with its fallback limit.
+fn fallback_rule(
+    path: &str,
+    rule: &Rule,
+    raw: RawLimit,
+    when_table_full: TableFullPolicy,
+) -> Result<Rule, ConfigError> {
+    let name = format!("{}.fallback", rule.name);
+    let limit = limits::compile_fallback(&format!("{path}.fallback"), &name, raw)?;
+    Ok(Rule {
+        name,
+        matcher: rule.matcher.clone(),
+        key: rule.key.clone(),
+        when_key_missing: rule.when_key_missing,
+        limits: Limits::List(vec![limit]),
+        cost: rule.cost.clone(),
+        shadow: false,
+        global: None,
+        table: None,
+        when_table_full,
+        fallback_for: None,
+    })
+}
+
+fn compile_rule_itself(
     path: &str,
     raw: RawRule,
     global: Option<&GlobalService>,
@@ -678,6 +750,7 @@ fn compile_rule(
         global,
         table: None,
         when_table_full: raw.when_table_full.unwrap_or(when_table_full),
+        fallback_for: None,
     })
 }
 

@@ -4,7 +4,7 @@
 use super::holdings::Hold;
 use super::local::{Consumed, Turn, Verdict};
 use super::{Env, Limiter};
-use crate::config::Cost;
+use crate::config::{Cost, FailureMode};
 use crate::global::answer::{read_answer, CallError};
 use crate::global::descriptors::prepare;
 use crate::global::verdict::verdict;
@@ -140,16 +140,55 @@ impl Limiter {
             Awaiting::Status(call) => return Next::Reply(self.status_reply(env, Some((&call, answer)))),
             Awaiting::Decision { call, consumed, local, turn } => (call, consumed, local, turn),
         };
-        let verdict = verdict(&self.config, &call, answer.and_then(read_answer), env.observer);
+        let answer = answer.and_then(read_answer);
+        let failed = answer.is_err();
+        let verdict = verdict(&self.config, &call, answer, env.observer);
+        let (consumed, fallback) = match (failed, verdict.deny) {
+            (true, false) => match self.fall_back(env, &call, consumed) {
+                Ok(taken) => taken,
+                Err(denial) => return Next::Reply(denial),
+            },
+            _ => (consumed, None),
+        };
         if verdict.deny {
             self.give_back(env, &consumed);
             let reply = self.deny(verdict.report, verdict.retry_after_seconds, None);
             return Next::Reply(reply.with_service_headers(verdict.response_headers));
         }
-        exchange.report = most_restrictive(local, verdict.report);
+        exchange.report = most_restrictive(most_restrictive(local, verdict.report), fallback);
         exchange.service_headers = verdict.response_headers;
         exchange.upstream_headers = verdict.request_headers;
         self.admit(env, exchange, consumed, turn)
+    }
+
+    /// The call failed: the global rules with `failure_mode: local` are decided by their fallback
+    /// limits. What the request has taken so far, with what the fallbacks took, and the fallbacks'
+    /// report; or the denial (everything taken given back).
+    fn fall_back(
+        &self,
+        env: &Env<'_>,
+        call: &GlobalCall,
+        mut consumed: Vec<Consumed>,
+    ) -> Result<(Vec<Consumed>, Option<Reported>), LocalReply<'_>> {
+        let failed: Vec<usize> = call
+            .origins
+            .iter()
+            .map(|o| o.rule)
+            .filter(|r| self.config.rules.get(*r).is_some_and(|rule| rule.global == Some(FailureMode::Local)))
+            .collect();
+        if failed.is_empty() {
+            return Ok((consumed, None));
+        }
+        match self.check_fallbacks(env, &failed) {
+            Verdict::Allow { report, consumed: taken, .. } => {
+                consumed.extend(taken);
+                Ok((consumed, report))
+            }
+            Verdict::Deny { report, retry_after_seconds, reason } => {
+                self.give_back(env, &consumed);
+                Err(self.deny(report, retry_after_seconds, reason.map(|r| r.to_string())))
+            }
+        }
     }
 
     /// The request is admitted: it holds its concurrency units, and goes on at once or waits for

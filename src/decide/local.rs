@@ -166,7 +166,17 @@ impl Limiter {
     /// The verdict of the local rules. A store the host refuses lets the request through
     /// (counted in `store_errors`): failing open keeps traffic flowing.
     pub fn check(&self, env: &Env<'_>) -> Verdict {
-        match self.try_check(env) {
+        self.check_rules(env, &|rule: &Rule| rule.fallback_for.is_none())
+    }
+
+    /// The verdict of the fallback rules of the global rules `failed` (their call to the service
+    /// failed), as [`Self::check`] gives it for the local rules.
+    pub fn check_fallbacks(&self, env: &Env<'_>, failed: &[usize]) -> Verdict {
+        self.check_rules(env, &|rule: &Rule| rule.fallback_for.is_some_and(|g| failed.contains(&g)))
+    }
+
+    fn check_rules(&self, env: &Env<'_>, applies: &dyn Fn(&Rule) -> bool) -> Verdict {
+        match self.try_check(env, applies) {
             Ok(verdict) => verdict,
             Err(_) => {
                 env.observer.count(Metric::StoreError);
@@ -175,8 +185,8 @@ impl Limiter {
         }
     }
 
-    fn try_check(&self, env: &Env<'_>) -> Result<Verdict, StoreError> {
-        let mut items = match self.collect(env)? {
+    fn try_check(&self, env: &Env<'_>, applies: &dyn Fn(&Rule) -> bool) -> Result<Verdict, StoreError> {
+        let mut items = match self.collect(env, applies)? {
             Ok(items) => items,
             Err(verdict) => return Ok(verdict),
         };
@@ -190,12 +200,16 @@ impl Limiter {
     }
 
     /// Every local limit that applies, with where its bucket is.
-    fn collect<'a>(&'a self, env: &Env<'_>) -> Result<Collected<'a>, StoreError> {
+    fn collect<'a>(
+        &'a self,
+        env: &Env<'_>,
+        applies: &dyn Fn(&Rule) -> bool,
+    ) -> Result<Collected<'a>, StoreError> {
         let mut items = Vec::new();
         for (index, rule) in self.config.rules.iter().enumerate() {
             // Global rules have no share: the service decides them.
             let Some(share) = rule.table else { continue };
-            if !rule.matcher.matches(env.request) {
+            if !applies(rule) || !rule.matcher.matches(env.request) {
                 continue;
             }
             let table = self.table(share);

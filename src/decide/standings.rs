@@ -71,8 +71,8 @@ impl Limiter {
         let now = env.now();
         let mut out = Vec::new();
         for rule in &self.config.rules {
-            // Global rules have no share: the service reports them.
-            let Some(share) = rule.table else { continue };
+            // Global rules have no share: the service reports them. A fallback is not in force.
+            let Some(share) = rule.table.filter(|_| rule.fallback_for.is_none()) else { continue };
             if !rule.matcher.headers_match(env.request) {
                 continue;
             }

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use crate::algorithm::State;
 use crate::config::Config;
 use crate::decide::{Env, Exchange, Limiter, Next, Verdict};
+use crate::global::answer::CallError;
 use crate::report::metrics::Metric;
 use crate::report::violations::Violation;
 use crate::report::Observer;
@@ -1300,4 +1301,40 @@ fn an_overdrawn_token_bucket_refills_from_below_zero() {
     };
     assert!(!at(150), "150 s refill 150 of the 250 owed: still 0 left");
     assert!(at(151), "one token back");
+}
+
+// ---------------------------------------------------------------------------------------------
+// failure_mode "local": while the service cannot answer, the rule's fallback limit applies here.
+
+const GLOBAL_WITH_FALLBACK: &str = r#"{"table_size":64,"global":{"cluster":"rls","domain":"d"},"rules":[
+  {"name":"g","global":true,"failure_mode":"local","key":[{"source":"header","name":"x-key"}],
+   "limit":{"algorithm":"fixed_window","requests":10,"window":"1m"},
+   "fallback":{"algorithm":"fixed_window","requests":3,"window":"1m"}}]}"#;
+
+/// Decides a request of key "k" and gives it `answer`: whether it passed.
+fn through_service(
+    l: &Limiter,
+    store: &dyn SharedStore,
+    answer: Result<&[u8], CallError>,
+    m: &Counts,
+) -> bool {
+    let request = keyed("k");
+    let env = Env::at(store, &request, T0, m);
+    let mut exchange = Exchange::default();
+    assert!(matches!(l.decide(&env, &mut exchange), Next::Ask(_)));
+    matches!(l.answered(&env, &mut exchange, answer), Next::Continue)
+}
+
+#[test]
+fn while_the_service_fails_a_local_fallback_limits_exactly_and_the_service_decides_again_once_back() {
+    let (l, store) = limiter(GLOBAL_WITH_FALLBACK);
+    let m = Counts::default();
+    let down: Vec<bool> =
+        (0..5).map(|_| through_service(&l, &store, Err(CallError::Status(14)), &m)).collect();
+    assert_eq!(down, [true, true, true, false, false]);
+    let fallback = l.config().rules.iter().position(|r| r.name == "g.fallback").unwrap();
+    assert_eq!((m.get(Metric::Allowed(fallback)), m.get(Metric::Denied(fallback))), (3, 2));
+    let ok = service_answer(false, &[], &[]);
+    assert!(through_service(&l, &store, Ok(&ok), &m), "the service answers again: its word counts");
+    assert_eq!(m.get(Metric::GlobalFailure), 5);
 }
