@@ -1,6 +1,7 @@
 //! ratelimit-service: a Redis-backed global rate-limit service speaking Envoy's Rate Limit Service
 //! API v3 (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`).
 
+pub mod bounds;
 pub mod config;
 pub mod http;
 pub mod keys;
@@ -20,6 +21,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::bounds::Bounds;
 use crate::config::{Algorithm, Config};
 use crate::metrics::Metrics;
 use crate::service::{Grpc, Limiter};
@@ -73,9 +75,34 @@ pub struct Args {
     /// (envoyproxy/ratelimit's SHADOW_MODE).
     #[arg(long, env = "SHADOW_MODE")]
     pub shadow_mode: bool,
+    /// Most descriptors one ShouldRateLimit request may carry.
+    #[arg(long, env = "RATELIMIT_MAX_DESCRIPTORS", default_value_t = Bounds::default().descriptors)]
+    pub max_descriptors: usize,
+    /// Most entries one descriptor may carry.
+    #[arg(long, env = "RATELIMIT_MAX_ENTRIES", default_value_t = Bounds::default().entries)]
+    pub max_entries: usize,
+    /// Longest domain, entry key or entry value, in bytes.
+    #[arg(long, env = "RATELIMIT_MAX_VALUE_BYTES", default_value_t = Bounds::default().value_bytes)]
+    pub max_value_bytes: usize,
+    /// Most hits one descriptor may add.
+    #[arg(long, env = "RATELIMIT_MAX_HITS_PER_DESCRIPTOR", default_value_t = Bounds::default().hits_per_descriptor)]
+    pub max_hits_per_descriptor: u64,
+    /// Most hits one request may add over all its descriptors.
+    #[arg(long, env = "RATELIMIT_MAX_HITS_PER_CALL", default_value_t = Bounds::default().hits_per_call)]
+    pub max_hits_per_call: u64,
 }
 
 impl Args {
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            descriptors: self.max_descriptors,
+            entries: self.max_entries,
+            value_bytes: self.max_value_bytes,
+            hits_per_descriptor: self.max_hits_per_descriptor,
+            hits_per_call: self.max_hits_per_call,
+        }
+    }
+
     pub fn redis_options(&self) -> RedisOptions {
         RedisOptions {
             urls: self.redis_url.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
@@ -133,6 +160,7 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
         default_algorithm: args.default_algorithm,
         key_prefix: args.key_prefix.clone(),
         shadow_mode: args.shadow_mode,
+        bounds: args.bounds(),
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

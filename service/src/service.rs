@@ -11,6 +11,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 
+use crate::bounds::{descriptor_hits, request_hits, Bounds};
 use crate::config::{Algorithm, Config, RuleLimit, Unit};
 use crate::keys;
 use crate::log::Throttle;
@@ -25,6 +26,8 @@ pub struct Limiter {
     pub key_prefix: String,
     /// Every limit in shadow mode (`--shadow-mode`), whatever its configuration says.
     pub shadow_mode: bool,
+    /// Checked before anything is counted.
+    pub bounds: Bounds,
 }
 
 static REDIS_ERROR_LOG: Throttle = Throttle::new(10_000);
@@ -68,12 +71,7 @@ impl Limiter {
             (None, Some(RuleLimit::None)) | (None, None) => return Ok(Plan::Pass("no_limit")),
         };
         let algorithm = rule.and_then(|r| r.algorithm).unwrap_or(self.default_algorithm);
-        let hits = if d.is_negative_hits {
-            // Refilling through negative hits is not supported: such a descriptor only reports.
-            0
-        } else {
-            d.hits_addend.map(|h| h.value).unwrap_or(request_hits)
-        };
+        let hits = descriptor_hits(d, request_hits);
         Ok(Plan::Limit {
             check: Check {
                 key: keys::key(&self.key_prefix, domain, entries(), algorithm, unit),
@@ -94,7 +92,8 @@ impl Limiter {
         if req.descriptors.is_empty() {
             return Err(Status::invalid_argument("rate limit descriptor list must not be empty"));
         }
-        let request_hits = u64::from(req.hits_addend.max(1));
+        self.bounds.check(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let request_hits = request_hits(&req);
         let cfg = self
             .config
             .read()
