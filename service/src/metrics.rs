@@ -10,6 +10,12 @@ use std::time::Duration;
 /// `domain="_other"`, so a client sending random domains cannot grow the metrics without bound.
 pub const MAX_SERIES: usize = 800;
 
+/// Longest `domain` label kept as sent; a longer domain is labeled by its first
+/// `LABEL_PREFIX_BYTES` bytes, `#` and 16 hex digits of its SHA-1, so 800 series of 1 MiB domains
+/// cannot make `/metrics` (and the service's memory) hundreds of megabytes.
+pub const MAX_LABEL_BYTES: usize = 64;
+const LABEL_PREFIX_BYTES: usize = 32;
+
 const BUCKETS_S: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 #[derive(Default)]
@@ -27,9 +33,24 @@ pub struct Metrics {
     reloads_failed: AtomicU64,
 }
 
+/// The `domain` label of a domain: itself when short, else a capped prefix and a hash.
+pub fn domain_label(domain: &str) -> String {
+    if domain.len() <= MAX_LABEL_BYTES {
+        return domain.to_string();
+    }
+    let mut cut = LABEL_PREFIX_BYTES;
+    while !domain.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = sha1_smol::Sha1::from(domain).digest().to_string();
+    format!("{}#{}", &domain[..cut], &digest[..16])
+}
+
 fn bump(map: &Mutex<BTreeMap<(String, &'static str), u64>>, domain: &str, code: &'static str) {
+    let label = domain_label(domain);
+    let domain = label.as_str();
     let Ok(mut m) = map.lock() else { return };
-    let key = (domain.to_string(), code);
+    let key = (label.clone(), code);
     if let Some(v) = m.get_mut(&key) {
         *v += 1;
         return;
@@ -180,6 +201,20 @@ mod tests {
         assert!(t.contains("ratelimit_service_redis_latency_seconds_bucket{le=\"0.0025\"} 0"), "{t}");
         assert!(t.contains("ratelimit_service_redis_latency_seconds_count 1"), "{t}");
         assert!(t.contains("ratelimit_service_config_reloads_total{result=\"failure\"} 1"), "{t}");
+    }
+
+    #[test]
+    fn long_domain_labels_are_capped_and_hashed() {
+        let m = Metrics::default();
+        for i in 0..20 {
+            m.decision(&format!("{i:02}{}", "é".repeat(50_000)), "ok");
+        }
+        let t = m.render();
+        assert!(t.len() < 8_000, "{} bytes", t.len());
+        assert_eq!(m.decisions.lock().unwrap().len(), 20, "distinct domains stay distinct");
+        let label = domain_label(&"é".repeat(100));
+        assert!(label.len() <= MAX_LABEL_BYTES && label.starts_with(&"é".repeat(16)), "{label}");
+        assert_eq!(domain_label("short"), "short");
     }
 
     #[test]
