@@ -660,6 +660,57 @@ def accuracy(workdir: Path, upstream: Envoy, rounds: int, limit: int, total: int
 
 
 # ---------------------------------------------------------------------------------------------
+# delay: how late a held request is released against the turn the bucket reserved for it
+
+DELAY_RATE = 20  # per second: one turn every 50 ms
+
+
+def delay_lateness(workdir: Path, upstream: Envoy, rounds: int, waiting: int, workers: int) -> dict:
+    """`waiting` + 1 requests at once on a bucket of 1 refilled DELAY_RATE per second: one passes,
+    the others wait for turns 1/DELAY_RATE apart. The k-th completion after the first, minus k turns,
+    is the k-th request's lateness (completion times taken by the client, so loopback latency is in
+    both and cancels)."""
+    limit = {"capacity": 1, "refill_tokens": DELAY_RATE, "refill_period": "1s",
+             "max_delay": f"{(waiting + 1) * 1000 // DELAY_RATE}ms", "max_queued": waiting + 1}
+    e = Envoy(f"delay-w{workers}", filtered_config("ours", upstream.port, capacity=1, period="1s", limit=limit),
+              workers, workdir).wait_ready()
+    lateness_ms: list[float] = []
+    try:
+        for r in range(rounds):
+            key, done, lock = f"delay-{r}-{time.time_ns()}", [], threading.Lock()
+            barrier = threading.Barrier(waiting + 1)
+
+            def one() -> None:
+                c = http.client.HTTPConnection("127.0.0.1", e.port, timeout=30)
+                c.connect()
+                try:
+                    barrier.wait(timeout=30)
+                    c.request("GET", "/", headers={"x-key": key})
+                    resp = c.getresponse()
+                    resp.read()
+                    if resp.status == 200:
+                        with lock:
+                            done.append(time.monotonic())
+                finally:
+                    c.close()
+
+            ts = [threading.Thread(target=one) for _ in range(waiting + 1)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            done.sort()
+            lateness_ms += [(done[k] - done[0] - k / DELAY_RATE) * 1000 for k in range(1, len(done))]
+    finally:
+        e.stop()
+    lateness_ms.sort()
+    pick = lambda q: lateness_ms[min(len(lateness_ms) - 1, int(q * len(lateness_ms)))] if lateness_ms else float("nan")
+    return {"workers": workers, "rounds": rounds, "samples": len(lateness_ms), "median": pick(0.5),
+            "p99": pick(0.99), "max": lateness_ms[-1] if lateness_ms else float("nan"),
+            "min": lateness_ms[0] if lateness_ms else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------------
 # global: ratelimit-service (Redis) behind ours' global rule and behind Envoy's native ratelimit filter
 
 SERVICE_TARGET = REPO / "target" / "bench-service"
@@ -1224,6 +1275,19 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                 L.append(f"| {labels[name].split(',')[0]} | {workers} | {' '.join(map(str, xs))} | {min(xs)} / {med(xs):g} / {max(xs)} | {over} of {len(xs)} |")
         L.append("")
 
+    if d := params.get("delay"):
+        L.append("## Delay: held requests released against their turns\n")
+        L.append(f"A token bucket of 1 refilled {DELAY_RATE} per second with `max_delay`: 21 requests at once on a fresh key, "
+                 f"1 passes, 20 wait for turns {1000 // DELAY_RATE} ms apart. Lateness of the k-th completion = its time after "
+                 "the first completion minus k turns (client-side clock; the worker's tick runs every 5 ms while "
+                 "requests wait).\n")
+        L.append("| workers | rounds | samples | min ms | median ms | p99 ms | max ms |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for x in d:
+            L.append(f"| {x['workers']} | {x['rounds']} | {x['samples']} | {x['min']:.1f} | {x['median']:.1f} | "
+                     f"{x['p99']:.1f} | {x['max']:.1f} |")
+        L.append("")
+
     if g := params.get("global"):
         L.extend(render_global(g))
     elif err := params.get("global_error"):
@@ -1265,7 +1329,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int)
     ap.add_argument("--flood-keys", type=int)
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,memory,accuracy,global")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,memory,accuracy,delay,global")
     ap.add_argument("--skip-global", action="store_true", help="same as --skip global")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 9)
@@ -1313,6 +1377,10 @@ def main() -> int:
                 log(f"accuracy: {workers} workers")
                 a = params["accuracy"]
                 acc[workers] = accuracy(workdir, upstream, a["rounds"], a["limit"], a["total"], a["conns"], workers)
+        if "delay" not in skip:
+            log("delay: lateness of held requests against their turns")
+            params["delay"] = [delay_lateness(workdir, upstream, rounds=2 if args.quick else 5, waiting=20, workers=w)
+                               for w in (1, 2)]
         if "global" not in skip:
             log("global: building ratelimit-service and its load client")
             try:
