@@ -2,7 +2,6 @@
 //! API v3 (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`).
 
 pub mod bounds;
-pub mod bounds;
 pub mod config;
 pub mod http;
 pub mod keys;
@@ -22,7 +21,6 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::bounds::Bounds;
 use crate::bounds::Bounds;
 use crate::config::{Algorithm, Config};
 use crate::metrics::Metrics;
@@ -95,16 +93,6 @@ pub struct Args {
 }
 
 impl Args {
-    pub fn bounds(&self) -> Bounds {
-        Bounds {
-            descriptors: self.max_descriptors,
-            entries: self.max_entries,
-            value_bytes: self.max_value_bytes,
-            hits_per_descriptor: self.max_hits_per_descriptor,
-            hits_per_call: self.max_hits_per_call,
-        }
-    }
-
     pub fn bounds(&self) -> Bounds {
         Bounds {
             descriptors: self.max_descriptors,

@@ -12,7 +12,6 @@ use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 
 use crate::bounds::{descriptor_hits, request_hits, Bounds};
-use crate::bounds::{descriptor_hits, request_hits, Bounds};
 use crate::config::{Algorithm, Config, RuleLimit, Unit};
 use crate::keys;
 use crate::log::Throttle;
