@@ -90,6 +90,13 @@ pub struct Args {
     /// Most hits one request may add over all its descriptors.
     #[arg(long, env = "RATELIMIT_MAX_HITS_PER_CALL", default_value_t = Bounds::default().hits_per_call)]
     pub max_hits_per_call: u64,
+    /// HTTP port: a connection that has not sent a whole request head within this many
+    /// milliseconds is closed.
+    #[arg(long, env = "RATELIMIT_HTTP_HEADER_TIMEOUT_MS", default_value_t = 5000)]
+    pub http_header_timeout_ms: u64,
+    /// HTTP port: connections served at once; further ones wait until one closes.
+    #[arg(long, env = "RATELIMIT_HTTP_MAX_CONNECTIONS", default_value_t = 64)]
+    pub http_max_connections: usize,
 }
 
 impl Args {
@@ -248,8 +255,17 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
         }))
     };
 
-    let http_task =
-        tokio::spawn(http::serve(http_listener, store.clone(), metrics.clone(), shutdown.clone()));
+    let http_limits = http::HttpLimits {
+        header_timeout: Duration::from_millis(args.http_header_timeout_ms.max(1)),
+        max_connections: args.http_max_connections,
+    };
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        store.clone(),
+        metrics.clone(),
+        http_limits,
+        shutdown.clone(),
+    ));
 
     info!(
         "listening grpc={grpc_local} http={http_local} redis={}{} algorithm={} domains=[{}]{}",

@@ -4,6 +4,10 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
 use common::*;
 
 fn dbsize(redis: &RedisServer) -> i64 {
@@ -58,4 +62,58 @@ async fn requests_over_a_bound_are_invalid_argument_and_count_nothing() {
     assert_eq!(dbsize(&redis), 2);
     let (_, body) = svc.http_get("/metrics");
     assert!(body.contains("ratelimit_service_grpc_errors_total{status=\"invalid_argument\"} 7"), "{body}");
+}
+
+/// Opens a connection and sends the start of a request head, never its end.
+fn half_sent(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    s
+}
+
+/// True when the server closed the connection (EOF) within `within`.
+fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).is_ok()
+}
+
+#[test]
+fn half_sent_http_requests_are_closed() {
+    let redis = RedisServer::start();
+    let svc = Service::start(&["--redis-url", &redis.url(), "--http-header-timeout-ms", "300"]);
+    let mut conns: Vec<TcpStream> = (0..20).map(|_| half_sent(svc.http)).collect();
+    // One that connects and sends nothing at all.
+    conns.push(TcpStream::connect(svc.http).unwrap());
+    for (i, s) in conns.iter_mut().enumerate() {
+        assert!(closed_by_server(s, Duration::from_secs(10)), "connection {i} still open after 10 s");
+    }
+    assert_eq!(svc.http_get("/healthz").0, 200);
+}
+
+#[test]
+fn http_connections_over_the_cap_wait_for_a_free_one() {
+    let redis = RedisServer::start();
+    let svc = Service::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--http-max-connections",
+        "1",
+        "--http-header-timeout-ms",
+        "60000",
+    ]);
+    let holder = half_sent(svc.http);
+    let mut waiting = TcpStream::connect(svc.http).unwrap();
+    waiting.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    // While the only slot is held, the complete request is not read (the bound of this negative
+    // check is the wait; a served request answers within milliseconds).
+    waiting.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    let mut byte = [0u8; 1];
+    let early = waiting.read(&mut byte);
+    assert!(early.is_err(), "answered while the cap was reached: {early:?}");
+    drop(holder);
+    waiting.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = String::new();
+    waiting.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
