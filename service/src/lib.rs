@@ -3,6 +3,7 @@
 
 pub mod bounds;
 pub mod config;
+pub mod grpc;
 pub mod http;
 pub mod keys;
 pub mod log;
@@ -17,14 +18,14 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::bounds::Bounds;
 use crate::config::{Algorithm, Config};
+use crate::grpc::RlsServer;
 use crate::metrics::Metrics;
-use crate::service::{Grpc, Limiter};
+use crate::service::Limiter;
 use crate::store::{RedisOptions, Store};
 
 /// Command line; every flag also reads an environment variable.
@@ -171,7 +172,7 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<RateLimitServiceServer<Grpc>>().await;
+    health_reporter.set_serving::<RlsServer>().await;
 
     // Background: Redis health (gRPC health status, redis_up gauge, one log line per change).
     let health_task = {
@@ -200,7 +201,7 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
                         tonic_health::ServingStatus::NotServing
                     };
                     reporter.set_service_status("", status).await;
-                    reporter.set_service_status("envoy.service.ratelimit.v3.RateLimitService", status).await;
+                    reporter.set_service_status(grpc::SERVICE_NAME, status).await;
                 }
             }
         })
@@ -280,7 +281,7 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
     let mut stop = shutdown.clone();
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(RateLimitServiceServer::new(Grpc(limiter)))
+        .add_service(RlsServer(limiter))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|v| *v).await;
         })

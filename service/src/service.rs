@@ -6,10 +6,9 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit,
 };
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Status};
 
 use crate::bounds::{descriptor_hits, request_hits, Bounds};
 use crate::config::{Algorithm, Config, RuleLimit, Unit};
@@ -206,24 +205,17 @@ impl Limiter {
     }
 }
 
-pub struct Grpc(pub Arc<Limiter>);
-
-#[tonic::async_trait]
-impl RateLimitService for Grpc {
-    async fn should_rate_limit(
-        &self,
-        request: Request<RateLimitRequest>,
-    ) -> Result<Response<RateLimitResponse>, Status> {
-        match self.0.decide(request.into_inner()).await {
-            Ok(r) => Ok(Response::new(r)),
-            Err(s) => {
-                self.0.metrics.grpc_error(match s.code() {
-                    tonic::Code::InvalidArgument => "invalid_argument",
-                    tonic::Code::Unavailable => "unavailable",
-                    _ => "other",
-                });
-                Err(s)
-            }
+impl Limiter {
+    /// One call: the decision, or a gRPC error counted by status.
+    pub async fn answer(&self, request: Request<RateLimitRequest>) -> Result<RateLimitResponse, Status> {
+        let r = self.decide(request.into_inner()).await;
+        if let Err(s) = &r {
+            self.metrics.grpc_error(match s.code() {
+                tonic::Code::InvalidArgument => "invalid_argument",
+                tonic::Code::Unavailable => "unavailable",
+                _ => "other",
+            });
         }
+        r
     }
 }

@@ -9,6 +9,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use prost::bytes::BufMut;
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
 
 fn dbsize(redis: &RedisServer) -> i64 {
     redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap()
@@ -116,4 +121,72 @@ fn http_connections_over_the_cap_wait_for_a_free_one() {
     let mut answer = String::new();
     waiting.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Sends `body` as the bytes of a `ShouldRateLimit` request message.
+async fn raw_call(addr: SocketAddr, body: Vec<u8>) -> Result<RateLimitResponse, tonic::Status> {
+    let ch =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.unwrap();
+    let path = PathAndQuery::from_static("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit");
+    g.unary(tonic::Request::new(body), path, RawCodec).await.map(|r| r.into_inner())
+}
+
+struct RawCodec;
+struct RawEncoder;
+struct ResponseDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = RateLimitResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for ResponseDecoder {
+    type Item = RateLimitResponse;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<RateLimitResponse>, tonic::Status> {
+        RateLimitResponse::decode(src).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_invalid_argument_and_counted() {
+    let redis = RedisServer::start();
+    let svc = Service::start(&["--redis-url", &redis.url()]);
+    // Field 1 (domain, a string) holding bytes that are not UTF-8.
+    let not_utf8 = vec![0x0a, 0x02, 0xff, 0xfe];
+    let valid = RateLimitRequest {
+        domain: "d".into(),
+        descriptors: vec![desc_limit(&[("k", "v")], 10, HOUR)],
+        hits_addend: 0,
+    }
+    .encode_to_vec();
+    let truncated = valid[..valid.len() - 3].to_vec();
+    for (what, body) in [("not UTF-8", not_utf8), ("truncated", truncated)] {
+        let e = raw_call(svc.grpc, body).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e}");
+    }
+    let r = raw_call(svc.grpc, valid).await.unwrap();
+    assert_eq!(r.overall_code, OK);
+    let (_, body) = svc.http_get("/metrics");
+    assert!(body.contains("ratelimit_service_grpc_errors_total{status=\"invalid_argument\"} 2"), "{body}");
+    assert_eq!(dbsize(&redis), 1);
 }

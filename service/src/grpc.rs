@@ -1,0 +1,112 @@
+//! The gRPC face of `ShouldRateLimit`, written out instead of the generated server so that the
+//! codec is ours: prost's answers an undecodable request (a non-UTF-8 string, a truncated message)
+//! with INTERNAL and nothing counts it; this one answers INVALID_ARGUMENT, as for any other bad
+//! request, and counts it in `grpc_errors_total`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
+use tonic::server::{NamedService, UnaryService};
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::service::Limiter;
+
+pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
+const METHOD_PATH: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+
+/// The Rate Limit Service v3 server.
+#[derive(Clone)]
+pub struct RlsServer(pub Arc<Limiter>);
+
+impl NamedService for RlsServer {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for RlsServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != METHOD_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
+        }
+        let limiter = self.0.clone();
+        Box::pin(async move {
+            let codec = RlsCodec { metrics: limiter.metrics.clone() };
+            Ok(tonic::server::Grpc::new(codec).unary(ShouldRateLimit(limiter), req).await)
+        })
+    }
+}
+
+struct ShouldRateLimit(Arc<Limiter>);
+
+impl UnaryService<RateLimitRequest> for ShouldRateLimit {
+    type Response = RateLimitResponse;
+    type Future = BoxFuture<Response<RateLimitResponse>, Status>;
+
+    fn call(&mut self, request: Request<RateLimitRequest>) -> Self::Future {
+        let limiter = self.0.clone();
+        Box::pin(async move { limiter.answer(request).await.map(Response::new) })
+    }
+}
+
+struct RlsCodec {
+    metrics: Arc<Metrics>,
+}
+
+impl Codec for RlsCodec {
+    type Encode = RateLimitResponse;
+    type Decode = RateLimitRequest;
+    type Encoder = RlsEncoder;
+    type Decoder = RlsDecoder;
+
+    fn encoder(&mut self) -> RlsEncoder {
+        RlsEncoder
+    }
+
+    fn decoder(&mut self) -> RlsDecoder {
+        RlsDecoder { metrics: self.metrics.clone() }
+    }
+}
+
+struct RlsEncoder;
+
+impl Encoder for RlsEncoder {
+    type Item = RateLimitResponse;
+    type Error = Status;
+
+    fn encode(&mut self, item: RateLimitResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst).map_err(|e| Status::internal(format!("cannot encode the response: {e}")))
+    }
+}
+
+struct RlsDecoder {
+    metrics: Arc<Metrics>,
+}
+
+impl Decoder for RlsDecoder {
+    type Item = RateLimitRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<RateLimitRequest>, Status> {
+        RateLimitRequest::decode(src).map(Some).map_err(|e| {
+            self.metrics.grpc_error("invalid_argument");
+            Status::invalid_argument(format!("malformed RateLimitRequest: {e}"))
+        })
+    }
+}
