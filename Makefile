@@ -19,11 +19,12 @@ CONCURRENCY ?= 2
 # ~1.5 us less CPU per request); see README "Performance".
 OPT_LEVEL ?= s
 
-.PHONY: help setup setup-redis build run run-global test test-native test-wasm test-integration lint fmt clean bench
+.PHONY: help setup setup-redis setup-oci oci build run run-global test test-native test-wasm test-integration lint fmt clean bench
 
 help:
 	@echo "make setup             install toolchain pieces (wasm target, clippy, rustfmt, .venv with Envoy $(ENVOY_VERSION), pytest, grpcio)"
 	@echo "make build             build $(WASM) (OPT_LEVEL=3: a hair faster, ~9 MiB more RSS)"
+	@echo "make oci               the module as an OCI image Istio pulls, in target/oci; prints its digest"
 	@echo "make run               build, then run Envoy with envoy/demo.yaml (listener :10000, admin :9901)"
 	@echo "make run-global        build, then run Redis + ratelimit-service + Envoy with global rules (listener :10300)"
 	@echo "make lint              cargo fmt --check + clippy (native and $(TARGET)), warnings are errors"
@@ -53,6 +54,18 @@ setup:
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup-redis:
 	@command -v redis-server >/dev/null || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
+# A real registry and skopeo (Debian), for the OCI image's round-trip test.
+setup-oci:
+	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q skopeo docker-registry; }
+
+# The module as an OCI image Istio's WasmPlugin pulls (tools/oci.py): layout in target/oci, tag
+# OCI_TAG; prints the manifest digest, the WasmPlugin's `sha256`.
+OCI_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+oci: build
+	@rm -rf target/oci
+	@digest=$$(python3 tools/oci.py $(WASM) target/oci $(OCI_TAG)) && echo "target/oci: ratelimit-wasm:$(OCI_TAG) $$digest" \
+	  && echo "push: skopeo copy oci:target/oci:$(OCI_TAG) docker://<registry>/ratelimit-wasm:$(OCI_TAG)"
 
 build:
 	CARGO_PROFILE_RELEASE_OPT_LEVEL=$(OPT_LEVEL) $(CARGO) build --release --target $(TARGET)
@@ -88,7 +101,7 @@ test-wasm:
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(NODE) $(CURDIR)/tools/wasi-runner.mjs" \
 	  $(CARGO) test --no-default-features --target $(TARGET) -- --nocapture
 
-test-integration: setup-redis build
+test-integration: setup-redis setup-oci build
 	PYTHONDONTWRITEBYTECODE=1 $(PYTEST) -q -p no:cacheprovider tests/integration
 
 lint:
