@@ -438,8 +438,9 @@ impl Config {
             return Err(ConfigError::at("", "configuration is empty: expected a JSON object with \"rules\""));
         }
         unique::refuse_duplicate_fields(bytes)?;
-        let value: serde_json::Value =
+        let mut value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::at("", format!("invalid JSON: {e}")))?;
+        whole_floats_as_integers(&mut value);
         if !value.is_object() {
             return Err(ConfigError::at("", "the configuration must be a JSON object with \"rules\""));
         }
@@ -449,6 +450,24 @@ impl Config {
             ConfigError::at(path, e.into_inner().to_string())
         })?;
         compile(raw)
+    }
+}
+
+/// Istio hands over `pluginConfig` re-serialised from a protobuf Struct, whose numbers are all
+/// doubles: a Go serialiser may print `100` as `100.0` or `1e+06`. A whole number within a double's
+/// exact range (2^53) means that integer; anything else stays a float (and an integer field refuses it).
+fn whole_floats_as_integers(value: &mut serde_json::Value) {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match value {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= EXACT) {
+                // In range and whole, so the conversion is exact.
+                *value = serde_json::Value::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(whole_floats_as_integers),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(whole_floats_as_integers),
+        _ => {}
     }
 }
 
@@ -942,6 +961,21 @@ mod tests {
         assert_eq!(
             config.violation_log,
             ViolationLog { level: LogLevel::Info, max_per_second: 10, include_key: false }
+        );
+    }
+
+    #[test]
+    fn whole_numbers_printed_as_floats_by_istio_are_read_as_integers() {
+        let floats = MINIMAL
+            .replace(r#""capacity":10"#, r#""capacity":10.0"#)
+            .replace(r#"{"rules""#, r#"{"table_size":6.5536e4,"rules""#);
+        let config = parse(&floats).unwrap();
+        assert_eq!(config.table_size, 65_536);
+        assert_eq!(config.rules[0].limits.all().next().map(|l| l.quota), Some(10));
+        let half = MINIMAL.replace(r#""capacity":10"#, r#""capacity":10.5"#);
+        assert!(
+            parse(&half).unwrap_err().starts_with("rules[0].limit.capacity:"),
+            "a fraction is still refused"
         );
     }
 

@@ -88,6 +88,7 @@ def render_bootstrap(
     external_upstream: int | None = None,
     route_timeout: str = "30s",
     upstream_response_headers: dict | None = None,
+    ecds: tuple[str, Path] | None = None,
 ) -> dict:
     """Same shape as envoy/demo.yaml: filtered listener -> router -> cluster -> second listener
     (direct_response 200 "ok"), or the server on port `external_upstream` when given. Returned as a
@@ -139,6 +140,13 @@ def render_bootstrap(
         },
     }
     filters = [wasm_filter]
+    if ecds is not None:
+        # As Istio delivers a WasmPlugin: the filter by name, its config from extension config
+        # discovery (a file Envoy watches here, xDS from istiod there).
+        name, path = ecds
+        filters = [{"name": name, "config_discovery": {
+            "config_source": {"path_config_source": {"path": str(path)}, "resource_api_version": "V3"},
+            "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]}}]
     route: dict = {"route": {"cluster": "upstream", "timeout": route_timeout}}
     if native_ratelimit is not None:
         # Envoy's own global rate limit filter, asking the same service (instead of ours).
@@ -416,6 +424,8 @@ def start_envoy(
             bootstrap["node"] = {"id": "test", "cluster": "test"}
             bootstrap["dynamic_resources"] = {"lds_config": {
                 "path_config_source": {"path": str(lds_path)}, "resource_api_version": "V3"}}
+        if render_kw.get("ecds") is not None:
+            bootstrap["node"] = {"id": "test", "cluster": "test"}  # xDS needs a node, as a sidecar has
         cfg_path.write_text(json.dumps(bootstrap, indent=1))
         admin_path = workdir / f"admin-{attempt}.txt"
         log_path = workdir / f"envoy-{attempt}.log"
