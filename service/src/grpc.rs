@@ -6,11 +6,13 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
+use tonic::metadata::MetadataMap;
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
@@ -108,5 +110,47 @@ impl Decoder for RlsDecoder {
             self.metrics.grpc_error("invalid_argument");
             Status::invalid_argument(format!("malformed RateLimitRequest: {e}"))
         })
+    }
+}
+
+/// The caller's deadline from its `grpc-timeout` header (`<digits><H|M|S|m|u|n>`, gRPC over
+/// HTTP/2), so that scripts Redis runs after the caller gave up change nothing. Envoy sends its
+/// rate limit filter's `timeout` (20 ms by default) this way.
+pub fn grpc_timeout(meta: &MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout(v: &str) -> Option<Duration> {
+        let mut m = MetadataMap::new();
+        m.insert("grpc-timeout", v.parse().unwrap());
+        grpc_timeout(&m)
+    }
+
+    #[test]
+    fn grpc_timeout_header_units() {
+        assert_eq!(timeout("20m"), Some(Duration::from_millis(20)));
+        assert_eq!(timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout("150u"), Some(Duration::from_micros(150)));
+        assert_eq!(timeout("7n"), Some(Duration::from_nanos(7)));
+        assert_eq!(timeout("5x"), None);
+        assert_eq!(timeout("m"), None);
+        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
     }
 }

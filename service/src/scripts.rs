@@ -1,9 +1,11 @@
 //! The Lua scripts. Each checks and consumes in one step, atomically, using Redis' own clock
 //! (`TIME`), so several service instances agree on windows. Every write sets a TTL.
 //!
-//! All decision scripts take `KEYS[1]` and `ARGV = limit, hits, period_ms, margin_ms` and return
-//! `{allowed (1|0), remaining, ms_until_reset, window_start_ms}`. A request whose hits do not fit
-//! consumes nothing. `hits = 0` consumes nothing and is allowed when one more hit would fit.
+//! All decision scripts take `KEYS[1]` and `ARGV = limit, hits, period_ms, margin_ms, deadline_ms`
+//! and return `{allowed (1|0), remaining, ms_until_reset, window_start_ms}`. A request whose hits do
+//! not fit consumes nothing. `hits = 0` consumes nothing and is allowed when one more hit would fit.
+//! A script that runs after `deadline_ms` (Redis' clock; 0: none) returns `{-1, 0, 0, 0}` and
+//! changes nothing: its caller has already been answered UNAVAILABLE.
 //!
 //! Fixed window: `period_ms > 0` aligns windows to multiples of the period since the Unix epoch
 //! (like envoyproxy/ratelimit: a WEEK starts Thursday 00:00 UTC); `0` means the calendar month
@@ -18,6 +20,14 @@
 pub const NOW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"#;
+
+/// Refuses to act for a caller that has given up (a stalled Redis running queued scripts late).
+pub const DEADLINE: &str = r#"
+local deadline = tonumber(ARGV[5]) or 0
+if deadline > 0 and now > deadline then
+  return {-1, 0, 0, 0}
+end
 "#;
 
 /// Calendar helpers (proleptic Gregorian, UTC), after H. Hinnant's civil-from-days algorithms.
@@ -184,13 +194,13 @@ return 0
 "#;
 
 pub fn fixed_window() -> String {
-    format!("{NOW}{CALENDAR}{FIXED_WINDOW_BODY}")
+    format!("{NOW}{DEADLINE}{CALENDAR}{FIXED_WINDOW_BODY}")
 }
 
 pub fn sliding_window() -> String {
-    format!("{NOW}{SLIDING_WINDOW_BODY}")
+    format!("{NOW}{DEADLINE}{SLIDING_WINDOW_BODY}")
 }
 
 pub fn token_bucket() -> String {
-    format!("{NOW}{TOKEN_BUCKET_BODY}")
+    format!("{NOW}{DEADLINE}{TOKEN_BUCKET_BODY}")
 }

@@ -84,7 +84,12 @@ impl Limiter {
         })
     }
 
-    pub async fn decide(&self, req: RateLimitRequest) -> Result<RateLimitResponse, Status> {
+    /// `budget`: how long the caller waits (its gRPC deadline), if it said.
+    pub async fn decide(
+        &self,
+        req: RateLimitRequest,
+        budget: Option<std::time::Duration>,
+    ) -> Result<RateLimitResponse, Status> {
         if req.domain.is_empty() {
             return Err(Status::invalid_argument("rate limit domain must not be empty"));
         }
@@ -104,10 +109,11 @@ impl Limiter {
             .map(|d| self.plan(&cfg, &req.domain, d, request_hits))
             .collect::<Result<Vec<_>, _>>()?;
 
+        let deadline = self.store.deadline(budget);
         let results = futures_util::future::join_all(plans.iter().map(|p| async move {
             match p {
                 Plan::Pass(_) => Ok(None),
-                Plan::Limit { check, .. } => self.store.check(check).await.map(Some),
+                Plan::Limit { check, .. } => self.store.check(check, deadline).await.map(Some),
             }
         }))
         .await;
@@ -208,7 +214,8 @@ impl Limiter {
 impl Limiter {
     /// One call: the decision, or a gRPC error counted by status.
     pub async fn answer(&self, request: Request<RateLimitRequest>) -> Result<RateLimitResponse, Status> {
-        let r = self.decide(request.into_inner()).await;
+        let budget = crate::grpc::grpc_timeout(request.metadata());
+        let r = self.decide(request.into_inner(), budget).await;
         if let Err(s) = &r {
             self.metrics.grpc_error(match s.code() {
                 tonic::Code::InvalidArgument => "invalid_argument",

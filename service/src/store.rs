@@ -1,6 +1,8 @@
 //! The Redis side: connection (single node or cluster), the scripts, one decision per call.
 
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
@@ -81,6 +83,22 @@ impl Check {
 
 const MARGIN_MS: i64 = 1000;
 
+/// A TIME answer slower than this round trip does not update the clock offset: its error would be
+/// up to half of it.
+const MAX_OFFSET_RTT: Duration = Duration::from_millis(50);
+
+/// When a call's scripts must have run by: locally, to stop waiting, and in Redis' clock, so that a
+/// script Redis only gets to after the caller gave up (a stalled or paused Redis) changes nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    at: tokio::time::Instant,
+    redis_ms: i64,
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 #[derive(Clone)]
 pub struct Store {
     conn: Conn,
@@ -90,12 +108,16 @@ pub struct Store {
     refund: std::sync::Arc<Script>,
     timeout: Duration,
     metrics: std::sync::Arc<Metrics>,
+    /// Redis' clock minus ours (ms), from the last quick TIME (at start, then every health check).
+    offset_ms: Arc<AtomicI64>,
 }
 
 #[derive(Debug)]
 pub enum StoreError {
     Redis(RedisError),
     Timeout(Duration),
+    /// The script ran after the call's deadline (by Redis' clock) and so changed nothing.
+    Expired,
 }
 
 impl std::fmt::Display for StoreError {
@@ -103,6 +125,7 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::Redis(e) => write!(f, "{e}"),
             StoreError::Timeout(d) => write!(f, "no answer from Redis within {d:?}"),
+            StoreError::Expired => write!(f, "Redis ran the script after the call's deadline"),
         }
     }
 }
@@ -123,6 +146,7 @@ impl Store {
             refund: std::sync::Arc::new(Script::new(scripts::REFUND)),
             timeout: opts.timeout,
             metrics,
+            offset_ms: Arc::new(AtomicI64::new(0)),
         };
         store.ping().await.map_err(|e| e.to_string())?;
         store.load_scripts().await.map_err(|e| e.to_string())?;
@@ -197,13 +221,20 @@ impl Store {
     where
         F: std::future::Future<Output = Result<T, RedisError>>,
     {
+        self.timed_until(tokio::time::Instant::now() + self.timeout, f).await
+    }
+
+    async fn timed_until<T, F>(&self, until: tokio::time::Instant, f: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, RedisError>>,
+    {
         let t0 = Instant::now();
-        let r = tokio::time::timeout(self.timeout, f).await;
+        let r = tokio::time::timeout_at(until, f).await;
         self.metrics.observe_redis(t0.elapsed());
         let r = match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StoreError::Redis(e)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
+            Err(_) => Err(StoreError::Timeout(t0.elapsed())),
         };
         if r.is_err() {
             self.metrics.redis_error();
@@ -211,29 +242,48 @@ impl Store {
         r
     }
 
+    /// A TIME round trip: checks Redis answers and, when quick, refreshes the clock offset
+    /// that deadlines are translated with.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut cmd = redis::cmd("PING");
+        let mut cmd = redis::cmd("TIME");
         let cmd = &mut cmd;
-        match self.conn.clone() {
-            Conn::Single(mut c) => self.timed(cmd.query_async::<String>(&mut c)).await?,
-            Conn::Cluster(mut c) => self.timed(cmd.query_async::<String>(&mut c)).await?,
+        let (t0, sent) = (wall_ms(), Instant::now());
+        let (secs, micros): (i64, i64) = match self.conn.clone() {
+            Conn::Single(mut c) => self.timed(cmd.query_async(&mut c)).await?,
+            Conn::Cluster(mut c) => self.timed(cmd.query_async(&mut c)).await?,
         };
+        if sent.elapsed() <= MAX_OFFSET_RTT {
+            let ours = t0 + sent.elapsed().as_millis() as i64 / 2;
+            self.offset_ms.store(secs * 1000 + micros / 1000 - ours, Ordering::Relaxed);
+        }
         Ok(())
     }
 
-    /// Checks and consumes, atomically in Redis.
-    pub async fn check(&self, c: &Check) -> Result<Outcome, StoreError> {
+    /// The deadline of a call that may wait `budget` for its scripts (capped at the Redis timeout).
+    pub fn deadline(&self, budget: Option<Duration>) -> Deadline {
+        let budget = budget.map_or(self.timeout, |b| b.min(self.timeout));
+        Deadline {
+            at: tokio::time::Instant::now() + budget,
+            redis_ms: wall_ms() + self.offset_ms.load(Ordering::Relaxed) + budget.as_millis() as i64,
+        }
+    }
+
+    /// Checks and consumes, atomically in Redis, unless Redis runs the script after `deadline`.
+    pub async fn check(&self, c: &Check, deadline: Deadline) -> Result<Outcome, StoreError> {
         let script = match c.algorithm {
             Algorithm::FixedWindow => &self.fixed,
             Algorithm::SlidingWindow => &self.sliding,
             Algorithm::TokenBucket => &self.bucket,
         };
         let mut inv = script.prepare_invoke();
-        inv.key(&c.key).arg(c.limit).arg(c.hits).arg(c.period_arg()).arg(MARGIN_MS);
+        inv.key(&c.key).arg(c.limit).arg(c.hits).arg(c.period_arg()).arg(MARGIN_MS).arg(deadline.redis_ms);
         let (allowed, remaining, reset, window): (i64, i64, i64, i64) = match self.conn.clone() {
-            Conn::Single(mut conn) => self.timed(inv.invoke_async(&mut conn)).await?,
-            Conn::Cluster(mut conn) => self.timed(inv.invoke_async(&mut conn)).await?,
+            Conn::Single(mut conn) => self.timed_until(deadline.at, inv.invoke_async(&mut conn)).await?,
+            Conn::Cluster(mut conn) => self.timed_until(deadline.at, inv.invoke_async(&mut conn)).await?,
         };
+        if allowed < 0 {
+            return Err(StoreError::Expired);
+        }
         Ok(Outcome {
             allowed: allowed == 1,
             remaining: remaining.max(0) as u64,

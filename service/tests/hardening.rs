@@ -190,3 +190,55 @@ async fn malformed_requests_are_invalid_argument_and_counted() {
     assert!(body.contains("ratelimit_service_grpc_errors_total{status=\"invalid_argument\"} 2"), "{body}");
     assert_eq!(dbsize(&redis), 1);
 }
+
+/// Sends SIGCONT when dropped, so a failing test never leaves a stopped redis-server behind.
+struct Paused<'a>(&'a RedisServer);
+
+impl<'a> Paused<'a> {
+    fn new(r: &'a RedisServer) -> Paused<'a> {
+        r.signal("STOP");
+        Paused(r)
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.signal("CONT");
+    }
+}
+
+fn evalsha_calls(redis: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut redis.conn()).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_answered_unavailable_change_nothing_when_a_stalled_redis_resumes() {
+    clear_of_hour_edge();
+    let redis = RedisServer::start();
+    let svc = Service::start(&["--redis-url", &redis.url(), "--redis-timeout-ms", "300"]);
+    let mut c = svc.client().await;
+    let d = || vec![desc_limit(&[("k", "v")], 50, HOUR)];
+    assert_eq!(call(&mut c, "stall", d()).await.unwrap().overall_code, OK);
+    {
+        let _paused = Paused::new(&redis);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..5 {
+            let mut c = c.clone();
+            set.spawn(async move { call(&mut c, "stall", d()).await });
+        }
+        while let Some(r) = set.join_next().await {
+            let e = r.unwrap().unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        }
+    }
+    // Redis runs the five queued scripts once it resumes; they must find their deadline passed.
+    wait_until("the queued scripts ran", Duration::from_secs(20), || evalsha_calls(&redis) >= 6);
+    let count: u64 = redis::cmd("HGET").arg("rl:{stall|k=v}:fw:h").arg("c").query(&mut redis.conn()).unwrap();
+    assert_eq!(count, 1, "calls answered UNAVAILABLE were counted");
+    let r = call(&mut c, "stall", d()).await.unwrap();
+    assert_eq!(r.statuses[0].limit_remaining, 48);
+}
