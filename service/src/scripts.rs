@@ -158,7 +158,11 @@ local need = hits
 if need < 1 then need = 1 end
 local check = tat + interval * need - now
 if check > period + 1e-6 then
-  return {0, 0, math.ceil(check - period), 0}
+  -- A cost above the limit never fits; its wait would overflow Redis' integer reply (2^64-1
+  -- hits gave 0): bound it at one period, as the window scripts bound theirs at the window's end.
+  local wait = math.ceil(check - period)
+  if wait > period then wait = period end
+  return {0, 0, wait, 0}
 end
 local new_tat = tat + interval * hits
 if hits > 0 then
