@@ -7,6 +7,10 @@
 //! A script that runs after `deadline_ms` (Redis' clock; 0: none) returns `{-1, 0, 0, 0}` and
 //! changes nothing: its caller has already been answered UNAVAILABLE.
 //!
+//! Redis' clock may go back (a failover to a replica whose clock lags): a window script that finds
+//! a stored window later than its own keeps counting in the stored one; the token bucket's state is
+//! an absolute time, so an earlier clock only makes it stricter.
+//!
 //! Fixed window: `period_ms > 0` aligns windows to multiples of the period since the Unix epoch
 //! (like envoyproxy/ratelimit: a WEEK starts Thursday 00:00 UTC); `0` means the calendar month
 //! (UTC) and `-1` the calendar year (UTC). State: hash `{w = window start ms, c = count}`.
@@ -83,7 +87,14 @@ else
 end
 local cnt = 0
 local h = redis.call('HMGET', KEYS[1], 'w', 'c')
-if h[1] and tonumber(h[1]) == start then cnt = tonumber(h[2]) or 0 end
+local w = tonumber(h[1])
+if w and w > start then
+  -- Redis' clock went back (a failover to a replica whose clock lags): keep counting in the
+  -- later window already stored rather than overwrite it and lose its count.
+  start = w
+  if period > 0 then stop = start + period else start, stop = bounds(w, period) end
+end
+if w == start then cnt = tonumber(h[2]) or 0 end
 local need = hits
 if need < 1 then need = 1 end
 if cnt + need > limit then
@@ -108,6 +119,11 @@ local h = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
 local w = tonumber(h[1])
 local cur = tonumber(h[2]) or 0
 local prev = tonumber(h[3]) or 0
+if w ~= nil and w > start then
+  -- Redis' clock went back: stay in the later window stored, as the fixed window does.
+  start = w
+  stop = start + period
+end
 if w == nil then
   cur, prev = 0, 0
 elseif w == start then
@@ -118,6 +134,7 @@ else
   prev, cur = 0, 0
 end
 local weight = (stop - now) / period
+if weight > 1 then weight = 1 end
 local est = prev * weight + cur
 local need = hits
 if need < 1 then need = 1 end

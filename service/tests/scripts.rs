@@ -13,14 +13,7 @@ const HOUR_MS: i64 = 3_600_000;
 type Reply = (i64, i64, i64, i64);
 
 /// Runs a decision script: limit, hits, period, margin 1000, no deadline.
-fn run(
-    conn: &mut redis::Connection,
-    script: &redis::Script,
-    key: &str,
-    limit: u64,
-    hits: &str,
-    period: i64,
-) -> Reply {
+fn run(conn: &mut redis::Connection, script: &redis::Script, key: &str, limit: u64, hits: &str, period: i64) -> Reply {
     script.key(key).arg(limit).arg(hits).arg(period).arg(1000).arg(0).invoke(conn).unwrap()
 }
 
@@ -36,4 +29,42 @@ fn token_bucket_reset_is_bounded_for_huge_hits() {
     }
     let n: i64 = redis::cmd("EXISTS").arg("tb").query(&mut conn).unwrap();
     assert_eq!(n, 0, "a denied cost writes nothing");
+}
+
+/// A script whose clock is `ARGV[6]` instead of Redis' `TIME`.
+fn at_given_time(script: String) -> redis::Script {
+    let given = "\nlocal now = tonumber(ARGV[6])\n";
+    assert!(script.contains(scripts::NOW));
+    redis::Script::new(&script.replace(scripts::NOW, given))
+}
+
+fn run_at(conn: &mut redis::Connection, script: &redis::Script, key: &str, hits: u64, period: i64, now: i64) -> Reply {
+    script.key(key).arg(10).arg(hits).arg(period).arg(1000).arg(0).arg(now).invoke(conn).unwrap()
+}
+
+#[test]
+fn a_clock_going_back_keeps_counting_in_the_later_window() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let later = 1_767_225_600_000; // 2026-01-01T00:00Z: an hour, a month and a year start here.
+    let cases = [
+        ("fixed hour", scripts::fixed_window(), HOUR_MS),
+        ("fixed month", scripts::fixed_window(), 0),
+        ("sliding hour", scripts::sliding_window(), HOUR_MS),
+        ("token bucket hour", scripts::token_bucket(), HOUR_MS),
+    ];
+    for (what, text, period) in cases {
+        let script = at_given_time(text);
+        let r = run_at(&mut conn, &script, what, 3, period, later + 1000);
+        assert_eq!((r.0, r.1), (1, 7), "{what}");
+        // A failover to a replica whose clock lags by a minute: back in the earlier window.
+        let r = run_at(&mut conn, &script, what, 1, period, later - 60_000);
+        assert_eq!(r.0, 1, "{what}");
+        assert!(r.1 <= 6, "{what}: the 3 hits of the later window were lost: {r:?}");
+        if period != HOUR_MS || what.starts_with("token") {
+            continue;
+        }
+        let (w, c): (i64, i64) = redis::cmd("HMGET").arg(what).arg("w").arg("c").query(&mut conn).unwrap();
+        assert_eq!((w, c), (later, 4), "{what}");
+    }
 }
