@@ -13,7 +13,14 @@ const HOUR_MS: i64 = 3_600_000;
 type Reply = (i64, i64, i64, i64);
 
 /// Runs a decision script: limit, hits, period, margin 1000, no deadline.
-fn run(conn: &mut redis::Connection, script: &redis::Script, key: &str, limit: u64, hits: &str, period: i64) -> Reply {
+fn run(
+    conn: &mut redis::Connection,
+    script: &redis::Script,
+    key: &str,
+    limit: u64,
+    hits: &str,
+    period: i64,
+) -> Reply {
     script.key(key).arg(limit).arg(hits).arg(period).arg(1000).arg(0).invoke(conn).unwrap()
 }
 
@@ -38,7 +45,14 @@ fn at_given_time(script: String) -> redis::Script {
     redis::Script::new(&script.replace(scripts::NOW, given))
 }
 
-fn run_at(conn: &mut redis::Connection, script: &redis::Script, key: &str, hits: u64, period: i64, now: i64) -> Reply {
+fn run_at(
+    conn: &mut redis::Connection,
+    script: &redis::Script,
+    key: &str,
+    hits: u64,
+    period: i64,
+    now: i64,
+) -> Reply {
     script.key(key).arg(10).arg(hits).arg(period).arg(1000).arg(0).arg(now).invoke(conn).unwrap()
 }
 
