@@ -438,8 +438,12 @@ impl Config {
             return Err(ConfigError::at("", "configuration is empty: expected a JSON object with \"rules\""));
         }
         unique::refuse_duplicate_fields(bytes)?;
-        let mut value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| ConfigError::at("", format!("invalid JSON: {e}")))?;
+        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+            if looks_like_a_binary_struct(bytes) {
+                return ConfigError::at("", STRUCT_GIVEN);
+            }
+            ConfigError::at("", format!("invalid JSON: {e}"))
+        })?;
         whole_floats_as_integers(&mut value);
         if !value.is_object() {
             return Err(ConfigError::at("", "the configuration must be a JSON object with \"rules\""));
@@ -450,6 +454,17 @@ impl Config {
             ConfigError::at(path, e.into_inner().to_string())
         })?;
         compile(raw)
+    }
+}
+
+const STRUCT_GIVEN: &str = "the configuration is not JSON but a binary protobuf, which is how Envoy passes a google.protobuf.Struct: give the filter JSON as a string, configuration: {\"@type\": \"type.googleapis.com/google.protobuf.StringValue\", \"value\": \"{...}\"}";
+
+/// A `google.protobuf.Struct` as Envoy hands it over: its binary encoding, which starts with
+/// field 1 (a `fields` map entry, tag byte 0x0a) and a length that fits in what follows.
+fn looks_like_a_binary_struct(bytes: &[u8]) -> bool {
+    match bytes {
+        [0x0a, len, rest @ ..] => usize::from(*len) <= rest.len() && (*len < 0x80 || rest.len() > 0x80),
+        _ => false,
     }
 }
 
@@ -962,6 +977,17 @@ mod tests {
             config.violation_log,
             ViolationLog { level: LogLevel::Info, max_per_second: 10, include_key: false }
         );
+    }
+
+    #[test]
+    fn a_configuration_given_as_a_struct_is_recognised_and_the_fix_named() {
+        // Struct { fields: {"rules": Value { string_value: "x" }} }, as Envoy passes it.
+        let entry = [&[0x0a, 5][..], b"rules", &[0x12, 3, 0x1a, 1], b"x"].concat();
+        let bytes = [&[0x0a, entry.len() as u8][..], &entry].concat();
+        let err = Config::parse(&bytes).unwrap_err().to_string();
+        assert!(err.contains("google.protobuf.StringValue"), "{err}");
+        let plain = Config::parse(b"\n{oops").unwrap_err().to_string();
+        assert!(plain.starts_with("invalid JSON"), "JSON after a newline is still JSON: {plain}");
     }
 
     #[test]

@@ -89,6 +89,7 @@ def render_bootstrap(
     route_timeout: str = "30s",
     upstream_response_headers: dict | None = None,
     ecds: tuple[str, Path] | None = None,
+    as_struct: bool = False,
 ) -> dict:
     """Same shape as envoy/demo.yaml: filtered listener -> router -> cluster -> second listener
     (direct_response 200 "ok"), or the server on port `external_upstream` when given. Returned as a
@@ -134,7 +135,8 @@ def render_bootstrap(
                 "name": "ratelimit",
                 "root_id": root_id,
                 "fail_open": fail_open,
-                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": value},
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": json.loads(value)}
+                if as_struct else {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": value},
                 "vm_config": vm_config,
             },
         },

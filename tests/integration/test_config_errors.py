@@ -34,3 +34,11 @@ def test_malformed_json_is_refused(envoy_factory):
     rc, log = envoy_factory('{"rules": [', expect_failure=True)
     assert rc != 0
     assert _lines(log, "ratelimit-wasm: invalid configuration: "), log[-4000:]
+
+
+def test_a_configuration_given_as_a_struct_says_to_give_a_string(envoy_factory):
+    # An easy mistake in Envoy YAML: the filter JSON as a google.protobuf.Struct.
+    rc, log = envoy_factory(UNKNOWN_FIELD | {"rules": BAD_CAPACITY["rules"]}, expect_failure=True, as_struct=True)
+    assert rc != 0
+    hits = _lines(log, "ratelimit-wasm: invalid configuration: the configuration is not JSON")
+    assert hits and "google.protobuf.StringValue" in hits[0], log[-4000:]
