@@ -164,6 +164,11 @@ pub struct DenyResponse {
     pub grpc_status: u32,
 }
 
+/// How long a request waits for the rate limit service by default. A call on a warm connection
+/// takes about a millisecond on a LAN, but each worker's first call also opens its HTTP/2
+/// connection: an audit measured 22.8 ms for one in a correct local setup, over the old 20 ms default.
+pub const DEFAULT_GLOBAL_TIMEOUT_MS: u32 = 100;
+
 /// RESOURCE_EXHAUSTED, what gRPC clients expect for a rate-limited call (Envoy's native filters
 /// send it with `rate_limited_as_resource_exhausted`); without it Envoy maps 429 to UNAVAILABLE,
 /// which tells clients to retry elsewhere at once.
@@ -616,7 +621,7 @@ fn compile_global(raw: RawGlobal) -> Result<GlobalService, ConfigError> {
         return Err(ConfigError::at("global.domain", "must not be empty"));
     }
     let timeout_ms = match raw.timeout {
-        None => 20,
+        None => DEFAULT_GLOBAL_TIMEOUT_MS,
         Some(t) => u32::try_from(t.as_nanos() / 1_000_000).unwrap_or(u32::MAX),
     };
     if timeout_ms == 0 {
@@ -977,6 +982,12 @@ mod tests {
             config.violation_log,
             ViolationLog { level: LogLevel::Info, max_per_second: 10, include_key: false }
         );
+    }
+
+    #[test]
+    fn a_global_section_without_a_timeout_waits_100_ms() {
+        let json = r#"{"global":{"cluster":"rls","domain":"d"},"rules":[{"name":"g","global":true,"key":[{"source":"method"}]}]}"#;
+        assert_eq!(parse(json).unwrap().global.map(|g| g.timeout_ms), Some(100));
     }
 
     #[test]
