@@ -66,11 +66,21 @@ pub struct ResponseHeaders {
     pub service: Vec<(String, String)>,
 }
 
+/// What the local rules let through, carried to the request's admission (or given back).
+#[derive(Debug, Default)]
+struct Passed {
+    report: Option<Reported>,
+    consumed: Vec<Consumed>,
+    turn: Option<Turn>,
+    /// Rules to count as having allowed it once it is admitted.
+    allowed_by: Vec<usize>,
+}
+
 /// What a paused request waits for from the rate limit service.
 #[derive(Debug)]
 enum Awaiting {
     /// The decision on its global rules; what local limits took is given back if it denies.
-    Decision { call: GlobalCall, consumed: Vec<Consumed>, local: Option<Reported>, turn: Option<Turn> },
+    Decision { call: GlobalCall, passed: Passed },
     /// The standing in its global rules, for the status endpoint.
     Status(GlobalCall),
 }
@@ -107,20 +117,22 @@ impl Limiter {
             }
             return self.ask_status(env, exchange);
         }
-        let (local, consumed, turn) = match self.check(env) {
-            Verdict::Allow { report, consumed, turn } => (report, consumed, turn),
+        let passed = match self.check(env) {
+            Verdict::Allow { report, consumed, turn, allowed_by } => {
+                Passed { report, consumed, turn, allowed_by }
+            }
             Verdict::Deny { report, retry_after_seconds, reason } => {
                 return Next::Reply(self.deny(report, retry_after_seconds, reason.map(|r| r.to_string())));
             }
         };
         match prepare(&self.config, env.request, Purpose::Decide) {
             Ok(None) => {
-                exchange.report = local;
-                self.admit(env, exchange, consumed, turn)
+                exchange.report = passed.report;
+                self.admit(env, exchange, passed)
             }
-            Ok(Some(call)) => self.ask(exchange, Awaiting::Decision { call, consumed, local, turn }),
+            Ok(Some(call)) => self.ask(exchange, Awaiting::Decision { call, passed }),
             Err(refusal) => {
-                self.give_back(env, &consumed);
+                self.give_back(env, &passed.consumed);
                 env.observer.count(Metric::Denied(refusal.rule));
                 Next::Reply(self.deny(None, None, Some(refusal.reason.to_string())))
             }
@@ -136,40 +148,32 @@ impl Limiter {
         answer: Result<&[u8], CallError>,
     ) -> Next<'_> {
         let Some(awaiting) = exchange.awaiting.take() else { return Next::Continue };
-        let (call, consumed, local, turn) = match awaiting {
+        let (call, mut passed) = match awaiting {
             Awaiting::Status(call) => return Next::Reply(self.status_reply(env, Some((&call, answer)))),
-            Awaiting::Decision { call, consumed, local, turn } => (call, consumed, local, turn),
+            Awaiting::Decision { call, passed } => (call, passed),
         };
         let answer = answer.and_then(read_answer);
         let failed = answer.is_err();
         let verdict = verdict(&self.config, &call, answer, env.observer);
-        let (consumed, fallback) = match (failed, verdict.deny) {
-            (true, false) => match self.fall_back(env, &call, consumed) {
-                Ok(taken) => taken,
-                Err(denial) => return Next::Reply(denial),
-            },
-            _ => (consumed, None),
-        };
+        if failed && !verdict.deny {
+            if let Err(denial) = self.fall_back(env, &call, &mut passed) {
+                return Next::Reply(denial);
+            }
+        }
         if verdict.deny {
-            self.give_back(env, &consumed);
+            self.give_back(env, &passed.consumed);
             let reply = self.deny(verdict.report, verdict.retry_after_seconds, None);
             return Next::Reply(reply.with_service_headers(verdict.response_headers));
         }
-        exchange.report = most_restrictive(most_restrictive(local, verdict.report), fallback);
+        exchange.report = most_restrictive(passed.report.take(), verdict.report);
         exchange.service_headers = verdict.response_headers;
         exchange.upstream_headers = verdict.request_headers;
-        self.admit(env, exchange, consumed, turn)
+        self.admit(env, exchange, passed)
     }
 
     /// The call failed: the global rules with `failure_mode: local` are decided by their fallback
-    /// limits. What the request has taken so far, with what the fallbacks took, and the fallbacks'
-    /// report; or the denial (everything taken given back).
-    fn fall_back(
-        &self,
-        env: &Env<'_>,
-        call: &GlobalCall,
-        mut consumed: Vec<Consumed>,
-    ) -> Result<(Vec<Consumed>, Option<Reported>), LocalReply<'_>> {
+    /// limits, which join what the request passed; or the denial (everything taken given back).
+    fn fall_back(&self, env: &Env<'_>, call: &GlobalCall, passed: &mut Passed) -> Result<(), LocalReply<'_>> {
         let failed: Vec<usize> = call
             .origins
             .iter()
@@ -177,15 +181,17 @@ impl Limiter {
             .filter(|r| self.config.rules.get(*r).is_some_and(|rule| rule.global == Some(FailureMode::Local)))
             .collect();
         if failed.is_empty() {
-            return Ok((consumed, None));
+            return Ok(());
         }
         match self.check_fallbacks(env, &failed) {
-            Verdict::Allow { report, consumed: taken, .. } => {
-                consumed.extend(taken);
-                Ok((consumed, report))
+            Verdict::Allow { report, consumed, allowed_by, .. } => {
+                passed.consumed.extend(consumed);
+                passed.allowed_by.extend(allowed_by);
+                passed.report = most_restrictive(passed.report.take(), report);
+                Ok(())
             }
             Verdict::Deny { report, retry_after_seconds, reason } => {
-                self.give_back(env, &consumed);
+                self.give_back(env, &passed.consumed);
                 Err(self.deny(report, retry_after_seconds, reason.map(|r| r.to_string())))
             }
         }
@@ -193,13 +199,11 @@ impl Limiter {
 
     /// The request is admitted: it holds its concurrency units, and goes on at once or waits for
     /// its turn.
-    fn admit(
-        &self,
-        env: &Env<'_>,
-        exchange: &mut Exchange,
-        consumed: Vec<Consumed>,
-        turn: Option<Turn>,
-    ) -> Next<'_> {
+    fn admit(&self, env: &Env<'_>, exchange: &mut Exchange, passed: Passed) -> Next<'_> {
+        let Passed { consumed, turn, allowed_by, .. } = passed;
+        for rule in allowed_by {
+            env.observer.count(Metric::Allowed(rule));
+        }
         let metered = |c: &&Consumed| {
             self.config.rules.get(c.at.rule).is_some_and(|r| matches!(r.cost, Cost::Response { .. }))
         };
@@ -238,8 +242,8 @@ impl Limiter {
     /// local reply): the concurrency units it held are released, and a request still waiting for
     /// the rate limit service gives back what its local limits took (it was never admitted).
     pub fn end(&self, env: &Env<'_>, exchange: &mut Exchange) {
-        if let Some(Awaiting::Decision { consumed, .. }) = exchange.awaiting.take() {
-            self.give_back(env, &consumed);
+        if let Some(Awaiting::Decision { passed, .. }) = exchange.awaiting.take() {
+            self.give_back(env, &passed.consumed);
         }
         let reserved = std::mem::take(&mut exchange.reserved);
         if !reserved.is_empty() && self.queue().remove(exchange.id) {

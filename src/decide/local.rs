@@ -25,7 +25,9 @@ pub enum Verdict {
     /// took from local limits (kept when global rules may still deny it, when it waits, and for
     /// concurrency limits, held until it ends). `turn`: when turns were reserved for it, how long
     /// it must wait.
-    Allow { report: Option<Reported>, consumed: Vec<Consumed>, turn: Option<Turn> },
+    /// `allowed_by`: the rules to count as having allowed it, once it is finally admitted (when
+    /// global rules may still deny it; otherwise they are counted at once and this is empty).
+    Allow { report: Option<Reported>, consumed: Vec<Consumed>, turn: Option<Turn>, allowed_by: Vec<usize> },
     /// Answer with the deny response. `retry_after_seconds` is `None` when retrying cannot help
     /// (the request costs more than a limit can ever hold); `reason` then says why.
     Deny { report: Option<Reported>, retry_after_seconds: Option<u64>, reason: Option<CostError> },
@@ -180,7 +182,7 @@ impl Limiter {
             Ok(verdict) => verdict,
             Err(_) => {
                 env.observer.count(Metric::StoreError);
-                Verdict::Allow { report: None, consumed: Vec::new(), turn: None }
+                Verdict::Allow { report: None, consumed: Vec::new(), turn: None, allowed_by: Vec::new() }
             }
         }
     }
@@ -438,15 +440,21 @@ impl Limiter {
         let now = env.now();
         let mut report: Option<Reported> = None;
         let mut counted: Option<usize> = None;
+        let mut allowed_by = Vec::new();
         for item in items {
             if counted != Some(item.at.rule) && !item.skip {
-                env.observer.count(Metric::Allowed(item.at.rule));
+                // With global rules, a request is allowed only once the service has agreed.
+                if self.config.global.is_some() {
+                    allowed_by.push(item.at.rule);
+                } else {
+                    env.observer.count(Metric::Allowed(item.at.rule));
+                }
                 counted = Some(item.at.rule);
             }
             let Some(decision) = item.decision else { continue };
             report = most_restrictive(report, Some(item.report(&decision, now)));
         }
-        Verdict::Allow { report, consumed, turn }
+        Verdict::Allow { report, consumed, turn, allowed_by }
     }
 
     /// The latest of the turns reserved for the request, counted per rule.

@@ -1338,3 +1338,26 @@ fn while_the_service_fails_a_local_fallback_limits_exactly_and_the_service_decid
     assert!(through_service(&l, &store, Ok(&ok), &m), "the service answers again: its word counts");
     assert_eq!(m.get(Metric::GlobalFailure), 5);
 }
+
+#[test]
+fn a_local_rule_counts_a_request_as_allowed_only_once_the_global_rules_admit_it() {
+    let json = r#"{"table_size":64,"global":{"cluster":"rls","domain":"d"},"rules":[
+        {"name":"local","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":10,"refill_period":"1h"}},
+        {"name":"g","global":true,"key":[{"source":"header","name":"x-key"}],
+         "limit":{"algorithm":"fixed_window","requests":1,"window":"1h"}}]}"#;
+    let (l, store) = limiter(json);
+    let m = Counts::default();
+    let (ok, over) = (service_answer(false, &[], &[]), service_answer(true, &[], &[]));
+    let passed = [
+        through_service(&l, &store, Ok(&ok), &m),
+        through_service(&l, &store, Ok(&over), &m),
+        through_service(&l, &store, Err(CallError::Status(14)), &m),
+    ];
+    assert_eq!(passed, [true, false, true]);
+    assert_eq!(
+        m.get(Metric::Allowed(0)),
+        2,
+        "the denied request is not counted as allowed by the local rule"
+    );
+    assert_eq!((m.get(Metric::Allowed(1)), m.get(Metric::Denied(1))), (2, 1));
+}
