@@ -91,6 +91,17 @@ pub struct Args {
     /// Most hits one request may add over all its descriptors.
     #[arg(long, env = "RATELIMIT_MAX_HITS_PER_CALL", default_value_t = Bounds::default().hits_per_call)]
     pub max_hits_per_call: u64,
+    /// gRPC TLS: the server's certificate chain (PEM). With --grpc-tls-key, the gRPC port
+    /// speaks only TLS.
+    #[arg(long, env = "RATELIMIT_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// gRPC TLS: the server's private key (PEM).
+    #[arg(long, env = "RATELIMIT_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// gRPC mutual TLS: CA certificates (PEM) that client certificates must chain to; every
+    /// client must then present one.
+    #[arg(long, env = "RATELIMIT_GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
     /// HTTP port: a connection that has not sent a whole request head within this many
     /// milliseconds is closed.
     #[arg(long, env = "RATELIMIT_HTTP_HEADER_TIMEOUT_MS", default_value_t = 5000)]
@@ -100,7 +111,38 @@ pub struct Args {
     pub http_max_connections: usize,
 }
 
+/// A TLS handshake on the gRPC port must finish within this, so half-open handshakes cannot pile up.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn read_pem(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
+}
+
 impl Args {
+    /// The gRPC port's TLS settings, if TLS is on; `Err` names the flag whose file is unreadable.
+    pub fn grpc_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let (Some(cert), Some(key)) = (&self.grpc_tls_cert, &self.grpc_tls_key) else {
+            return Ok(None);
+        };
+        let identity =
+            Identity::from_pem(read_pem("--grpc-tls-cert", cert)?, read_pem("--grpc-tls-key", key)?);
+        let mut tls = ServerTlsConfig::new().identity(identity).timeout(TLS_HANDSHAKE_TIMEOUT);
+        if let Some(ca) = &self.grpc_tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read_pem("--grpc-tls-client-ca", ca)?));
+        }
+        Ok(Some(tls))
+    }
+
+    /// For the start-up line.
+    fn grpc_tls_mode(&self) -> &'static str {
+        match (&self.grpc_tls_cert, &self.grpc_tls_client_ca) {
+            (None, _) => "",
+            (Some(_), None) => " grpc_tls=on",
+            (Some(_), Some(_)) => " grpc_tls=mutual",
+        }
+    }
+
     pub fn bounds(&self) -> Bounds {
         Bounds {
             descriptors: self.max_descriptors,
@@ -130,6 +172,7 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let metrics = Arc::new(Metrics::default());
+    let grpc_tls = args.grpc_tls()?;
 
     let (cfg, sig) = if args.config.is_empty() {
         (Config::default(), Vec::new())
@@ -269,17 +312,22 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
     ));
 
     info!(
-        "listening grpc={grpc_local} http={http_local} redis={}{} algorithm={} domains=[{}]{}",
+        "listening grpc={grpc_local} http={http_local} redis={}{} algorithm={} domains=[{}]{}{}",
         opts.display_urls(),
         if opts.cluster { " (cluster)" } else { "" },
         args.default_algorithm,
         domains.join(", "),
-        if args.shadow_mode { " shadow_mode=on (never denies)" } else { "" }
+        if args.shadow_mode { " shadow_mode=on (never denies)" } else { "" },
+        args.grpc_tls_mode(),
     );
 
     let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
     let mut stop = shutdown.clone();
-    let served = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = grpc_tls {
+        server = server.tls_config(tls).map_err(|e| format!("bad gRPC TLS certificate or key: {e}"))?;
+    }
+    let served = server
         .add_service(health_service)
         .add_service(RlsServer(limiter))
         .serve_with_incoming_shutdown(incoming, async move {
