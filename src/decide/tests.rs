@@ -765,12 +765,15 @@ mod global {
             json,
             r#"{"limits":[{"rule":"open","limit":"open","algorithm":"fixed_window","quota":10,"window":60,"remaining":7,"reset":30,"shadow":false,"global":true},{"rule":"closed","limit":"closed","algorithm":"fixed_window","quota":10,"window":60,"remaining":0,"reset":1,"shadow":false,"global":true}]}"#
         );
-        let failed = standings(l.config(), &call, Err(CallError::Status(14)), &m).map(|_| ()).unwrap_err();
+        let failed =
+            standings(l.config(), &call, Err(CallError::Status { code: 14, message: String::new() }), &m)
+                .map(|_| ())
+                .unwrap_err();
         assert_eq!(m.get(Metric::GlobalFailure), 1);
         let failed = crate::report::status::status_json(&[], Some(&failed.to_string()));
         assert_eq!(
             failed,
-            r#"{"limits":[],"global_error":"gRPC status 14 (unavailable: the service is down or unreachable, or gave no answer within the timeout)"}"#
+            r#"{"limits":[],"global_error":"gRPC status 14 UNAVAILABLE (the service is down or unreachable, or the cluster does not speak HTTP/2: Envoy's reason follows)"}"#
         );
     }
 
@@ -779,11 +782,13 @@ mod global {
         let (l, _) = limiter(CONFIG);
         let m = Counts::default();
         let open = prepare(l.config(), &keyed("k"), Purpose::Decide).unwrap().unwrap();
-        assert!(!verdict(l.config(), &open, Err(CallError::Status(4)), &m).deny);
+        assert!(
+            !verdict(l.config(), &open, Err(CallError::Status { code: 4, message: String::new() }), &m).deny
+        );
         let both = prepare(l.config(), &TestRequest::get("/pay").with_header("x-key", "k"), Purpose::Decide)
             .unwrap()
             .unwrap();
-        let v = verdict(l.config(), &both, Err(CallError::Status(4)), &m);
+        let v = verdict(l.config(), &both, Err(CallError::Status { code: 4, message: String::new() }), &m);
         assert!(v.deny);
         assert_eq!(v.retry_after_seconds, Some(1));
         assert_eq!(m.get(Metric::GlobalFailure), 2);
@@ -1329,8 +1334,9 @@ fn through_service(
 fn while_the_service_fails_a_local_fallback_limits_exactly_and_the_service_decides_again_once_back() {
     let (l, store) = limiter(GLOBAL_WITH_FALLBACK);
     let m = Counts::default();
-    let down: Vec<bool> =
-        (0..5).map(|_| through_service(&l, &store, Err(CallError::Status(14)), &m)).collect();
+    let down: Vec<bool> = (0..5)
+        .map(|_| through_service(&l, &store, Err(CallError::Status { code: 14, message: String::new() }), &m))
+        .collect();
     assert_eq!(down, [true, true, true, false, false]);
     let fallback = l.config().rules.iter().position(|r| r.name == "g.fallback").unwrap();
     assert_eq!((m.get(Metric::Allowed(fallback)), m.get(Metric::Denied(fallback))), (3, 2));
@@ -1351,7 +1357,7 @@ fn a_local_rule_counts_a_request_as_allowed_only_once_the_global_rules_admit_it(
     let passed = [
         through_service(&l, &store, Ok(&ok), &m),
         through_service(&l, &store, Ok(&over), &m),
-        through_service(&l, &store, Err(CallError::Status(14)), &m),
+        through_service(&l, &store, Err(CallError::Status { code: 14, message: String::new() }), &m),
     ];
     assert_eq!(passed, [true, false, true]);
     assert_eq!(

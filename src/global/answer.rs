@@ -9,10 +9,11 @@ use super::protocol::{unit_seconds, HeaderValue, RateLimitResponse, CODE_OVER_LI
 /// Why a call to the rate limit service gave no usable answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CallError {
-    /// The host refused to start the call (e.g. no such cluster).
+    /// The host refused to start the call; `host_status` is proxy-wasm's result code.
     CannotCall { cluster: String, host_status: u32 },
-    /// The call ended with this gRPC status (timeout, unavailable, ...).
-    Status(u32),
+    /// The call ended with gRPC status `code`; `message` is Envoy's (e.g. why a connection failed),
+    /// empty when it gave none.
+    Status { code: u32, message: String },
     /// The answer is not a `RateLimitResponse`.
     Undecodable(prost::DecodeError),
     /// The answer is larger than [`MAX_ANSWER_BYTES`]; it is not read.
@@ -22,6 +23,9 @@ pub enum CallError {
 /// The largest answer read from the service: an answer for every descriptor a request can carry
 /// is a few KiB, and the host copies an answer into the VM's memory before the filter sees it.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// proxy-wasm's `ParseFailure`: what Envoy answers a gRPC call to a cluster it does not have.
+const NO_SUCH_CLUSTER: u32 = 4;
 
 /// Whether an answer of `bytes` may be read at all.
 pub fn answer_size(bytes: usize) -> Result<usize, CallError> {
@@ -34,10 +38,20 @@ pub fn answer_size(bytes: usize) -> Result<usize, CallError> {
 impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            CallError::CannotCall { cluster, host_status: NO_SUCH_CLUSTER } => write!(
+                f,
+                "this Envoy has no cluster named {cluster:?}: define it (HTTP/2, see the README's global section) or fix global.cluster"
+            ),
             CallError::CannotCall { cluster, host_status } => {
-                write!(f, "cannot call cluster {cluster:?} (host status {host_status})")
+                write!(f, "Envoy refused to call cluster {cluster:?} (proxy-wasm result {host_status})")
             }
-            CallError::Status(status) => write!(f, "gRPC status {status}{}", grpc_status_hint(*status)),
+            CallError::Status { code, message } => {
+                write!(f, "gRPC status {code}{}", grpc_status_hint(*code))?;
+                if !message.is_empty() {
+                    write!(f, ": {message}")?;
+                }
+                Ok(())
+            }
             CallError::Undecodable(e) => write!(f, "undecodable response: {e}"),
             CallError::TooLarge { bytes } => {
                 write!(f, "answer of {bytes} bytes, larger than the {MAX_ANSWER_BYTES} read")
@@ -46,10 +60,14 @@ impl fmt::Display for CallError {
     }
 }
 
+/// What a gRPC status means here, and where to look.
 fn grpc_status_hint(status: u32) -> &'static str {
     match status {
-        4 => " (deadline exceeded: no answer within the timeout)",
-        14 => " (unavailable: the service is down or unreachable, or gave no answer within the timeout)",
+        4 => " DEADLINE_EXCEEDED (no answer within global.timeout)",
+        12 => " UNIMPLEMENTED (the cluster reaches a server that is not a rate limit service: wrong port?)",
+        13 => " INTERNAL (the service failed, or answered something that is not gRPC)",
+        14 => " UNAVAILABLE (the service is down or unreachable, or the cluster does not speak HTTP/2: Envoy's reason follows)",
+        16 => " UNAUTHENTICATED (the service wants credentials)",
         _ => "",
     }
 }

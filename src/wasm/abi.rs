@@ -124,7 +124,8 @@ pub extern "C" fn proxy_on_grpc_close(context_id: u32, token_id: u32, status_cod
     // A unary call that already delivered its message is not in `calls` any more.
     let Some(owner) = with_contexts(|c| c.calls.remove(&token_id)).flatten() else { return };
     let _ = context_id;
-    with_filter(owner, (), |f| f.on_global_answer(owner, Err(CallError::Status(status_code))));
+    let error = CallError::Status { code: status_code, message: host::grpc_status_message() };
+    with_filter(owner, (), |f| f.on_global_answer(owner, Err(error)));
 }
 
 // No `proxy_on_done`, `proxy_on_log` or gRPC metadata callbacks: Envoy skips a callback the

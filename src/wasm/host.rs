@@ -105,6 +105,11 @@ extern "C" {
         return_token: *mut u32,
     ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_get_status(
+        return_status_code: *mut u32,
+        return_status_message_data: *mut *mut u8,
+        return_status_message_size: *mut usize,
+    ) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_define_metric(
@@ -162,6 +167,20 @@ pub fn plugin_configuration(size: usize) -> Vec<u8> {
 
 pub fn grpc_response_body(size: usize) -> Vec<u8> {
     buffer(BUFFER_GRPC_RECEIVE, size)
+}
+
+/// The message of the gRPC status a call just closed with (Envoy says there why a connection
+/// failed), at most 300 bytes; empty when there is none.
+pub fn grpc_status_message() -> String {
+    let (mut code, mut data, mut len) = (0u32, null_mut(), 0usize);
+    // SAFETY: the host writes one u32 and hands over a buffer that becomes ours.
+    let status = unsafe { proxy_get_status(&mut code, &mut data, &mut len) };
+    if status != OK || data.is_null() {
+        return String::new();
+    }
+    let bytes = owned(data, len);
+    let text = String::from_utf8_lossy(&bytes);
+    text.chars().take(300).collect()
 }
 
 /// Starts a unary gRPC call on an Envoy cluster; the token identifies its answer.

@@ -57,6 +57,8 @@ pub struct Events {
     log_limiter: RefCell<LogLimiter>,
     /// Failures of the rate limit service: at most a line per second per worker.
     failure_log: RefCell<LogLimiter>,
+    /// The first failure of a worker is an error, with what to check: the global section.
+    first_failure: Cell<Option<String>>,
 }
 
 impl Observer for Events {
@@ -73,6 +75,13 @@ impl Observer for Events {
     }
 
     fn global_failure(&self, reason: &str) {
+        if let Some(what_to_check) = self.first_failure.take() {
+            host::log(
+                LogLevel::Error,
+                &format!("ratelimit-wasm: the rate limit service failed (first failure in this worker): {reason}. {what_to_check}"),
+            );
+            return;
+        }
         let Ok(mut limiter) = self.failure_log.try_borrow_mut() else { return };
         if let Some(suppressed) = limiter.admit(host::now_nanos()) {
             let more = if suppressed > 0 {
@@ -127,6 +136,12 @@ impl Root {
             log_level: log_level(config.violation_log.level),
             log_limiter: RefCell::new(LogLimiter::new(config.violation_log.max_per_second)),
             failure_log: RefCell::new(LogLimiter::new(1)),
+            first_failure: Cell::new(config.global.as_ref().map(|g| {
+                format!(
+                    "Check that global.cluster {:?} is an Envoy cluster with HTTP/2 (http2_protocol_options) reaching the service's gRPC port, and that the service answers within global.timeout ({} ms); later failures are logged as warnings, at most one line a second",
+                    g.cluster, g.timeout_ms
+                )
+            })),
         };
         self.shared = Some(Rc::new(Shared { limiter: Limiter::new(config, seed), events }));
         host::set_tick_period_ms(TICK_MS);
