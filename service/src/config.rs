@@ -244,6 +244,10 @@ struct Node {
 }
 
 impl Level {
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefix.is_empty() && self.key_only.is_empty()
+    }
+
     fn find(&self, key: &str, value: &str) -> Option<&Node> {
         if let Some(n) = self.exact.get(key).and_then(|m| m.get(value)) {
             return Some(n);
@@ -282,6 +286,11 @@ impl Config {
             level = &n.children;
         }
         node.map(|n| &n.rule)
+    }
+
+    /// Whether `domain` is configured with at least one descriptor.
+    pub fn has_descriptors(&self, domain: &str) -> bool {
+        self.domains.get(domain).is_some_and(|l| !l.is_empty())
     }
 
     pub fn domain_names(&self) -> Vec<String> {

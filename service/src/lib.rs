@@ -8,6 +8,7 @@ pub mod http;
 pub mod keys;
 pub mod log;
 pub mod metrics;
+pub mod reload;
 pub mod scripts;
 pub mod service;
 pub mod store;
@@ -258,45 +259,8 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
         let config = config.clone();
         let metrics = metrics.clone();
         let poll = Duration::from_millis(args.config_poll_ms.max(10));
-        let mut stop = shutdown.clone();
-        Some(tokio::spawn(async move {
-            let mut last_sig = sig;
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    _ = tokio::time::sleep(poll) => {}
-                }
-                let paths = paths.clone();
-                let loaded = tokio::task::spawn_blocking(move || Config::load(&paths)).await;
-                let loaded = match loaded {
-                    Ok(l) => l,
-                    Err(_) => continue,
-                };
-                match loaded {
-                    Ok((c, s)) => {
-                        if s == last_sig {
-                            continue;
-                        }
-                        last_sig = s;
-                        let names = c.domain_names().join(", ");
-                        if let Ok(mut w) = config.write() {
-                            *w = Arc::new(c);
-                        }
-                        metrics.reload(true);
-                        info!("configuration reloaded: domains [{names}]");
-                    }
-                    Err(e) => {
-                        // Log a bad file once per distinct error, keep serving the old config.
-                        let s = e.clone().into_bytes();
-                        if s != last_sig {
-                            last_sig = s;
-                            metrics.reload(false);
-                            error!("configuration not reloaded, keeping the previous one: {e}");
-                        }
-                    }
-                }
-            }
-        }))
+        let reloader = reload::Reloader { paths, config, metrics, last_sig: sig };
+        Some(tokio::spawn(reloader.run(poll, shutdown.clone())))
     };
 
     let http_limits = http::HttpLimits {

@@ -9,11 +9,13 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use prost::bytes::BufMut;
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
 
 fn dbsize(redis: &RedisServer) -> i64 {
     redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap()
@@ -241,4 +243,49 @@ async fn calls_answered_unavailable_change_nothing_when_a_stalled_redis_resumes(
     assert_eq!(count, 1, "calls answered UNAVAILABLE were counted");
     let r = call(&mut c, "stall", d()).await.unwrap();
     assert_eq!(r.statuses[0].limit_remaining, 48);
+}
+
+fn one_per_hour(domain: &str) -> String {
+    format!(
+        "domain: {domain}\ndescriptors:\n  - key: k\n    rate_limit: {{unit: hour, requests_per_unit: 1}}\n"
+    )
+}
+
+async fn limit_of(c: &mut RateLimitServiceClient<Channel>, domain: &str) -> Option<u32> {
+    let r = call(c, domain, vec![with_hits(desc(&[("k", "v")]), 0)]).await.unwrap();
+    r.statuses[0].current_limit.as_ref().map(|l| l.requests_per_unit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_or_emptied_config_file_keeps_the_last_good_limits() {
+    clear_of_hour_edge();
+    let redis = RedisServer::start();
+    let dir = TempDir::new("cfg");
+    let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+    write_file(&a, &one_per_hour("a"));
+    write_file(&b, &one_per_hour("b"));
+    let svc = Service::start(&["--redis-url", &redis.url(), "--config", dir.path().to_str().unwrap()]);
+    let mut c = svc.client().await;
+    assert_eq!(limit_of(&mut c, "b").await, Some(1));
+
+    std::fs::remove_file(&b).unwrap();
+    wait_until("the WARN for b", Duration::from_secs(20), || svc.log_contains("domain `b` is gone"));
+    assert!(svc.log_contains("WARN configuration not reloaded"));
+    assert_eq!(limit_of(&mut c, "b").await, Some(1), "b's limits were dropped with its file");
+
+    // What a file cut after its first line parses as: a domain without descriptors.
+    write_file(&a, "domain: a\n");
+    wait_until("the WARN for a", Duration::from_secs(20), || {
+        svc.log_contains("domain `a` has no descriptors any more")
+    });
+    assert_eq!(limit_of(&mut c, "a").await, Some(1), "a's limits were dropped");
+    let (_, body) = svc.http_get("/metrics");
+    assert!(body.contains("ratelimit_service_config_reloads_total{result=\"failure\"} 2"), "{body}");
+
+    // A complete set is taken again.
+    write_file(&b, &one_per_hour("b"));
+    write_file(&a, &one_per_hour("a").replace("requests_per_unit: 1", "requests_per_unit: 5"));
+    wait_until("a's new limit", Duration::from_secs(20), || svc.log_contains("configuration reloaded"));
+    assert_eq!(limit_of(&mut c, "a").await, Some(5));
+    assert_eq!(limit_of(&mut c, "b").await, Some(1));
 }
