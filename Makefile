@@ -75,11 +75,11 @@ build:
 run: setup build
 	@echo
 	@echo "Envoy $(ENVOY_VERSION) with ratelimit-wasm: listener http://localhost:10000 (upstream :10001), admin http://localhost:9901"
-	@echo "Try, in another terminal:"
-	@echo "  curl -i localhost:10000/                                  # 200 + RateLimit headers"
-	@echo "  for i in \$$(seq 6); do curl -si -H 'x-api-key: alice' localhost:10000/api/hello | grep -iE '^(HTTP|ratelimit:)'; done   # per-api-key: 5/min"
-	@echo "  for i in \$$(seq 12); do curl -s -o /dev/null -w '%{http_code} ' localhost:10000/; done; echo   # per-client: burst 10, 1/s"
-	@echo "  curl -s localhost:9901/stats/prometheus | grep ratelimit"
+	@echo "Try, in another terminal (the README's Quick start has the same commands):"
+	@echo "  for i in \$$(seq 12); do curl -s -o /dev/null -w '%{http_code} ' localhost:10000/; done; echo   # 10 x 200, then 429 429"
+	@echo "  curl -si localhost:10000/ | grep -iE '^(HTTP|retry-after|ratelimit)'     # a denied request's status and headers"
+	@echo "  for i in \$$(seq 6); do curl -s -o /dev/null -w '%{http_code} ' -H 'x-api-key: alice' localhost:10000/api/hello; done; echo   # 5 x 200, then 429"
+	@echo "  curl -s localhost:9901/stats/prometheus | grep ratelimit_wasm_demo"
 	@echo "Ctrl-C stops Envoy."
 	@echo
 	exec $(ENVOY) -c envoy/demo.yaml --concurrency $(CONCURRENCY) --log-level info

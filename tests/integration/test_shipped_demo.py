@@ -9,7 +9,7 @@ import urllib.request
 from conftest import DEFAULT_WASM, ENVOY_BIN, REPO, _pdeathsig, _stop, do_request, free_port
 
 
-def start_demo(tmp_path, wasm_path):
+def start_demo(tmp_path, wasm_path, with_admin: bool = False):
     ports = {10000: free_port(), 10001: free_port(), 9901: free_port()}
     text = (REPO / "envoy" / "demo.yaml").read_text()
     for old, new in ports.items():
@@ -25,7 +25,7 @@ def start_demo(tmp_path, wasm_path):
     while True:
         try:
             if urllib.request.urlopen(f"http://127.0.0.1:{ports[9901]}/ready", timeout=2).status == 200:
-                return proc, ports[10000]
+                return (proc, ports[10000], ports[9901]) if with_admin else (proc, ports[10000])
         except OSError:
             pass
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "envoy.log").read_text()[-3000:]
@@ -41,5 +41,31 @@ def test_a_client_cannot_escape_its_limit_by_writing_x_forwarded_for(wasm_path, 
         spoofed = [do_request(conn, "/", {"x-forwarded-for": f"203.0.113.{i}"}).status for i in range(3)]
         assert statuses == [200] * 10
         assert spoofed == [429, 429, 429], "X-Forwarded-For chose a fresh client_address bucket"
+    finally:
+        _stop(proc)
+
+
+def quick_start_commands() -> list[str]:
+    """The README's Quick start commands, in order, as a reader types them."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Quick start"):readme.index("## Configuration")]
+    block = section.split("In another terminal:\n\n```sh\n", 1)[1].split("\n```", 1)[0]
+    return [line.split("   #", 1)[0].rstrip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_quick_start_commands_show_what_the_readme_says(wasm_path, tmp_path):
+    proc, port, admin = start_demo(tmp_path, wasm_path, with_admin=True)
+    try:
+        out = []
+        for command in quick_start_commands():
+            command = command.replace("localhost:10000", f"127.0.0.1:{port}").replace("localhost:9901", f"127.0.0.1:{admin}")
+            r = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+            out.append(r.stdout)
+        loop, denied, api, bob, counters = out
+        assert loop.split() == ["200"] * 10 + ["429"] * 2, loop
+        assert denied.splitlines()[0].startswith("HTTP/1.1 429") and "retry-after" in denied.lower(), denied
+        assert api.split() == ["200"] * 5 + ["429"], api
+        assert bob.lower().startswith('ratelimit: "per-api-key";r=4;'), bob
+        assert "ratelimit_wasm_demo_per_client_allowed" in counters and "per_api_key_denied" in counters, counters
     finally:
         _stop(proc)
