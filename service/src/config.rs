@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 /// Time unit of a limit, as in Envoy's `RateLimitUnit`.
@@ -184,10 +185,62 @@ struct DescriptorYaml {
     /// Extension: counting algorithm for this descriptor's limit.
     #[serde(default)]
     algorithm: Option<Algorithm>,
-    /// Accepted for compatibility with envoyproxy/ratelimit; has no effect here.
+    // envoyproxy/ratelimit fields this service accepts and ignores, each with a WARN, so that
+    // configurations written for it load (see `IGNORED_FIELDS`).
     #[serde(default)]
-    #[allow(dead_code)]
-    detailed_metric: bool,
+    quota_mode: Option<IgnoredAny>,
+    #[serde(default)]
+    detailed_metric: Option<IgnoredAny>,
+    #[serde(default)]
+    value_to_metric: Option<IgnoredAny>,
+    #[serde(default)]
+    share_threshold: Option<IgnoredAny>,
+    #[serde(default)]
+    name: Option<IgnoredAny>,
+    #[serde(default)]
+    metadata: Option<IgnoredAny>,
+}
+
+/// Why each accepted-but-ignored field is ignored, for the WARN line and the README.
+const IGNORED_FIELDS: [(&str, &str); 6] = [
+    ("quota_mode", "over-limit quota descriptors deny like any other here"),
+    ("detailed_metric", "metrics here are per domain, not per descriptor value"),
+    ("value_to_metric", "metrics here are per domain, not per descriptor value"),
+    (
+        "share_threshold",
+        "each value matching the wildcard keeps its own counter here, as without share_threshold",
+    ),
+    ("name", "only rate_limit.name is used"),
+    ("metadata", "it is only descriptive"),
+];
+
+impl DescriptorYaml {
+    fn ignored_present(&self) -> [bool; 6] {
+        [
+            self.quota_mode.is_some(),
+            self.detailed_metric.is_some(),
+            self.value_to_metric.is_some(),
+            self.share_threshold.is_some(),
+            self.name.is_some(),
+            self.metadata.is_some(),
+        ]
+    }
+
+    /// One warning per ignored field given at `here`.
+    fn ignored_warnings(&self, here: &str) -> impl Iterator<Item = String> + '_ {
+        let here = here.to_string();
+        IGNORED_FIELDS
+            .iter()
+            .zip(self.ignored_present())
+            .filter(|(_, given)| *given)
+            .map(move |((field, why), _)| format!("{here}.{field}: accepted and ignored ({why})"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplacesYaml {
+    name: String,
 }
 
 #[derive(Deserialize)]
@@ -199,9 +252,12 @@ struct RateLimitYaml {
     requests_per_unit: Option<u32>,
     #[serde(default)]
     unlimited: bool,
-    /// Reported as `current_limit.name`.
+    /// Reported as `current_limit.name`; what `replaces` refers to.
     #[serde(default)]
     name: Option<String>,
+    /// Names of limits this one replaces when both apply to one request (envoyproxy/ratelimit).
+    #[serde(default)]
+    replaces: Vec<ReplacesYaml>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -214,6 +270,8 @@ pub struct Rule {
     pub shadow_mode: bool,
     pub algorithm: Option<Algorithm>,
     pub name: String,
+    /// Names of the limits this one replaces when both apply to one request.
+    pub replaces: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,6 +325,8 @@ pub struct Config {
     domains: HashMap<String, Level>,
     /// Files the configuration was read from, for messages.
     pub sources: Vec<PathBuf>,
+    /// Fields accepted but ignored, one line each (file and place), to log as WARN.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -309,7 +369,7 @@ impl Config {
         if self.domains.contains_key(&file.domain) {
             return Err(format!("{origin}: domain `{}` is defined in more than one file", file.domain));
         }
-        let level = compile_level(&file.descriptors, &format!("{origin}: descriptors"))?;
+        let level = compile_level(&file.descriptors, &format!("{origin}: descriptors"), &mut self.warnings)?;
         self.domains.insert(file.domain, level);
         Ok(())
     }
@@ -372,7 +432,25 @@ fn is_yaml(p: &Path) -> bool {
     matches!(p.extension().and_then(|e| e.to_str()), Some("yaml") | Some("yml"))
 }
 
-fn compile_level(list: &[DescriptorYaml], path: &str) -> Result<Level, String> {
+/// `replaces` names, checked as envoyproxy/ratelimit does: none empty, none the limit's own name.
+fn compile_replaces(r: &RateLimitYaml, here: &str) -> Result<Vec<String>, String> {
+    let own = r.name.as_deref().unwrap_or_default();
+    let mut out = Vec::with_capacity(r.replaces.len());
+    for (i, rep) in r.replaces.iter().enumerate() {
+        if rep.name.is_empty() {
+            return Err(format!("{here}.rate_limit.replaces[{i}].name: must not be empty"));
+        }
+        if rep.name == own {
+            return Err(format!(
+                "{here}.rate_limit.replaces[{i}].name: a limit cannot replace itself (`{own}`)"
+            ));
+        }
+        out.push(rep.name.clone());
+    }
+    Ok(out)
+}
+
+fn compile_level(list: &[DescriptorYaml], path: &str, warnings: &mut Vec<String>) -> Result<Level, String> {
     let mut level = Level::default();
     let mut seen: BTreeMap<(String, Option<String>), ()> = BTreeMap::new();
     for (i, d) in list.iter().enumerate() {
@@ -387,6 +465,11 @@ fn compile_level(list: &[DescriptorYaml], path: &str) -> Result<Level, String> {
                 d.value.as_ref().map(|v| format!(" with value `{v}`")).unwrap_or_default()
             ));
         }
+        warnings.extend(d.ignored_warnings(&here));
+        let replaces = match &d.rate_limit {
+            Some(r) => compile_replaces(r, &here)?,
+            None => Vec::new(),
+        };
         let (limit, name) = match &d.rate_limit {
             None => (RuleLimit::None, String::new()),
             Some(r) => {
@@ -408,8 +491,8 @@ fn compile_level(list: &[DescriptorYaml], path: &str) -> Result<Level, String> {
             }
         };
         let node = Node {
-            rule: Rule { limit, shadow_mode: d.shadow_mode, algorithm: d.algorithm, name },
-            children: compile_level(&d.descriptors, &format!("{here}.descriptors"))?,
+            rule: Rule { limit, shadow_mode: d.shadow_mode, algorithm: d.algorithm, name, replaces },
+            children: compile_level(&d.descriptors, &format!("{here}.descriptors"), warnings)?,
         };
         match &d.value {
             None => {
@@ -587,6 +670,50 @@ descriptors:
         let e = Config::load(&[dir.join("missing.yaml")]).unwrap_err();
         assert!(e.contains("missing.yaml"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn fixture(field: &str) -> Config {
+        let path =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/upstream/{field}.yaml"));
+        Config::load(&[path]).unwrap().0
+    }
+
+    #[test]
+    fn upstream_fields_that_are_ignored_load_with_a_warning_naming_them() {
+        for (field, _) in IGNORED_FIELDS {
+            let c = fixture(field);
+            assert_eq!(c.domain_names(), vec![field.to_string()]);
+            assert_eq!(c.warnings.len(), 1, "{field}: {:?}", c.warnings);
+            let w = &c.warnings[0];
+            assert!(w.contains(&format!("descriptors[0].{field}: accepted and ignored (")), "{w}");
+            assert!(w.starts_with(&format!("{}: ", c.sources[0].display())), "{w}");
+        }
+    }
+
+    #[test]
+    fn replaces_and_shadow_mode_load_without_warnings() {
+        let c = fixture("replaces");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let r = c.lookup("replaces", [("key_2", "value_2"), ("user", "bkthomps")]).unwrap();
+        assert_eq!(r.replaces, vec!["specific_limit".to_string()]);
+        let r = c.lookup("replaces", [("key_1", "value_1"), ("user", "bkthomps")]).unwrap();
+        assert_eq!((r.name.as_str(), r.replaces.len()), ("specific_limit", 0));
+        let c = fixture("shadow_mode");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert!(c.lookup("shadow_mode", [("service", "s"), ("user", "user-a")]).unwrap().shadow_mode);
+    }
+
+    #[test]
+    fn replaces_entries_are_checked_like_upstream() {
+        let e = err("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: 1, replaces: [{name: ''}]}\n");
+        assert_eq!(e, "f.yaml: descriptors[0].rate_limit.replaces[0].name: must not be empty");
+        let e = err("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {name: x, unit: second, requests_per_unit: 1, replaces: [{name: x}]}\n");
+        assert_eq!(
+            e,
+            "f.yaml: descriptors[0].rate_limit.replaces[0].name: a limit cannot replace itself (`x`)"
+        );
+        let e = err("domain: d\ndescriptors:\n  - key: a\n    quota_mod: true\n");
+        assert!(e.contains("unknown field `quota_mod`"), "{e}");
     }
 
     #[test]

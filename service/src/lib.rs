@@ -181,6 +181,9 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
         Config::load(&args.config).map_err(|e| format!("bad configuration: {e}"))?
     };
     let domains = cfg.domain_names();
+    for w in &cfg.warnings {
+        warn!("configuration: {w}");
+    }
     let config = Arc::new(RwLock::new(Arc::new(cfg)));
 
     let opts = args.redis_options();

@@ -71,7 +71,8 @@ impl Metrics {
         bump(&self.decisions, domain, code);
     }
 
-    /// One descriptor's result: `ok`, `over_limit`, `shadow_over_limit`, `unlimited`, `no_limit`.
+    /// One descriptor's result: `ok`, `over_limit`, `shadow_over_limit`, `unlimited`, `no_limit`,
+    /// `replaced`.
     pub fn descriptor(&self, domain: &str, code: &'static str) {
         bump(&self.descriptors, domain, code);
     }
@@ -134,7 +135,7 @@ impl Metrics {
         labeled(
             &mut o,
             "descriptors_total",
-            "Descriptor results by domain and code (ok, over_limit, shadow_over_limit, unlimited, no_limit).",
+            "Descriptor results by domain and code (ok, over_limit, shadow_over_limit, unlimited, no_limit, replaced).",
             &self.descriptors,
         );
         let _ = writeln!(o, "# HELP {p}_grpc_errors_total ShouldRateLimit calls answered with a gRPC error, by status.\n# TYPE {p}_grpc_errors_total counter");

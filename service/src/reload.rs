@@ -79,6 +79,9 @@ impl Reloader {
             );
             return;
         }
+        for w in &new.warnings {
+            crate::warn!("configuration: {w}");
+        }
         let names = new.domain_names().join(", ");
         if let Ok(mut w) = self.config.write() {
             *w = Arc::new(new);

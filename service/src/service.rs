@@ -1,5 +1,6 @@
 //! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
 
+use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -41,6 +42,31 @@ enum Plan {
         shadow: bool,
         name: String,
     },
+}
+
+/// envoyproxy/ratelimit's `replaces`: a configured limit named by another configured limit of the
+/// same request's `replaces` is not checked (and so not counted) for this request. Descriptors
+/// with a `limit` override neither replace nor are replaced, as upstream.
+fn drop_replaced(cfg: &Config, req: &RateLimitRequest, plans: Vec<Plan>) -> Vec<Plan> {
+    let replaced: HashSet<&str> = req
+        .descriptors
+        .iter()
+        .filter(|d| d.limit.is_none())
+        .filter_map(|d| cfg.lookup(&req.domain, d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str()))))
+        .flat_map(|r| r.replaces.iter().map(String::as_str))
+        .collect();
+    if replaced.is_empty() {
+        return plans;
+    }
+    plans
+        .into_iter()
+        .map(|p| match p {
+            Plan::Limit { ref name, .. } if !name.is_empty() && replaced.contains(name.as_str()) => {
+                Plan::Pass("replaced")
+            }
+            p => p,
+        })
+        .collect()
 }
 
 impl Limiter {
@@ -108,6 +134,7 @@ impl Limiter {
             .iter()
             .map(|d| self.plan(&cfg, &req.domain, d, request_hits))
             .collect::<Result<Vec<_>, _>>()?;
+        let plans = drop_replaced(&cfg, &req, plans);
 
         let deadline = self.store.deadline(budget);
         let results = futures_util::future::join_all(plans.iter().map(|p| async move {

@@ -289,3 +289,52 @@ async fn a_deleted_or_emptied_config_file_keeps_the_last_good_limits() {
     assert_eq!(limit_of(&mut c, "a").await, Some(5));
     assert_eq!(limit_of(&mut c, "b").await, Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_configs_load_and_replaces_and_shadow_mode_count_as_upstream() {
+    clear_of_hour_edge();
+    let redis = RedisServer::start();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/upstream");
+    let svc = Service::start(&["--redis-url", &redis.url(), "--config", fixtures]);
+    for field in ["quota_mode", "detailed_metric", "value_to_metric", "share_threshold", "name", "metadata"] {
+        assert!(
+            svc.log_contains(&format!(
+                "WARN configuration: {fixtures}/{field}.yaml: descriptors[0].{field}: accepted and ignored"
+            )),
+            "{field}"
+        );
+    }
+    let mut c = svc.client().await;
+
+    // replaces: with both limits in one request only the replacing one (3 an hour) counts.
+    let specific = || desc(&[("key_1", "value_1"), ("user", "bkthomps")]);
+    let replacing = || desc(&[("key_2", "value_2"), ("user", "bkthomps")]);
+    for i in 0..3 {
+        let r = call(&mut c, "replaces", vec![specific(), replacing()]).await.unwrap();
+        assert_eq!(r.overall_code, OK, "request {i}");
+        assert!(r.statuses[0].current_limit.is_none(), "the replaced limit is not applied");
+        assert_eq!(r.statuses[1].limit_remaining, 2 - i);
+    }
+    let r = call(&mut c, "replaces", vec![specific(), replacing()]).await.unwrap();
+    assert_eq!((r.overall_code, r.statuses[0].code, r.statuses[1].code), (OVER, OK, OVER));
+    // ... and the replaced limit was left alone: on its own it still has both of its 2.
+    let r = call(&mut c, "replaces", vec![specific()]).await.unwrap();
+    assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, 1));
+
+    // shadow_mode: over the limit is counted and reported, and answered OK.
+    for remaining in [0, 0] {
+        let r =
+            call(&mut c, "shadow_mode", vec![desc(&[("service", "s"), ("user", "user-a")])]).await.unwrap();
+        assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, remaining));
+    }
+    let user_b = || vec![desc(&[("service", "s"), ("user", "user-b")])];
+    assert_eq!(call(&mut c, "shadow_mode", user_b()).await.unwrap().overall_code, OK);
+    assert_eq!(call(&mut c, "shadow_mode", user_b()).await.unwrap().overall_code, OVER);
+    let (_, body) = svc.http_get("/metrics");
+    for line in [
+        "ratelimit_service_descriptors_total{domain=\"replaces\",code=\"replaced\"} 4",
+        "ratelimit_service_descriptors_total{domain=\"shadow_mode\",code=\"shadow_over_limit\"} 1",
+    ] {
+        assert!(body.contains(line), "{line}\n{body}");
+    }
+}
