@@ -361,8 +361,7 @@ impl Config {
 
     /// Parses one YAML document (one domain). `origin` names it in errors.
     fn add_yaml(&mut self, origin: &str, text: &str) -> Result<(), String> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let file: FileYaml = parse_yaml(de).map_err(|e| format!("{origin}: {e}"))?;
+        let file: FileYaml = parse_yaml(text).map_err(|e| format!("{origin}: {e}"))?;
         if file.domain.is_empty() {
             return Err(format!("{origin}: `domain` must not be empty"));
         }
@@ -401,9 +400,13 @@ impl Config {
     }
 }
 
-/// serde_yaml errors carry the line and column of the offending value.
-fn parse_yaml<'de, T: Deserialize<'de>>(de: serde_yaml::Deserializer<'de>) -> Result<T, String> {
-    T::deserialize(de).map_err(|e| e.to_string())
+/// serde-saphyr: maintained, panic-free, with limits on aliases and nesting by default (serde_yaml
+/// is deprecated). Errors carry line and column; its multi-line source snippet is turned off so a
+/// bad file is one log line.
+fn parse_yaml<'de, T: Deserialize<'de>>(text: &'de str) -> Result<T, serde_saphyr::Error> {
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    serde_saphyr::from_str_with_options(text, options)
 }
 
 /// The files named by `paths`: files as given, directories expanded to their `*.yaml`/`*.yml`
@@ -714,6 +717,24 @@ descriptors:
         );
         let e = err("domain: d\ndescriptors:\n  - key: a\n    quota_mod: true\n");
         assert!(e.contains("unknown field `quota_mod`"), "{e}");
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_load_as_in_upstream() {
+        // envoyproxy/ratelimit reads its files with YAML 1.1 booleans (yes/no/on/off).
+        let c = Config::from_yaml(
+            "f.yaml",
+            "domain: d\ndescriptors:\n  - key: a\n    shadow_mode: yes\n    rate_limit: {unit: second, requests_per_unit: 1}\n",
+        )
+        .unwrap();
+        assert!(c.lookup("d", [("a", "x")]).unwrap().shadow_mode);
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        let e = err("domain: d\ndescriptors:\n  - key: a\n   rate_limit: [\n");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("line 4"), "{e}");
     }
 
     #[test]
