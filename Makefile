@@ -14,6 +14,8 @@ WASM    := target/$(TARGET)/release/ratelimit_wasm.wasm
 ENVOY_VERSION  := 1.40.0
 PYTEST_VERSION := 9.2.0
 GRPCIO_VERSION := 1.76.0
+# The manifests' test: Kubernetes' schemas (and PyYAML, jsonschema with it).
+KUBEVAL_VERSION := 1.37.0
 CONCURRENCY ?= 2
 # The module's optimisation level: s (default: about 9 MiB less Envoy RSS than 3) or 3 (up to
 # ~1.5 us less CPU per request); see README "Performance".
@@ -48,6 +50,8 @@ setup:
 	  || $(VENV)/bin/pip install --disable-pip-version-check -q 'pytest==$(PYTEST_VERSION)'
 	@$(VENV)/bin/python -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("grpcio") == "$(GRPCIO_VERSION)" else 1)' 2>/dev/null \
 	  || $(VENV)/bin/pip install --disable-pip-version-check -q 'grpcio==$(GRPCIO_VERSION)'
+	@$(VENV)/bin/python -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("kubernetes-validate") == "$(KUBEVAL_VERSION)" else 1)' 2>/dev/null \
+	  || $(VENV)/bin/pip install --disable-pip-version-check -q 'kubernetes-validate==$(KUBEVAL_VERSION)'
 	@$(ENVOY) --version | grep -q '/$(ENVOY_VERSION)/' || { echo "unexpected Envoy version: $$($(ENVOY) --version)" >&2; exit 1; }
 	@echo "setup ok: $$(rustc --version), $$($(ENVOY) --version | grep -o '[0-9a-f]*/$(ENVOY_VERSION)/[^ ]*'), $$($(PYTEST) --version 2>&1), node $$($(NODE) --version)"
 
