@@ -185,6 +185,10 @@ struct DescriptorYaml {
     /// Extension: counting algorithm for this descriptor's limit.
     #[serde(default)]
     algorithm: Option<Algorithm>,
+    /// envoyproxy/ratelimit: every value matching this wildcard (`value: prefix*`) counts against
+    /// one shared counter instead of one counter per value.
+    #[serde(default)]
+    share_threshold: bool,
     // envoyproxy/ratelimit fields this service accepts and ignores, each with a WARN, so that
     // configurations written for it load (see `IGNORED_FIELDS`).
     #[serde(default)]
@@ -194,33 +198,26 @@ struct DescriptorYaml {
     #[serde(default)]
     value_to_metric: Option<IgnoredAny>,
     #[serde(default)]
-    share_threshold: Option<IgnoredAny>,
-    #[serde(default)]
     name: Option<IgnoredAny>,
     #[serde(default)]
     metadata: Option<IgnoredAny>,
 }
 
 /// Why each accepted-but-ignored field is ignored, for the WARN line and the README.
-const IGNORED_FIELDS: [(&str, &str); 6] = [
+const IGNORED_FIELDS: [(&str, &str); 5] = [
     ("quota_mode", "over-limit quota descriptors deny like any other here"),
     ("detailed_metric", "metrics here are per domain, not per descriptor value"),
     ("value_to_metric", "metrics here are per domain, not per descriptor value"),
-    (
-        "share_threshold",
-        "each value matching the wildcard keeps its own counter here, as without share_threshold",
-    ),
     ("name", "only rate_limit.name is used"),
     ("metadata", "it is only descriptive"),
 ];
 
 impl DescriptorYaml {
-    fn ignored_present(&self) -> [bool; 6] {
+    fn ignored_present(&self) -> [bool; 5] {
         [
             self.quota_mode.is_some(),
             self.detailed_metric.is_some(),
             self.value_to_metric.is_some(),
-            self.share_threshold.is_some(),
             self.name.is_some(),
             self.metadata.is_some(),
         ]
@@ -298,6 +295,8 @@ struct Level {
 #[derive(Debug)]
 struct Node {
     rule: Rule,
+    /// `share_threshold` on a `value: prefix*` entry: matching values share one counter.
+    share_threshold: bool,
     children: Level,
 }
 
@@ -306,16 +305,17 @@ impl Level {
         self.exact.is_empty() && self.prefix.is_empty() && self.key_only.is_empty()
     }
 
-    fn find(&self, key: &str, value: &str) -> Option<&Node> {
+    /// The node for one entry, and the value prefix when a `prefix*` entry matched.
+    fn find(&self, key: &str, value: &str) -> Option<(&Node, Option<&str>)> {
         if let Some(n) = self.exact.get(key).and_then(|m| m.get(value)) {
-            return Some(n);
+            return Some((n, None));
         }
-        if let Some((_, _, n)) =
+        if let Some((_, p, n)) =
             self.prefix.iter().find(|(k, p, _)| k == key && value.starts_with(p.as_str()))
         {
-            return Some(n);
+            return Some((n, Some(p.as_str())));
         }
-        self.key_only.get(key)
+        self.key_only.get(key).map(|n| (n, None))
     }
 }
 
@@ -338,14 +338,26 @@ impl Config {
         domain: &str,
         entries: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Option<&Rule> {
+        self.lookup_shared(domain, entries).map(|(rule, _)| rule)
+    }
+
+    /// As `lookup`, with, per entry, the wildcard prefix whose `share_threshold` makes every
+    /// matching value share one counter (`None`: the entry's own value keys the counter).
+    pub fn lookup_shared<'a>(
+        &self,
+        domain: &str,
+        entries: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Option<(&Rule, Vec<Option<&str>>)> {
         let mut level = self.domains.get(domain)?;
         let mut node: Option<&Node> = None;
+        let mut shared = Vec::new();
         for (k, v) in entries {
-            let n = level.find(k, v)?;
+            let (n, prefix) = level.find(k, v)?;
+            shared.push(prefix.filter(|_| n.share_threshold));
             node = Some(n);
             level = &n.children;
         }
-        node.map(|n| &n.rule)
+        node.map(|n| (&n.rule, shared))
     }
 
     /// Whether `domain` is configured with at least one descriptor.
@@ -469,6 +481,11 @@ fn compile_level(list: &[DescriptorYaml], path: &str, warnings: &mut Vec<String>
             ));
         }
         warnings.extend(d.ignored_warnings(&here));
+        if d.share_threshold && !d.value.as_deref().is_some_and(|v| v.ends_with('*')) {
+            return Err(format!(
+                "{here}.share_threshold: only for wildcard values (`value: prefix*`), as in envoyproxy/ratelimit"
+            ));
+        }
         let replaces = match &d.rate_limit {
             Some(r) => compile_replaces(r, &here)?,
             None => Vec::new(),
@@ -495,6 +512,7 @@ fn compile_level(list: &[DescriptorYaml], path: &str, warnings: &mut Vec<String>
         };
         let node = Node {
             rule: Rule { limit, shadow_mode: d.shadow_mode, algorithm: d.algorithm, name, replaces },
+            share_threshold: d.share_threshold,
             children: compile_level(&d.descriptors, &format!("{here}.descriptors"), warnings)?,
         };
         match &d.value {
@@ -694,13 +712,19 @@ descriptors:
     }
 
     #[test]
-    fn replaces_and_shadow_mode_load_without_warnings() {
+    fn replaces_share_threshold_and_shadow_mode_load_without_warnings() {
         let c = fixture("replaces");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         let r = c.lookup("replaces", [("key_2", "value_2"), ("user", "bkthomps")]).unwrap();
         assert_eq!(r.replaces, vec!["specific_limit".to_string()]);
         let r = c.lookup("replaces", [("key_1", "value_1"), ("user", "bkthomps")]).unwrap();
         assert_eq!((r.name.as_str(), r.replaces.len()), ("specific_limit", 0));
+        let c = fixture("share_threshold");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let (_, shared) = c.lookup_shared("share_threshold", [("route", "files/a.pdf")]).unwrap();
+        assert_eq!(shared, vec![Some("files/")]);
+        let (_, shared) = c.lookup_shared("share_threshold", [("route", "own/x")]).unwrap();
+        assert_eq!(shared, vec![None]);
         let c = fixture("shadow_mode");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert!(c.lookup("shadow_mode", [("service", "s"), ("user", "user-a")]).unwrap().shadow_mode);
@@ -715,6 +739,8 @@ descriptors:
             e,
             "f.yaml: descriptors[0].rate_limit.replaces[0].name: a limit cannot replace itself (`x`)"
         );
+        let e = err("domain: d\ndescriptors:\n  - key: a\n    value: b\n    share_threshold: true\n");
+        assert_eq!(e, "f.yaml: descriptors[0].share_threshold: only for wildcard values (`value: prefix*`), as in envoyproxy/ratelimit");
         let e = err("domain: d\ndescriptors:\n  - key: a\n    quota_mod: true\n");
         assert!(e.contains("unknown field `quota_mod`"), "{e}");
     }

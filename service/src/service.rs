@@ -1,5 +1,6 @@
 //! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
@@ -12,7 +13,7 @@ use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use tonic::{Request, Status};
 
 use crate::bounds::{descriptor_hits, request_hits, Bounds};
-use crate::config::{Algorithm, Config, RuleLimit, Unit};
+use crate::config::{Algorithm, Config, Rule, RuleLimit, Unit};
 use crate::keys;
 use crate::log::Throttle;
 use crate::metrics::Metrics;
@@ -69,6 +70,24 @@ fn drop_replaced(cfg: &Config, req: &RateLimitRequest, plans: Vec<Plan>) -> Vec<
         .collect()
 }
 
+/// The entries that key a descriptor's counter: its own, except that an entry matched by a
+/// `share_threshold` wildcard is keyed by the wildcard (`files/*`), so all its values share one
+/// counter. A descriptor with a `limit` override keeps its own entries, as upstream.
+fn counter_entries<'a>(
+    d: &'a RateLimitDescriptor,
+    found: Option<&(&Rule, Vec<Option<&str>>)>,
+) -> Vec<(&'a str, Cow<'a, str>)> {
+    let shared = found.filter(|_| d.limit.is_none()).map(|(_, s)| s.as_slice()).unwrap_or_default();
+    d.entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| match shared.get(i).copied().flatten() {
+            Some(prefix) => (e.key.as_str(), Cow::Owned(format!("{prefix}*"))),
+            None => (e.key.as_str(), Cow::Borrowed(e.value.as_str())),
+        })
+        .collect()
+}
+
 impl Limiter {
     fn plan(
         &self,
@@ -78,7 +97,8 @@ impl Limiter {
         request_hits: u64,
     ) -> Result<Plan, Status> {
         let entries = || d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str()));
-        let rule = cfg.lookup(domain, entries());
+        let found = cfg.lookup_shared(domain, entries());
+        let rule = found.as_ref().map(|(r, _)| *r);
         let (rpu, unit, name) = match (&d.limit, rule.map(|r| r.limit)) {
             (Some(o), _) => {
                 let unit = Unit::from_proto(o.unit).ok_or_else(|| {
@@ -97,9 +117,16 @@ impl Limiter {
         };
         let algorithm = rule.and_then(|r| r.algorithm).unwrap_or(self.default_algorithm);
         let hits = descriptor_hits(d, request_hits);
+        let counter = counter_entries(d, found.as_ref());
         Ok(Plan::Limit {
             check: Check {
-                key: keys::key(&self.key_prefix, domain, entries(), algorithm, unit),
+                key: keys::key(
+                    &self.key_prefix,
+                    domain,
+                    counter.iter().map(|(k, v)| (*k, v.as_ref())),
+                    algorithm,
+                    unit,
+                ),
                 algorithm,
                 limit: rpu,
                 unit,

@@ -291,12 +291,12 @@ async fn a_deleted_or_emptied_config_file_keeps_the_last_good_limits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_configs_load_and_replaces_and_shadow_mode_count_as_upstream() {
+async fn upstream_configs_load_and_replaces_share_threshold_and_shadow_mode_count_as_upstream() {
     clear_of_hour_edge();
     let redis = RedisServer::start();
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/upstream");
     let svc = Service::start(&["--redis-url", &redis.url(), "--config", fixtures]);
-    for field in ["quota_mode", "detailed_metric", "value_to_metric", "share_threshold", "name", "metadata"] {
+    for field in ["quota_mode", "detailed_metric", "value_to_metric", "name", "metadata"] {
         assert!(
             svc.log_contains(&format!(
                 "WARN configuration: {fixtures}/{field}.yaml: descriptors[0].{field}: accepted and ignored"
@@ -330,6 +330,25 @@ async fn upstream_configs_load_and_replaces_and_shadow_mode_count_as_upstream() 
     let user_b = || vec![desc(&[("service", "s"), ("user", "user-b")])];
     assert_eq!(call(&mut c, "shadow_mode", user_b()).await.unwrap().overall_code, OK);
     assert_eq!(call(&mut c, "shadow_mode", user_b()).await.unwrap().overall_code, OVER);
+    // share_threshold: files/* values share one counter of 2; own/* values have one each.
+    let route = |v: &str| vec![desc(&[("route", v)])];
+    for (value, code) in [("files/a.pdf", OK), ("files/b.csv", OK), ("files/c.txt", OVER)] {
+        assert_eq!(
+            call(&mut c, "share_threshold", route(value)).await.unwrap().overall_code,
+            code,
+            "{value}"
+        );
+    }
+    for value in ["own/a", "own/b", "own/c", "own/a"] {
+        assert_eq!(call(&mut c, "share_threshold", route(value)).await.unwrap().overall_code, OK, "{value}");
+    }
+    let shared: u64 = redis::cmd("HGET")
+        .arg("rl:{share_threshold|route=files/*}:fw:h")
+        .arg("c")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(shared, 2);
+
     let (_, body) = svc.http_get("/metrics");
     for line in [
         "ratelimit_service_descriptors_total{domain=\"replaces\",code=\"replaced\"} 4",
