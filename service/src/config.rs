@@ -189,10 +189,12 @@ struct DescriptorYaml {
     /// one shared counter instead of one counter per value.
     #[serde(default)]
     share_threshold: bool,
+    /// envoyproxy/ratelimit: over its limit, this descriptor denies a request only when every
+    /// quota-mode descriptor of the request is over.
+    #[serde(default)]
+    quota_mode: bool,
     // envoyproxy/ratelimit fields this service accepts and ignores, each with a WARN, so that
     // configurations written for it load (see `IGNORED_FIELDS`).
-    #[serde(default)]
-    quota_mode: Option<IgnoredAny>,
     #[serde(default)]
     detailed_metric: Option<IgnoredAny>,
     #[serde(default)]
@@ -204,8 +206,7 @@ struct DescriptorYaml {
 }
 
 /// Why each accepted-but-ignored field is ignored, for the WARN line and the README.
-const IGNORED_FIELDS: [(&str, &str); 5] = [
-    ("quota_mode", "over-limit quota descriptors deny like any other here"),
+const IGNORED_FIELDS: [(&str, &str); 4] = [
     ("detailed_metric", "metrics here are per domain, not per descriptor value"),
     ("value_to_metric", "metrics here are per domain, not per descriptor value"),
     ("name", "only rate_limit.name is used"),
@@ -213,9 +214,8 @@ const IGNORED_FIELDS: [(&str, &str); 5] = [
 ];
 
 impl DescriptorYaml {
-    fn ignored_present(&self) -> [bool; 5] {
+    fn ignored_present(&self) -> [bool; 4] {
         [
-            self.quota_mode.is_some(),
             self.detailed_metric.is_some(),
             self.value_to_metric.is_some(),
             self.name.is_some(),
@@ -269,6 +269,8 @@ pub struct Rule {
     pub name: String,
     /// Names of the limits this one replaces when both apply to one request.
     pub replaces: Vec<String>,
+    /// envoyproxy/ratelimit's `quota_mode` (see `service::request_is_over`).
+    pub quota_mode: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -511,7 +513,14 @@ fn compile_level(list: &[DescriptorYaml], path: &str, warnings: &mut Vec<String>
             }
         };
         let node = Node {
-            rule: Rule { limit, shadow_mode: d.shadow_mode, algorithm: d.algorithm, name, replaces },
+            rule: Rule {
+                limit,
+                shadow_mode: d.shadow_mode,
+                algorithm: d.algorithm,
+                name,
+                replaces,
+                quota_mode: d.quota_mode,
+            },
             share_threshold: d.share_threshold,
             children: compile_level(&d.descriptors, &format!("{here}.descriptors"), warnings)?,
         };
@@ -712,7 +721,7 @@ descriptors:
     }
 
     #[test]
-    fn replaces_share_threshold_and_shadow_mode_load_without_warnings() {
+    fn replaces_share_threshold_quota_and_shadow_mode_load_without_warnings() {
         let c = fixture("replaces");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         let r = c.lookup("replaces", [("key_2", "value_2"), ("user", "bkthomps")]).unwrap();
@@ -725,6 +734,10 @@ descriptors:
         assert_eq!(shared, vec![Some("files/")]);
         let (_, shared) = c.lookup_shared("share_threshold", [("route", "own/x")]).unwrap();
         assert_eq!(shared, vec![None]);
+        let c = fixture("quota_mode");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert!(c.lookup("quota_mode", [("daily_quota", "u")]).unwrap().quota_mode);
+        assert!(!c.lookup("quota_mode", [("per_user", "u")]).unwrap().quota_mode);
         let c = fixture("shadow_mode");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert!(c.lookup("shadow_mode", [("service", "s"), ("user", "user-a")]).unwrap().shadow_mode);

@@ -41,6 +41,9 @@ enum Plan {
     Limit {
         check: Check,
         shadow: bool,
+        /// envoyproxy/ratelimit's `quota_mode`: over its limit, it denies the request only when
+        /// every quota descriptor of the request is over.
+        quota: bool,
         name: String,
     },
 }
@@ -68,6 +71,27 @@ fn drop_replaced(cfg: &Config, req: &RateLimitRequest, plans: Vec<Plan>) -> Vec<
             p => p,
         })
         .collect()
+}
+
+/// Whether the request is denied, as envoyproxy/ratelimit decides: a descriptor over its limit
+/// denies unless it is in shadow mode or quota mode; quota descriptors deny together, when every
+/// one of them is over (a shadow one never counts as over).
+fn request_is_over(plans: &[Plan], outcomes: &[Option<Outcome>]) -> bool {
+    let mut quota_total = 0;
+    let mut quota_over = 0;
+    for (p, o) in plans.iter().zip(outcomes) {
+        let (Plan::Limit { shadow, quota, .. }, Some(o)) = (p, o) else { continue };
+        let over_here = !o.allowed && !shadow;
+        match quota {
+            false if over_here => return true,
+            false => {}
+            true => {
+                quota_total += 1;
+                quota_over += usize::from(over_here);
+            }
+        }
+    }
+    quota_total > 0 && quota_over == quota_total
 }
 
 /// The entries that key a descriptor's counter: its own, except that an entry matched by a
@@ -133,6 +157,7 @@ impl Limiter {
                 hits,
             },
             shadow: self.shadow_mode || rule.is_some_and(|r| r.shadow_mode),
+            quota: d.limit.is_none() && rule.is_some_and(|r| r.quota_mode),
             name,
         })
     }
@@ -183,10 +208,7 @@ impl Limiter {
                 }
             }
         }
-        let over = plans
-            .iter()
-            .zip(&outcomes)
-            .any(|(p, o)| matches!((p, o), (Plan::Limit { shadow: false, .. }, Some(o)) if !o.allowed));
+        let over = request_is_over(&plans, &outcomes);
         if let Some(e) = first_err {
             if let Some(n) = REDIS_ERROR_LOG.allow() {
                 crate::warn!("redis call failed, answering UNAVAILABLE: {e} ({n} similar errors not logged)");
@@ -202,7 +224,7 @@ impl Limiter {
         let mut statuses = Vec::with_capacity(plans.len());
         for (p, o) in plans.iter().zip(&outcomes) {
             let (status, code) = match (p, o) {
-                (Plan::Limit { check, shadow, name }, Some(o)) => {
+                (Plan::Limit { check, shadow, name, .. }, Some(o)) => {
                     let over_here = !o.allowed;
                     let code = match (over_here, *shadow) {
                         (false, _) => "ok",

@@ -291,12 +291,12 @@ async fn a_deleted_or_emptied_config_file_keeps_the_last_good_limits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_configs_load_and_replaces_share_threshold_and_shadow_mode_count_as_upstream() {
+async fn upstream_configs_load_and_replaces_share_threshold_quota_and_shadow_mode_count_as_upstream() {
     clear_of_hour_edge();
     let redis = RedisServer::start();
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/upstream");
     let svc = Service::start(&["--redis-url", &redis.url(), "--config", fixtures]);
-    for field in ["quota_mode", "detailed_metric", "value_to_metric", "name", "metadata"] {
+    for field in ["detailed_metric", "value_to_metric", "name", "metadata"] {
         assert!(
             svc.log_contains(&format!(
                 "WARN configuration: {fixtures}/{field}.yaml: descriptors[0].{field}: accepted and ignored"
@@ -348,6 +348,18 @@ async fn upstream_configs_load_and_replaces_share_threshold_and_shadow_mode_coun
         .query(&mut redis.conn())
         .unwrap();
     assert_eq!(shared, 2);
+
+    // quota_mode: the request is denied only once both quota descriptors are over (1 and 3).
+    let quotas = || vec![desc(&[("daily_quota", "u")]), desc(&[("monthly_quota", "u")])];
+    for (i, (overall, daily)) in [(OK, OK), (OK, OVER), (OK, OVER), (OVER, OVER)].into_iter().enumerate() {
+        let r = call(&mut c, "quota_mode", quotas()).await.unwrap();
+        assert_eq!((r.overall_code, r.statuses[0].code), (overall, daily), "request {i}");
+    }
+    // A descriptor not in quota mode denies on its own, as always.
+    let mut user = vec![desc(&[("per_user", "v")])];
+    assert_eq!(call(&mut c, "quota_mode", user.clone()).await.unwrap().overall_code, OK);
+    user.push(desc(&[("monthly_quota", "other")]));
+    assert_eq!(call(&mut c, "quota_mode", user).await.unwrap().overall_code, OVER);
 
     let (_, body) = svc.http_get("/metrics");
     for line in [
