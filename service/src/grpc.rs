@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use prost::bytes::Buf;
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
@@ -24,7 +25,12 @@ const METHOD_PATH: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRa
 
 /// The Rate Limit Service v3 server.
 #[derive(Clone)]
-pub struct RlsServer(pub Arc<Limiter>);
+pub struct RlsServer {
+    pub limiter: Arc<Limiter>,
+    /// Largest request message decoded (`--max-request-bytes`); a larger one is refused before
+    /// prost allocates its descriptors.
+    pub max_request_bytes: usize,
+}
 
 impl NamedService for RlsServer {
     const NAME: &'static str = SERVICE_NAME;
@@ -47,9 +53,10 @@ where
         if req.uri().path() != METHOD_PATH {
             return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
         }
-        let limiter = self.0.clone();
+        let limiter = self.limiter.clone();
+        let max_bytes = self.max_request_bytes;
         Box::pin(async move {
-            let codec = RlsCodec { metrics: limiter.metrics.clone() };
+            let codec = RlsCodec { metrics: limiter.metrics.clone(), max_bytes };
             Ok(tonic::server::Grpc::new(codec).unary(ShouldRateLimit(limiter), req).await)
         })
     }
@@ -69,6 +76,7 @@ impl UnaryService<RateLimitRequest> for ShouldRateLimit {
 
 struct RlsCodec {
     metrics: Arc<Metrics>,
+    max_bytes: usize,
 }
 
 impl Codec for RlsCodec {
@@ -82,7 +90,7 @@ impl Codec for RlsCodec {
     }
 
     fn decoder(&mut self) -> RlsDecoder {
-        RlsDecoder { metrics: self.metrics.clone() }
+        RlsDecoder { metrics: self.metrics.clone(), max_bytes: self.max_bytes }
     }
 }
 
@@ -99,6 +107,7 @@ impl Encoder for RlsEncoder {
 
 struct RlsDecoder {
     metrics: Arc<Metrics>,
+    max_bytes: usize,
 }
 
 impl Decoder for RlsDecoder {
@@ -106,6 +115,14 @@ impl Decoder for RlsDecoder {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<RateLimitRequest>, Status> {
+        let len = src.remaining();
+        if len > self.max_bytes {
+            self.metrics.grpc_error("invalid_argument");
+            return Err(Status::invalid_argument(format!(
+                "the request is {len} bytes, at most {} allowed (--max-request-bytes)",
+                self.max_bytes
+            )));
+        }
         RateLimitRequest::decode(src).map(Some).map_err(|e| {
             self.metrics.grpc_error("invalid_argument");
             Status::invalid_argument(format!("malformed RateLimitRequest: {e}"))

@@ -77,6 +77,9 @@ pub struct Args {
     /// (envoyproxy/ratelimit's SHADOW_MODE).
     #[arg(long, env = "SHADOW_MODE")]
     pub shadow_mode: bool,
+    /// Largest ShouldRateLimit request message, in bytes; a larger one is refused undecoded.
+    #[arg(long, env = "RATELIMIT_MAX_REQUEST_BYTES", default_value_t = 262_144)]
+    pub max_request_bytes: usize,
     /// Most descriptors one ShouldRateLimit request may carry.
     #[arg(long, env = "RATELIMIT_MAX_DESCRIPTORS", default_value_t = Bounds::default().descriptors)]
     pub max_descriptors: usize,
@@ -296,7 +299,7 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
     }
     let served = server
         .add_service(health_service)
-        .add_service(RlsServer(limiter))
+        .add_service(RlsServer { limiter, max_request_bytes: args.max_request_bytes })
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|v| *v).await;
         })

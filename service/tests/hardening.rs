@@ -38,6 +38,8 @@ async fn requests_over_a_bound_are_invalid_argument_and_count_nothing() {
         "10",
         "--max-hits-per-call",
         "15",
+        "--max-request-bytes",
+        "2000",
     ]);
     let mut c = svc.client().await;
     let one = |v: &str| desc_limit(&[("k", v)], 100, HOUR);
@@ -50,6 +52,7 @@ async fn requests_over_a_bound_are_invalid_argument_and_count_nothing() {
         ("domain", long.as_str(), vec![one("v")]),
         ("hits", "d", vec![with_hits(one("v"), 11)]),
         ("call hits", "d", vec![with_hits(one("a"), 8), with_hits(one("b"), 8)]),
+        ("request bytes", "d", (0..100).map(|i| one(&format!("{i:016}"))).collect()),
     ];
     for (what, domain, descriptors) in cases {
         let e = call(&mut c, domain, descriptors).await.unwrap_err();
@@ -68,7 +71,7 @@ async fn requests_over_a_bound_are_invalid_argument_and_count_nothing() {
     assert_eq!(r.overall_code, OK);
     assert_eq!(dbsize(&redis), 2);
     let (_, body) = svc.http_get("/metrics");
-    assert!(body.contains("ratelimit_service_grpc_errors_total{status=\"invalid_argument\"} 7"), "{body}");
+    assert!(body.contains("ratelimit_service_grpc_errors_total{status=\"invalid_argument\"} 8"), "{body}");
 }
 
 /// Opens a connection and sends the start of a request head, never its end.
