@@ -85,7 +85,7 @@ const MARGIN_MS: i64 = 1000;
 
 /// A TIME answer slower than this round trip does not update the clock offset: its error would be
 /// up to half of it.
-const MAX_OFFSET_RTT: Duration = Duration::from_millis(50);
+const MAX_OFFSET_RTT: Duration = Duration::from_millis(20);
 
 /// When a call's scripts must have run by: locally, to stop waiting, and in Redis' clock, so that a
 /// script Redis only gets to after the caller gave up (a stalled or paused Redis) changes nothing.
