@@ -252,8 +252,9 @@ impl Store {
             Conn::Single(mut c) => self.timed(cmd.query_async(&mut c)).await?,
             Conn::Cluster(mut c) => self.timed(cmd.query_async(&mut c)).await?,
         };
-        if sent.elapsed() <= MAX_OFFSET_RTT {
-            let ours = t0 + sent.elapsed().as_millis() as i64 / 2;
+        let rtt = sent.elapsed();
+        if rtt <= MAX_OFFSET_RTT {
+            let ours = t0 + rtt.as_millis() as i64 / 2;
             self.offset_ms.store(secs * 1000 + micros / 1000 - ours, Ordering::Relaxed);
         }
         Ok(())
