@@ -32,6 +32,7 @@ struct Quiet;
 
 impl Observer for Quiet {
     fn count(&self, _metric: Metric) {}
+    fn add(&self, _metric: Metric, _n: u64) {}
 }
 
 /// A limit, as the rule's JSON states it, and the bound the property checks.
@@ -148,7 +149,7 @@ fn scenario() -> impl Strategy<Value = (Limit, Vec<Arrival>, [i64; WORKERS])> {
 }
 
 /// Runs the arrivals; (key, clock reading of the admitting worker, cost) of every admission.
-fn admissions(limit: &Limit, arrivals: &[Arrival], skews: &[i64; WORKERS]) -> Vec<(u8, u64, u64)> {
+fn admissions(limit: &Limit, arrivals: &[Arrival], skews: &[i64; WORKERS]) -> Vec<(u8, u64, u64, u64)> {
     // 8 slots for 12 keys: keys are refused for a full table, and slots are reused as they idle.
     let json = format!(
         r#"{{"table_size":8,"when_table_full":"deny","rules":[{{"name":"r","key":[{{"source":"header","name":"x-key"}}],
@@ -170,31 +171,35 @@ fn admissions(limit: &Limit, arrivals: &[Arrival], skews: &[i64; WORKERS]) -> Ve
             .with_header("x-cost", a.cost.to_string());
         if let Verdict::Allow { turn, .. } = limiter.check(&Env::at(&store, &request, reading, &Quiet)) {
             // A request that waits reaches the upstream at its turn.
-            admitted.push((a.key, turn.map_or(reading, |t| t.until), a.cost));
+            admitted.push((a.key, reading, turn.map_or(0, |t| t.wait), a.cost));
         }
     }
     admitted
 }
 
-/// When the limiter counts each admission of one key: a worker whose clock reads earlier than the
-/// key's last admission is counted at that admission's instant (the state never goes back in
-/// time), so the instants are the clock readings made non-decreasing, in the order decided.
-fn counted_at(admitted: &[(u64, u64)]) -> Vec<(u64, u64)> {
+/// When the limiter counts each admission of one key, in the bucket's own time: a worker whose
+/// clock reads earlier than the key's last admission is counted at that admission's instant (the
+/// state never goes back in time), so the instants are the clock readings made non-decreasing, in
+/// the order decided; a request that waits is counted at its turn, its wait after that instant.
+/// Sorted by instant.
+fn counted_at(admitted: &[(u64, u64, u64)]) -> Vec<(u64, u64)> {
     let mut latest = 0;
-    admitted
+    let mut counted: Vec<(u64, u64)> = admitted
         .iter()
-        .map(|&(reading, cost)| {
+        .map(|&(reading, wait, cost)| {
             latest = latest.max(reading);
-            (latest, cost)
+            (latest + wait, cost)
         })
-        .collect()
+        .collect();
+    counted.sort_unstable();
+    counted
 }
 
 /// The first admission that breaks the limit's bound, described.
-fn violation(limit: &Limit, admitted: &[(u8, u64, u64)]) -> Option<String> {
-    let mut per_key: HashMap<u8, Vec<(u64, u64)>> = HashMap::new();
-    for &(key, at, cost) in admitted {
-        per_key.entry(key).or_default().push((at, cost));
+fn violation(limit: &Limit, admitted: &[(u8, u64, u64, u64)]) -> Option<String> {
+    let mut per_key: HashMap<u8, Vec<(u64, u64, u64)>> = HashMap::new();
+    for &(key, at, wait, cost) in admitted {
+        per_key.entry(key).or_default().push((at, wait, cost));
     }
     for (key, list) in per_key {
         let list = counted_at(&list);

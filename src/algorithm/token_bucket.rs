@@ -35,9 +35,9 @@ impl From<BucketState> for State {
 /// A turn reserved for a request that waits for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reserved {
-    /// The instant of its turn. Counted from the bucket's own latest time, which may be a moment
-    /// ahead of this worker's clock reading.
-    pub turn_at: u64,
+    /// How long the request must wait for its turn, from the bucket's own latest time (which a
+    /// worker whose clock reads earlier than another's takes as now): at most `max_delay`.
+    pub wait_nanos: u64,
     pub decision: Decision,
     pub state: State,
 }
@@ -154,7 +154,7 @@ impl TokenBucket {
         let decision =
             Decision { allowed: true, remaining: 0, until_full_nanos: new_debt, retry_after_nanos: 0 };
         let state = BucketState { full_at: now.saturating_add(new_debt), updated_at: now };
-        Some(Reserved { turn_at: now.saturating_add(wait), decision, state: state.into() })
+        Some(Reserved { wait_nanos: wait, decision, state: state.into() })
     }
 
     /// Takes `units` whatever is left: a usage known only afterwards. The bucket may owe more than
@@ -351,7 +351,7 @@ mod tests {
         let (_, mut state) = b.decide(State::default(), T0, 1);
         let mut waits = Vec::new();
         while let Some(r) = b.reserve(state, T0, 1, S) {
-            waits.push((r.turn_at - T0) / 1_000_000);
+            waits.push(r.wait_nanos / 1_000_000);
             state = r.state;
         }
         assert_eq!(waits, [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]);

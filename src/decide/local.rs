@@ -36,8 +36,10 @@ pub enum Verdict {
 /// A request that must wait for the turns reserved for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Turn {
-    /// The instant the last of its turns comes.
+    /// The instant, on this worker's clock, the last of its turns comes.
     pub until: u64,
+    /// How long that is from the moment it was decided.
+    pub wait: u64,
     /// The buckets (fingerprints) of the limits that delay it: each lets only so many wait.
     pub keys: Vec<u64>,
 }
@@ -86,8 +88,8 @@ struct Item<'a> {
     stored: Option<(u32, State)>,
     /// A shadow limit over its quota: reported, not consumed.
     skip: bool,
-    /// The instant of the turn reserved for the request in this limit (0: none).
-    turn_at: u64,
+    /// How long the request must wait for the turn reserved for it in this limit (0: none).
+    wait: u64,
 }
 
 impl Item<'_> {
@@ -277,7 +279,7 @@ impl Limiter {
                 decision: None,
                 stored: None,
                 skip: false,
-                turn_at: 0,
+                wait: 0,
             });
         }
         Ok(Ok(()))
@@ -288,9 +290,9 @@ impl Limiter {
     fn check_all(&self, env: &Env<'_>, items: &mut [Item<'_>]) -> Option<Verdict> {
         let now = env.now();
         for item in items.iter_mut() {
-            let (decision, turn_at, _) = self.measure(item, item.lookup.state(), now);
+            let (decision, wait, _) = self.measure(item, item.lookup.state(), now);
             item.decision = Some(decision);
-            item.turn_at = turn_at;
+            item.wait = wait;
             if !decision.allowed && item.rule.shadow {
                 item.skip = true;
                 env.observer.count(Metric::ShadowDenied(item.at.rule));
@@ -328,7 +330,7 @@ impl Limiter {
     }
 
     /// A limit's decision on `state`, with the turn reserved for the request when the limit denies
-    /// it but may delay it: (decision, the turn's instant or 0, the state to store if any). A
+    /// it but may delay it: (decision, the wait for its turn or 0, the state to store if any). A
     /// shadow rule never delays.
     fn measure(&self, item: &Item<'_>, state: State, now: u64) -> (Decision, u64, Option<State>) {
         let algorithm = &item.limit.algorithm;
@@ -338,7 +340,7 @@ impl Limiter {
         }
         let delay = item.limit.delay.filter(|d| !item.rule.shadow && self.may_queue(item.fp.0, d));
         match delay.and_then(|d| algorithm.reserve(state, now, item.cost, d.max_nanos)) {
-            Some(turn) => (turn.decision, turn.turn_at, Some(turn.state)),
+            Some(turn) => (turn.decision, turn.wait_nanos, Some(turn.state)),
             None => (decision, 0, None),
         }
     }
@@ -350,8 +352,8 @@ impl Limiter {
         let mut events = TableEvents::default();
         let table = self.table(item.share);
         let applied = table.measure_and_replace(env.store, bucket, Some(item.lookup), &mut events, |state| {
-            let (decision, turn_at, next) = self.measure(item, state, now);
-            ((decision, turn_at), next)
+            let (decision, wait, next) = self.measure(item, state, now);
+            ((decision, wait), next)
         });
         count_events(env, &events);
         applied
@@ -387,12 +389,12 @@ impl Limiter {
     ) -> Option<Verdict> {
         let (observer, rule, shadow) = (env.observer, item.at.rule, item.rule.shadow);
         match applied {
-            Applied::Stored { decision: (decision, turn_at), index, reclaimed, state } => {
+            Applied::Stored { decision: (decision, wait), index, reclaimed, state } => {
                 if reclaimed {
                     observer.count(Metric::SlotReclaimed);
                 }
                 item.decision = Some(decision);
-                item.turn_at = turn_at;
+                item.wait = wait;
                 item.stored = Some((index, state));
                 None
             }
@@ -457,20 +459,25 @@ impl Limiter {
         Verdict::Allow { report, consumed, turn, allowed_by }
     }
 
-    /// The latest of the turns reserved for the request, counted per rule.
+    /// The latest of the turns reserved for the request, counted per rule. The wait is held on
+    /// this worker's clock from now, so it never exceeds `max_delay`, even when the bucket's time
+    /// (another worker's reading) runs ahead of this worker's.
     fn turn(env: &Env<'_>, items: &[Item<'_>]) -> Option<Turn> {
-        let delayed: Vec<&Item<'_>> = items.iter().filter(|i| i.turn_at > 0).collect();
-        let until = delayed.iter().map(|i| i.turn_at).max()?;
+        let delayed: Vec<&Item<'_>> = items.iter().filter(|i| i.wait > 0).collect();
+        let wait = delayed.iter().map(|i| i.wait).max()?;
         let mut counted: Option<usize> = None;
         for item in &delayed {
             if counted != Some(item.at.rule) {
                 env.observer.count(Metric::Delayed(item.at.rule));
-                let wait = item.turn_at.saturating_sub(env.now());
-                env.observer.add(Metric::DelayedMs(item.at.rule), wait / 1_000_000);
+                env.observer.add(Metric::DelayedMs(item.at.rule), item.wait / 1_000_000);
                 counted = Some(item.at.rule);
             }
         }
-        Some(Turn { until, keys: delayed.iter().map(|i| i.fp.0).collect() })
+        Some(Turn {
+            until: env.now().saturating_add(wait),
+            wait,
+            keys: delayed.iter().map(|i| i.fp.0).collect(),
+        })
     }
 
     /// Gives back what `consumed` took (a later limit or a global rule denied the request). Errors

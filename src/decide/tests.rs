@@ -28,7 +28,11 @@ struct Counts(Mutex<HashMap<Metric, u64>>, Mutex<Vec<String>>);
 
 impl Observer for Counts {
     fn count(&self, metric: Metric) {
-        *self.0.lock().unwrap().entry(metric).or_default() += 1;
+        self.add(metric, 1);
+    }
+
+    fn add(&self, metric: Metric, n: u64) {
+        *self.0.lock().unwrap().entry(metric).or_default() += n;
     }
 
     fn violation(&self, violation: &Violation<'_>) {
@@ -1366,4 +1370,19 @@ fn a_local_rule_counts_a_request_as_allowed_only_once_the_global_rules_admit_it(
         "the denied request is not counted as allowed by the local rule"
     );
     assert_eq!((m.get(Metric::Allowed(1)), m.get(Metric::Denied(1))), (2, 1));
+}
+
+#[test]
+fn a_worker_whose_clock_steps_back_holds_a_request_no_longer_than_its_wait() {
+    // The bucket's time is T0 (the first request); this worker's clock then reads near 1970 (an
+    // NTP step, say). The second request's turn is one refill interval after the bucket's time:
+    // it is held 100 ms on this worker's clock, not until the bucket's T0 comes round again.
+    let (l, store) = limiter(&ten_per_second(""));
+    let m = Counts::default();
+    assert!(matches!(arrive(&l, &store, 1, T0, &m).0, Next::Continue));
+    let stepped_back = 1_000;
+    assert!(
+        matches!(arrive(&l, &store, 2, stepped_back, &m).0, Next::Delay { until } if until == stepped_back + 100 * MS)
+    );
+    assert_eq!(m.get(Metric::DelayedMs(0)), 100);
 }

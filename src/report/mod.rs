@@ -18,12 +18,9 @@ use violations::Violation;
 /// glue implements it with Envoy's counters and log; tests record.
 pub trait Observer {
     fn count(&self, metric: Metric);
-    /// Adds `n` to a counter (a total, such as milliseconds of delay).
-    fn add(&self, metric: Metric, n: u64) {
-        for _ in 0..n {
-            self.count(metric);
-        }
-    }
+    /// Adds `n` to a counter in one step (a total, such as milliseconds of delay: `n` can be
+    /// large, so no implementation may loop over it).
+    fn add(&self, metric: Metric, n: u64);
     fn violation(&self, _violation: &Violation<'_>) {}
     /// The rate limit service could not be asked or did not answer usefully.
     fn global_failure(&self, _reason: &str) {}

@@ -35,8 +35,12 @@ impl Counters {
     }
 
     fn count(&self, metric: Metric) {
+        self.add(metric, 1);
+    }
+
+    fn add(&self, metric: Metric, n: u64) {
         if let Some((_, pending)) = self.entries.get(metric.slot(self.rules)) {
-            pending.set(pending.get() + 1);
+            pending.set(pending.get().saturating_add(n));
         }
     }
 
@@ -64,6 +68,10 @@ pub struct Events {
 impl Observer for Events {
     fn count(&self, metric: Metric) {
         self.counters.count(metric);
+    }
+
+    fn add(&self, metric: Metric, n: u64) {
+        self.counters.add(metric, n);
     }
 
     fn violation(&self, violation: &Violation<'_>) {

@@ -46,6 +46,10 @@ impl Observer for Counting {
     fn count(&self, _metric: Metric) {
         self.metrics.set(self.metrics.get() + 1);
     }
+
+    fn add(&self, _metric: Metric, _n: u64) {
+        self.metrics.set(self.metrics.get() + 1);
+    }
 }
 
 fn main() {
