@@ -38,6 +38,7 @@ help:
 	@echo "make test              lint, test-native, test-wasm, test-integration, test-service"
 	@echo "make test-compat       the integration tests that matter per version, on the Envoys Istio 1.28-1.31 ship"
 	@echo "make bench             CPU/request, throughput, memory, accuracy and global latency vs Envoy's native filters; writes BENCHMARKS.md (~7 min, ~10 the first time)"
+	@echo "make fuzz              the fuzz targets under cargo-fuzz (nightly), FUZZ_SECONDS each (default 60); prints execs and crashes"
 
 setup:
 	@rustup target list --installed | grep -qx '$(TARGET)' || rustup target add $(TARGET)
@@ -151,3 +152,36 @@ test-service: setup-redis
 	$(CARGO) fmt -p ratelimit-service --check
 	$(CARGO) clippy -p ratelimit-service --all-targets -- -D warnings
 	$(CARGO) test -p ratelimit-service
+
+# Fuzzing: the targets of src/fuzz.rs under libFuzzer (cargo-fuzz on nightly, crate fuzz/). Each
+# runs FUZZ_SECONDS from the committed seed corpus fuzz/corpus/<target>, which it only reads, and
+# from what earlier runs added (fuzz/corpus-grown/<target>, not committed); a crashing input is
+# saved in fuzz/artifacts/<target>/, the libFuzzer log in fuzz/artifacts/<target>.log. Built with
+# debug assertions (overflow checks), as `make test` replays the same targets on stable
+# (tests/fuzz_replay.rs). No sanitizer: the core is safe Rust (the glue's unsafe is not built here).
+FUZZ_SECONDS   ?= 60
+FUZZ_TARGETS   ?= config request table answer
+FUZZ_SANITIZER ?= none
+CARGO_FUZZ_VERSION := 0.13.2
+FUZZ_FLAGS = -O -a -s $(FUZZ_SANITIZER)
+.PHONY: fuzz
+fuzz:
+	@$(CARGO) +nightly --version >/dev/null 2>&1 \
+	  || { echo "make fuzz needs a nightly toolchain: rustup toolchain install nightly" >&2; exit 1; }
+	@$(CARGO) fuzz --version 2>/dev/null | grep -qx 'cargo-fuzz $(CARGO_FUZZ_VERSION)' \
+	  || $(CARGO) install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked
+	$(CARGO) +nightly fuzz build $(FUZZ_FLAGS)
+	@echo "make fuzz: $$(date -u '+%Y-%m-%d %H:%M UTC'), $$(nproc) cores, FUZZ_SECONDS=$(FUZZ_SECONDS), $$(git rev-parse --short HEAD 2>/dev/null)"
+	@status=0; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus-grown/$$t fuzz/artifacts/$$t; \
+	  log=fuzz/artifacts/$$t.log; \
+	  if $(CARGO) +nightly fuzz run $(FUZZ_FLAGS) $$t fuzz/corpus-grown/$$t fuzz/corpus/$$t -- \
+	      -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 >$$log 2>&1; then rc=0; else rc=$$?; status=1; fi; \
+	  crashes=$$({ grep -o 'Test unit written to [^ ]*' $$log || true; } | wc -l); \
+	  execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $$log); \
+	  [ -n "$$execs" ] || execs=$$({ grep -o '^#[0-9]*' $$log || true; } | tail -n 1 | tr -d '#'); \
+	  rate=$$(sed -n 's/^stat::average_exec_per_sec: *//p' $$log); \
+	  corpus=$$({ grep -o 'corp: [0-9]*/[0-9]*[a-zA-Z]*' $$log || true; } | tail -n 1 | cut -d' ' -f2); \
+	  printf '  %-8s %12s execs  %8s execs/s  corpus %-12s crashes %s\n' $$t "$${execs:-?}" "$${rate:-?}" "$${corpus:-?}" $$crashes; \
+	  if [ $$rc -ne 0 ]; then grep -m1 -A1 'panicked at' $$log || tail -n 5 $$log; sed -n "s|.*Test unit written to \(.*\)|    input: \1 (again: $(CARGO) +nightly fuzz run $(FUZZ_FLAGS) $$t \1)|p" $$log; fi; \
+	done; exit $$status

@@ -9,6 +9,8 @@
 pub mod algorithm;
 pub mod config;
 pub mod decide;
+#[cfg(any(test, feature = "testing"))]
+pub mod fuzz;
 pub mod global;
 pub mod report;
 pub mod request;
