@@ -64,6 +64,9 @@ pub struct Args {
     /// in the environment, comma-separated.
     #[arg(long = "config", env = "RATELIMIT_CONFIG", value_delimiter = ',')]
     pub config: Vec<PathBuf>,
+    /// Check the --config files and exit (0 when they load, 1 with the error): no Redis needed.
+    #[arg(long)]
+    pub validate: bool,
     /// How often to check the configuration files for changes, in milliseconds.
     #[arg(long, env = "RATELIMIT_CONFIG_POLL_MS", default_value_t = 1000)]
     pub config_poll_ms: u64,
@@ -315,4 +318,20 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
     let _ = http_task.await;
     info!("stopped");
     Ok(())
+}
+
+/// `--validate`: loads the configuration files as the service would, without Redis or sockets.
+/// One line on standard output when they load (with a line per ignored field), the error when not.
+pub fn validate(paths: &[PathBuf]) -> Result<String, String> {
+    if paths.is_empty() {
+        return Err("--validate needs --config (a file or directory of limits)".to_owned());
+    }
+    let (config, _) = config::Config::load(paths)?;
+    let mut out =
+        format!("ok: {} file(s), domain(s) {}", config.sources.len(), config.domain_names().join(", "));
+    for warning in &config.warnings {
+        out.push_str("\nwarning: ");
+        out.push_str(warning);
+    }
+    Ok(out)
 }

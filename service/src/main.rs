@@ -4,6 +4,18 @@ use tokio::sync::watch;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.validate {
+        return match ratelimit_service::validate(&args.config) {
+            Ok(report) => {
+                println!("{report}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
