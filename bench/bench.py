@@ -152,7 +152,11 @@ def upstream_config() -> dict:
     return bootstrap({
         "name": "ingress",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-        "filter_chains": [{"filters": [hcm("upstream", {"direct_response": {"status": 200, "body": {"inline_string": "ok"}}}, [])]}],
+        # x-usage-tokens: what the ours-usage variant charges from the response, 1 more than its estimate,
+        # so each response is a charge (a CAS); the others ignore it.
+        "filter_chains": [{"filters": [hcm("upstream", {
+            "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+            "response_headers_to_add": [{"header": {"key": "x-usage-tokens", "value": "2"}}]}, [])]}],
     }, [])
 
 
@@ -173,7 +177,7 @@ def wasm_filter(wasm: Path, configuration: str, vm_id: str) -> dict:
 
 
 def ours_config(capacity: int, refill_period: str, table_size: int = 65536, headers: str = "x-ratelimit",
-                limit: dict | None = None) -> dict:
+                limit: dict | None = None, cost: dict | None = None) -> dict:
     # x-ratelimit: the same three X-RateLimit-* headers native local_ratelimit sends (like for like).
     return {
         "key_prefix": "bench",
@@ -183,13 +187,15 @@ def ours_config(capacity: int, refill_period: str, table_size: int = 65536, head
             "name": "per-key",
             "key": [{"source": "header", "name": "x-key"}],
             "limit": limit or {"capacity": capacity, "refill_period": refill_period},
+            **({"cost": cost} if cost else {}),
         }],
     }
 
 
 def ours_filter(capacity: int, refill_period: str, table_size: int = 65536, headers: str = "x-ratelimit",
-                wasm: Path = WASM, limit: dict | None = None) -> dict:
-    return wasm_filter(wasm, json.dumps(ours_config(capacity, refill_period, table_size, headers, limit)), "ratelimit")
+                wasm: Path = WASM, limit: dict | None = None, cost: dict | None = None) -> dict:
+    return wasm_filter(wasm, json.dumps(ours_config(capacity, refill_period, table_size, headers, limit, cost)),
+                       "ratelimit")
 
 
 def native_filter(capacity: int, fill_interval: str) -> dict:
@@ -225,7 +231,7 @@ def filtered_config(kind: str, upstream_port: int, **kw) -> dict:
         route["rate_limits"] = NATIVE_ROUTE_RATE_LIMITS
     elif kind == "ours":
         filters = [ours_filter(kw["capacity"], kw["period"], kw.get("table_size", 65536), kw.get("headers", "x-ratelimit"),
-                               kw.get("wasm", WASM), kw.get("limit"))]
+                               kw.get("wasm", WASM), kw.get("limit"), kw.get("cost"))]
     elif kind == "probe":
         filters = [wasm_filter(NOOP_WASM, kw["steps"], "probe")]
     elif kind == "ours-global":
@@ -490,6 +496,9 @@ SPEED_VARIANTS = [
     ("ours-end", "ours", {"capacity": BIG, "period": "1s", "wasm": END_WASM}, HOT_KEY, "2xx"),
     ("ours-o3", "ours", {"capacity": BIG, "period": "1s", "wasm": O3_WASM}, HOT_KEY, "2xx"),
     ("ours-o3-429", "ours", {"capacity": 1, "period": "24h", "wasm": O3_WASM}, EXHAUSTED_KEY, "4xx"),
+    # A usage cost charged from the response (1 token, the estimate): the settle moment's CAS.
+    ("ours-usage", "ours", {"capacity": BIG, "period": "1s", "cost": {"response_header": "x-usage-tokens", "max": 1000}},
+     HOT_KEY, "2xx"),
     # A concurrency limit that never denies: acquire at the request, release at its end.
     ("ours-conc", "ours", {"capacity": BIG, "period": "1s",
                            "limit": {"algorithm": "concurrency", "max_in_flight": 1_000_000}}, HOT_KEY, "2xx"),
@@ -1090,9 +1099,10 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
         "ours-o3": "ratelimit-wasm as `ours`, built with opt-level 3 (`make build OPT_LEVEL=3`)",
         "ours-o3-429": "ratelimit-wasm built with opt-level 3, over limit (429)",
         "ours-conc": "ratelimit-wasm, the rule's limit a concurrency limit (max_in_flight 1,000,000): a unit taken and released per request",
+        "ours-usage": "ratelimit-wasm, the rule's cost charged from the response's x-usage-tokens (a settle-moment CAS per request)",
     }
     native_of = {"ours": "native", "ours-both": "native", "ours-429": "native-429", "native": "native", "native-429": "native-429",
-                 "ours-end": "native", "ours-o3": "native", "ours-o3-429": "native-429", "ours-conc": "native"}
+                 "ours-end": "native", "ours-o3": "native", "ours-o3-429": "native-429", "ours-conc": "native", "ours-usage": "native"}
     summary = {}
     for workers in params["workers"]:
         for name, *_ in SPEED_VARIANTS:
@@ -1128,6 +1138,7 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                        ("noop-wasm", "plain", "no-op wasm / plain"),
                        ("ours-end", "ours", "ours exporting proxy_on_done + proxy_on_log / ours, allowed"),
                        ("ours-conc", "ours", "concurrency limit / token bucket, allowed"),
+                       ("ours-usage", "ours", "cost charged from the response / constant cost, allowed"),
                        ("ours", "ours-o3", "ours (opt-level s) / ours at opt-level 3, allowed"),
                        ("ours-429", "ours-o3-429", "ours (opt-level s) / ours at opt-level 3, 429")):
         for workers, ra, rb in paired_runs(res, a, b, params["workers"]):

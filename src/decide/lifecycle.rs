@@ -224,9 +224,7 @@ impl Limiter {
         let mut report = exchange.report.take();
         let metered = std::mem::take(&mut exchange.metered);
         if !metered.is_empty() {
-            // The limits charged now describe themselves after the charge.
-            report = report.filter(|r| metered.iter().all(|c| c.at != r.limit));
-            report = most_restrictive(report, self.charge_usage(env, &metered, response));
+            report = self.charge_usage(env, &metered, response, report);
         }
         let report = report.map(|r| r.view(&self.config));
         let mut limit = render(self.config.headers, report.as_ref(), None);

@@ -25,24 +25,30 @@ fn usage(response: &dyn Response, header: &str, max: u64) -> Option<u64> {
 
 impl Limiter {
     /// Charges each metered limit the usage its response states (in place of the estimate taken
-    /// at admission); the most restrictive of them after the charge. A store error leaves the
-    /// estimate charged (counted in `store_errors`).
+    /// at admission); `report`, the limit the headers describe, becomes the most restrictive of it
+    /// and the limits after their charge. A usage equal to the estimate writes nothing. A store
+    /// error leaves the estimate charged (counted in `store_errors`).
     pub(super) fn charge_usage(
         &self,
         env: &Env<'_>,
         metered: &[Consumed],
         response: &dyn Response,
+        mut report: Option<Reported>,
     ) -> Option<Reported> {
-        let mut report = None;
         for c in metered {
             let Some(rule) = self.config.rules.get(c.at.rule) else { continue };
             let Cost::Response { name, estimate, max } = &rule.cost else { continue };
             let used = usage(response, name, *max).unwrap_or(*estimate);
+            if used == *estimate {
+                continue;
+            }
             match self.correct(env, c, *estimate, used) {
                 Ok(Some(after)) => {
                     if used > *estimate {
                         env.observer.add(Metric::Charged(c.at.rule), used - estimate);
                     }
+                    // This limit describes itself after the charge.
+                    report = report.filter(|r| r.limit != c.at);
                     report = most_restrictive(report, self.reported(env, c, after));
                 }
                 Ok(None) => env.observer.count(Metric::CasRetriesExhausted),
