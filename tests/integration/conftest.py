@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
+import struct
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from pathlib import Path
 
@@ -630,3 +632,32 @@ def custom_stat(envoy: Envoy, name: str):
     """Value of a proxy-wasm metric by the name the filter defined (Envoy stores it as
     'wasmcustom.<name>'); None if it does not exist."""
     return envoy.stats("wasmcustom.").get("wasmcustom." + name)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Polls an observable condition (not a stand-in for one), e.g. a counter Envoy flushes every
+    100 ms, or a slot Envoy frees when it deletes a stream, a moment after the client saw its end."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def reset_connection(sock: socket.socket) -> None:
+    """Closes with a TCP reset, as a client that goes away mid-request."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@contextlib.contextmanager
+def loopback_http_server(handler: type[BaseHTTPRequestHandler]):
+    """A threaded HTTP server (an upstream a test controls) on a loopback port chosen at run time,
+    stopped on the way out; yields the port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

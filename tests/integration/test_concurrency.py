@@ -5,14 +5,13 @@ is answered, and every ending frees its slot (a response, a client reset, an ups
 import collections
 import json
 import socket
-import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import do_request, fresh_key, run_parallel
+from conftest import do_request, fresh_key, loopback_http_server, reset_connection, run_parallel, wait_for
 
 MAX_IN_FLIGHT = 12
 HOLD_SECONDS = 0.3
@@ -28,6 +27,9 @@ class SlowUpstream:
         self.lock = threading.Lock()
         self.current = collections.Counter()
         self.most = collections.Counter()
+        self.port = 0
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,25 +55,14 @@ class SlowUpstream:
             def log_message(self, *_args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def held(self, key: str) -> int:
-        with self.lock:
-            return self.current[key]
+        return Handler
 
 
 @pytest.fixture
 def upstream():
     u = SlowUpstream()
-    u.thread.start()
-    try:
+    with loopback_http_server(u.handler()) as u.port:
         yield u
-    finally:
-        u.server.shutdown()
-        u.server.server_close()
 
 
 def config() -> dict:
@@ -86,15 +77,6 @@ def config() -> dict:
 
 def free_slots(envoy, key: str) -> int:
     return json.loads(envoy.request("/rl", {"x-key": key}).body)["limits"][0]["remaining"]
-
-
-def wait_for(condition, what: str, timeout: float = 10.0):
-    """Polls an observable condition (not a stand-in for one): Envoy frees a slot when it deletes the
-    stream, a moment after the client saw the response or the reset."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_a_key_never_has_more_than_max_in_flight_at_the_upstream(envoy_factory, upstream, report):
@@ -114,12 +96,6 @@ def test_a_key_never_has_more_than_max_in_flight_at_the_upstream(envoy_factory, 
     assert all(most <= MAX_IN_FLIGHT for _, most in rounds)
 
 
-def _reset(sock: socket.socket) -> None:
-    """Closes with a TCP reset, as a client that goes away mid-request."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 def test_clients_that_reset_mid_request_free_their_slots(envoy_factory, upstream):
     envoy = envoy_factory(config(), concurrency=4, external_upstream=upstream.port)
     key = fresh_key("reset")
@@ -131,7 +107,7 @@ def test_clients_that_reset_mid_request_free_their_slots(envoy_factory, upstream
     wait_for(lambda: free_slots(envoy, key) == 0, "the requests to hold every slot")
     assert envoy.request("/", {"x-key": key}).status == 429
     for s in sockets:
-        _reset(s)
+        reset_connection(s)
     wait_for(lambda: free_slots(envoy, key) == MAX_IN_FLIGHT, "the resets to free every slot")
 
 

@@ -6,14 +6,13 @@ than a second away are denied; a client that leaves while waiting gives its turn
 import json
 import socket
 import statistics
-import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import custom_stat, do_request, fresh_key, run_parallel
+from conftest import custom_stat, do_request, fresh_key, loopback_http_server, reset_connection, run_parallel, wait_for
 
 RATE = 10  # per second
 CLIENTS = 30
@@ -28,6 +27,9 @@ class RecordingUpstream:
     def __init__(self):
         self.lock = threading.Lock()
         self.arrivals = []
+        self.port = 0
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,21 +46,14 @@ class RecordingUpstream:
             def log_message(self, *_args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        return Handler
 
 
 @pytest.fixture
 def upstream():
     u = RecordingUpstream()
-    u.thread.start()
-    try:
+    with loopback_http_server(u.handler()) as u.port:
         yield u
-    finally:
-        u.server.shutdown()
-        u.server.server_close()
 
 
 def config() -> dict:
@@ -95,19 +90,6 @@ def test_requests_beyond_the_bucket_wait_for_their_turn_and_arrive_spaced(envoy_
     assert lateness[-1] < 50, lateness
 
 
-def _reset(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def wait_for(condition, what: str, timeout: float = 10.0):
-    """Polls an observable condition (a counter Envoy flushes every 100 ms)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_a_client_that_leaves_while_waiting_gives_its_turn_back(envoy_factory, upstream):
     # One per second, so that nothing comes due while the test looks: 1 at once, then turns at
     # 1 s .. 10 s; the status endpoint's reset says when the last turn is.
@@ -130,7 +112,7 @@ def test_a_client_that_leaves_while_waiting_gives_its_turn_back(envoy_factory, u
              "ten turns to be reserved")
     before = reset_seconds()
     for s in waiting[5:]:
-        _reset(s)
+        reset_connection(s)
     wait_for(lambda: custom_stat(envoy, "ratelimit_wasm.leave.delay_abandoned") == 5,
              "the five resets to give their turns back")
     after = reset_seconds()

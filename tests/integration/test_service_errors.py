@@ -1,9 +1,7 @@
 """A global rule whose service cannot be reached says why, in words a user can act on: the first
 failure of each worker is logged at error level with what to check; no 'host status 4'."""
 
-import time
-
-from conftest import free_port, fresh_key
+from conftest import free_port, fresh_key, wait_for
 
 
 def config(cluster: str = "ratelimit_service") -> dict:
@@ -12,14 +10,13 @@ def config(cluster: str = "ratelimit_service") -> dict:
                        "limit": {"algorithm": "fixed_window", "requests": 2, "window": "1m"}}]}
 
 
-def error_lines(envoy, fragment: str, timeout: float = 5.0) -> list[str]:
+def error_lines(envoy, fragment: str) -> list[str]:
     """Envoy's log lines with `fragment`, once there is one (the log is flushed every 100 ms)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = [line for line in envoy.log().splitlines() if fragment in line]
-        if lines or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.05)
+    def lines() -> list[str]:
+        return [line for line in envoy.log().splitlines() if fragment in line]
+
+    wait_for(lines, f"a log line with {fragment!r}", timeout=5)
+    return lines()
 
 
 def test_a_missing_cluster_is_named_with_the_field_to_fix(envoy_factory):
