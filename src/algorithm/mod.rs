@@ -121,6 +121,11 @@ impl Algorithm {
         }
     }
 
+    /// A concurrency limit: what it takes is held until the request ends.
+    pub fn is_concurrency(&self) -> bool {
+        matches!(self, Algorithm::Concurrency(_))
+    }
+
     /// For a concurrency limit, the lease epoch the units placed by storing `stored` count in;
     /// 0 for the others, which need no such mark.
     pub fn held_in(&self, stored: State) -> u64 {

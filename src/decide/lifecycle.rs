@@ -212,7 +212,7 @@ impl Limiter {
             exchange.holds = self.hold(consumed);
             return Next::Continue;
         };
-        exchange.reserved = consumed.iter().filter(|c| !c.is_concurrency()).copied().collect();
+        exchange.reserved = consumed.iter().filter(|c| !c.algorithm.is_concurrency()).copied().collect();
         exchange.holds = self.hold(consumed);
         self.queue().add(exchange.id, turn.until, turn.keys);
         Next::Delay { until: turn.until }

@@ -60,10 +60,6 @@ pub struct Consumed {
 }
 
 impl Consumed {
-    pub(super) fn is_concurrency(&self) -> bool {
-        matches!(self.algorithm, Algorithm::Concurrency(_))
-    }
-
     /// Gives it back: `Ok(false)` when other workers kept winning the CAS race.
     fn give_back(&self, env: &Env<'_>, limiter: &Limiter) -> Result<bool, StoreError> {
         let now = env.now();
@@ -96,8 +92,7 @@ impl Item<'_> {
     /// A concurrency limit holds its units until the request ends; a cost charged from the
     /// response is corrected when the response arrives.
     fn outlives_admission(&self) -> bool {
-        matches!(self.limit.algorithm, Algorithm::Concurrency(_))
-            || matches!(self.rule.cost, Cost::Response { .. })
+        self.limit.algorithm.is_concurrency() || matches!(self.rule.cost, Cost::Response { .. })
     }
 
     /// What this item took, once its write is stored.
