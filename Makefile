@@ -84,7 +84,7 @@ run: setup build
 	@echo "  for i in \$$(seq 12); do curl -s -o /dev/null -w '%{http_code} ' localhost:10000/; done; echo   # 10 x 200, then 429 429"
 	@echo "  curl -si localhost:10000/ | grep -iE '^(HTTP|retry-after|ratelimit)'     # a denied request's status and headers"
 	@echo "  for i in \$$(seq 6); do curl -s -o /dev/null -w '%{http_code} ' -H 'x-api-key: alice' localhost:10000/api/hello; done; echo   # 5 x 200, then 429"
-	@echo "  curl -s localhost:9901/stats/prometheus | grep ratelimit_wasm_demo"
+	@echo "  curl -s localhost:9901/stats/prometheus | grep ratelimit_wasm_requests_total"
 	@echo "Ctrl-C stops Envoy."
 	@echo
 	exec $(ENVOY) -c envoy/demo.yaml --concurrency $(CONCURRENCY) --log-level info

@@ -63,6 +63,12 @@ HOT_KEY = "bench-key"
 EXHAUSTED_KEY = "exhausted"
 
 
+def wasm_stat(metric: str, rule: str | None = None, decision: str | None = None) -> str:
+    """Envoy's full name of one of the filter's counters under the bench's key prefix (the labels
+    travel in the name: README, Metrics)."""
+    labels = [("key_prefix", "bench"), ("rule", rule), ("decision", decision)]
+    return "wasmcustom." + "".join(f"{k}=.={v};.;" for k, v in labels if v) + "ratelimit_wasm_" + metric
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -568,10 +574,10 @@ def speed(workdir: Path, upstream: Envoy, rounds: int, n: int, clients: int, wor
         # Contention on the one hot key: how often a worker's compare-and-swap lost to another's.
         for (name, workers), e in envoys.items():
             if name.startswith("ours"):
-                prefix = "wasmcustom.ratelimit_wasm.bench."
                 results.setdefault("cas", {})[(name, workers)] = {
-                    "retries": e.stat(prefix + "cas_retries"),
-                    "requests": e.stat(prefix + "per-key.allowed") + e.stat(prefix + "per-key.denied")}
+                    "retries": e.stat(wasm_stat("cas_retries_total")),
+                    "requests": e.stat(wasm_stat("requests_total", "per-key", "allowed"))
+                    + e.stat(wasm_stat("requests_total", "per-key", "denied"))}
         if perf_out is not None and shutil.which("perf"):
             for name in ("ours", "noop+calls", "native"):
                 if (name, 1) in envoys:
@@ -610,8 +616,12 @@ def memory(workdir: Path, upstream: Envoy, keys: int, table_size: int) -> dict:
         time.sleep(1)
         completed = e.stat("http.ingress.downstream_rq_completed")
         after = e.rss_kib()
-        wasm = {k: e.stat(f"wasmcustom.ratelimit_wasm.bench.{k}") for k in
-                ("per-key.allowed", "per-key.denied", "per-key.table_full", "slot_reclaimed", "store_errors")}
+        wasm = {k: e.stat(wasm_stat(*spec)) for k, spec in {
+            "per-key.allowed": ("requests_total", "per-key", "allowed"),
+            "per-key.denied": ("requests_total", "per-key", "denied"),
+            "per-key.table_full": ("table_full_total", "per-key"),
+            "slot_reclaimed": ("slot_reclaimed_total",),
+            "store_errors": ("store_errors_total",)}.items()}
         return {"small_kib": small_kib, "before_kib": before, "after_kib": after, "requests": completed, "seconds": elapsed,
                 "table_size": table_size, "wasm": wasm}
     finally:

@@ -26,7 +26,7 @@ Envoy with ratelimit-wasm on http://localhost:10300 (admin :9904). Try, in anoth
   for i in \$(seq 7); do curl -s -o /dev/null -w '%{http_code}\n' -H 'x-api-key: alice' localhost:10300/; done
   curl -i -H 'x-api-key: alice' localhost:10300/
   curl -s localhost:8080/metrics | grep decisions
-  curl -s localhost:9904/stats/prometheus | grep ratelimit_wasm_global
+  curl -s localhost:9904/stats/prometheus | grep ratelimit_wasm_requests_total
 Start a second Envoy on other ports and the limit is shared. Ctrl-C stops everything.
 
 MSG

@@ -1,12 +1,17 @@
 //! Every metric the filter counts, defined once: the [`Metric`] the core reports, each counter's
-//! name, and its place in the glue's table of counters all come from the one list below, so a
-//! metric cannot be counted without a counter or named without being counted.
+//! name and labels, and its place in the glue's table of counters all come from the one list below,
+//! so a metric cannot be counted without a counter or named without being counted.
+//!
+//! Labels travel inside the name the way Istio's own stats do (`rule=.=login;.;`), because
+//! proxy-wasm counters have no labels of their own: Envoy's `stats_tags` (Istio's `extraStatTags`)
+//! cut each `<label>=.=<value>;.;` out of the name into a tag. The delimiters cannot occur in a
+//! rule name or key prefix, so a value may contain dots.
 
 use crate::config::Config;
 
 macro_rules! metrics {
     (
-        per_rule { $($(#[$rule_doc:meta])* $rule:ident = $rule_name:literal,)* }
+        per_rule { $($(#[$rule_doc:meta])* $rule:ident = $rule_name:literal $(decision $decision:literal)?,)* }
         filter_wide { $($(#[$doc:meta])* $metric:ident = $name:literal,)* }
     ) => {
         /// Something worth counting. The first kinds are counted per rule (the `usize` is the
@@ -23,9 +28,10 @@ macro_rules! metrics {
         #[repr(usize)]
         enum FilterKind { $($metric,)* }
 
-        /// Name suffixes of the per-rule counters, in `RuleKind` order.
-        const PER_RULE: &[&str] = &[$($rule_name,)*];
-        /// Names of the filter-wide counters, in `FilterKind` order.
+        /// Metric names and `decision` labels (empty for none) of the per-rule counters, in
+        /// `RuleKind` order.
+        const PER_RULE: &[(&str, &str)] = &[$(($rule_name, concat!("" $(, $decision)?)),)*];
+        /// Metric names of the filter-wide counters, in `FilterKind` order.
         const FILTER_WIDE: &[&str] = &[$($name,)*];
 
         impl Metric {
@@ -43,54 +49,63 @@ macro_rules! metrics {
 metrics! {
     per_rule {
         /// A request the rule applied to was allowed.
-        Allowed = "allowed",
+        Allowed = "ratelimit_wasm_requests_total" decision "allowed",
         /// The rule denied a request.
-        Denied = "denied",
+        Denied = "ratelimit_wasm_requests_total" decision "denied",
         /// A shadow rule would have denied the request (it was not denied for it).
-        ShadowDenied = "shadow_denied",
+        ShadowDenied = "ratelimit_wasm_requests_total" decision "shadow_denied",
         /// A new key found its whole probe window in the rule's share of the table live; the
         /// rule's table-full policy was applied.
-        TableFull = "table_full",
+        TableFull = "ratelimit_wasm_table_full_total",
         /// A request the rule would have denied was held for the turn reserved for it instead.
-        Delayed = "delayed",
+        Delayed = "ratelimit_wasm_delayed_total",
         /// Milliseconds that delayed requests were held for, in all.
-        DelayedMs = "delayed_ms",
+        DelayedMs = "ratelimit_wasm_delayed_milliseconds_total",
         /// Units charged from responses beyond the estimates taken at admission, in all.
-        Charged = "charged",
+        Charged = "ratelimit_wasm_charged_units_total",
     }
     filter_wide {
         /// As `table_full`, in the status endpoint's share of the table.
-        StatusTableFull = "status_table_full",
+        StatusTableFull = "ratelimit_wasm_status_table_full_total",
         /// A request gave up after losing the CAS race too often (it is denied).
-        CasRetriesExhausted = "cas_retries_exhausted",
+        CasRetriesExhausted = "ratelimit_wasm_cas_retries_exhausted_total",
         /// An idle slot (a limit whose quota had come back) was reused for another key.
-        SlotReclaimed = "slot_reclaimed",
+        SlotReclaimed = "ratelimit_wasm_slot_reclaimed_total",
         /// Two workers inserted one key at once; the copies were folded into one.
-        DuplicateFolded = "duplicate_folded",
+        DuplicateFolded = "ratelimit_wasm_duplicate_folded_total",
         /// The host refused a shared-data call (the request is allowed).
-        StoreError = "store_errors",
+        StoreError = "ratelimit_wasm_store_errors_total",
         /// The rate limit service gave no usable answer (the rule's failure mode applied).
-        GlobalFailure = "global_failures",
+        GlobalFailure = "ratelimit_wasm_global_failures_total",
         /// A write lost the CAS race to another worker and was retried (contention on one key).
-        CasRetry = "cas_retries",
+        CasRetry = "ratelimit_wasm_cas_retries_total",
         /// A call to the status endpoint was refused: its caller is over `status_limit`.
-        StatusDenied = "status_denied",
+        StatusDenied = "ratelimit_wasm_status_denied_total",
         /// A request that waited for its turn ended before it (the client left); the turn was
         /// given back.
-        DelayAbandoned = "delay_abandoned",
+        DelayAbandoned = "ratelimit_wasm_delay_abandoned_total",
     }
 }
 
-/// The full name of every counter, in slot order:
-/// `ratelimit_wasm.<key_prefix>.<rule>.<what>` for each per-rule kind and rule, then
-/// `ratelimit_wasm.<key_prefix>.<what>`.
+/// The full name of every counter, in slot order: each per-rule kind for each rule, then the
+/// filter-wide ones, e.g.
+/// `key_prefix=.=demo;.;rule=.=login;.;decision=.=denied;.;ratelimit_wasm_requests_total`.
 pub fn counter_names(config: &Config) -> Vec<String> {
-    let prefix = &config.key_prefix;
-    let per_rule = PER_RULE.iter().flat_map(|what| {
-        config.rules.iter().map(move |rule| format!("ratelimit_wasm.{prefix}.{}.{what}", rule.name))
+    let prefix = label("key_prefix", &config.key_prefix);
+    let per_rule = PER_RULE.iter().flat_map(|&(name, decision)| {
+        let prefix = &prefix;
+        config.rules.iter().map(move |rule| {
+            let decision = if decision.is_empty() { String::new() } else { label("decision", decision) };
+            format!("{prefix}{}{decision}{name}", label("rule", &rule.name))
+        })
     });
-    let filter_wide = FILTER_WIDE.iter().map(|what| format!("ratelimit_wasm.{prefix}.{what}"));
+    let filter_wide = FILTER_WIDE.iter().map(|name| format!("{prefix}{name}"));
     per_rule.chain(filter_wide).collect()
+}
+
+/// One label in Istio's in-name form, which Envoy's tag extraction turns into a Prometheus label.
+fn label(name: &str, value: &str) -> String {
+    format!("{name}=.={value};.;")
 }
 
 #[cfg(test)]
@@ -106,11 +121,18 @@ mod tests {
         let names = counter_names(&config);
         let name = |m: Metric| names[m.slot(2)].as_str();
         assert_eq!(names.len(), 7 * 2 + 9);
-        assert_eq!(name(Metric::Allowed(0)), "ratelimit_wasm.p.a.allowed");
-        assert_eq!(name(Metric::ShadowDenied(1)), "ratelimit_wasm.p.b.shadow_denied");
-        assert_eq!(name(Metric::TableFull(1)), "ratelimit_wasm.p.b.table_full");
-        assert_eq!(name(Metric::StatusTableFull), "ratelimit_wasm.p.status_table_full");
-        assert_eq!(name(Metric::CasRetry), "ratelimit_wasm.p.cas_retries");
+        let p = "key_prefix=.=p;.;";
+        assert_eq!(
+            name(Metric::Allowed(0)),
+            format!("{p}rule=.=a;.;decision=.=allowed;.;ratelimit_wasm_requests_total")
+        );
+        assert_eq!(
+            name(Metric::ShadowDenied(1)),
+            format!("{p}rule=.=b;.;decision=.=shadow_denied;.;ratelimit_wasm_requests_total")
+        );
+        assert_eq!(name(Metric::TableFull(1)), format!("{p}rule=.=b;.;ratelimit_wasm_table_full_total"));
+        assert_eq!(name(Metric::StatusTableFull), format!("{p}ratelimit_wasm_status_table_full_total"));
+        assert_eq!(name(Metric::CasRetry), format!("{p}ratelimit_wasm_cas_retries_total"));
         let mut slots: Vec<usize> =
             [Metric::Denied(0), Metric::Denied(1), Metric::StoreError, Metric::GlobalFailure]
                 .into_iter()
@@ -118,5 +140,20 @@ mod tests {
                 .collect();
         slots.dedup();
         assert_eq!(slots.len(), 4);
+    }
+
+    #[test]
+    fn dotted_rule_names_and_prefixes_stay_whole_inside_their_labels() {
+        let json = r#"{"key_prefix":"team.a:v1","rules":[
+            {"name":"api.v1","key":[{"source":"method"}],"limit":{"capacity":1,"refill_period":"1s"}},
+            {"name":"api","key":[{"source":"method"}],"limit":{"capacity":1,"refill_period":"1s"}}]}"#;
+        let config = Config::parse(json.as_bytes()).unwrap();
+        let names = counter_names(&config);
+        assert_eq!(
+            names[Metric::Denied(0).slot(2)],
+            "key_prefix=.=team.a:v1;.;rule=.=api.v1;.;decision=.=denied;.;ratelimit_wasm_requests_total"
+        );
+        let distinct: std::collections::HashSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len());
     }
 }

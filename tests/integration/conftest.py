@@ -35,6 +35,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_BIN = Path(os.environ.get("ENVOY_BIN", REPO / ".venv" / "bin" / "envoy"))
+# The bootstrap's stats_tags as the README ships them: they turn the labels the filter writes into
+# its counter names into Prometheus labels.
+STATS_TAGS = [{"tag_name": t, "regex": f"({t}=\\.=(.*?);\\.;)"} for t in ("key_prefix", "rule", "decision")]
 DEFAULT_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "ratelimit_wasm.wasm"
 STARTUP_TIMEOUT = 60.0
 UPSTREAM_BODY = "ok"
@@ -196,6 +199,7 @@ def render_bootstrap(
         upstream_route["response_headers_to_add"] = [{"header": {"key": k, "value": v}} for k, v in added.items()]
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "stats_config": {"stats_tags": STATS_TAGS},
         "static_resources": {
             "listeners": [
                 {
@@ -626,6 +630,14 @@ def clear_of_window_edge(window_s: int, needed_s: float) -> None:
     left = window_s - time.time() % window_s
     if left < needed_s:
         time.sleep(left + 0.05)
+
+
+def counter(envoy: Envoy, metric: str, key_prefix: str, rule: str | None = None, decision: str | None = None):
+    """Value of one of the filter's counters, e.g. counter(envoy, "requests_total", "rl", "login",
+    "denied"); None if it does not exist. The labels travel in the name (README, Metrics)."""
+    labels = [("key_prefix", key_prefix), ("rule", rule), ("decision", decision)]
+    name = "".join(f"{k}=.={v};.;" for k, v in labels if v is not None) + "ratelimit_wasm_" + metric
+    return custom_stat(envoy, name)
 
 
 def custom_stat(envoy: Envoy, name: str):

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import custom_stat, do_request, fresh_key, loopback_http_server, reset_connection, run_parallel, wait_for
+from conftest import counter, do_request, fresh_key, loopback_http_server, reset_connection, run_parallel, wait_for
 
 RATE = 10  # per second
 CLIENTS = 30
@@ -86,7 +86,7 @@ def test_requests_beyond_the_bucket_wait_for_their_turn_and_arrive_spaced(envoy_
     assert set(statuses) <= {200, 429}
     # 1 at once, 10 within the second, the rest more than a second away: denied.
     assert admitted >= 1 + RATE and statuses.count(429) >= 1
-    assert custom_stat(envoy, "ratelimit_wasm.delay.smooth.delayed") >= RATE
+    assert counter(envoy, "delayed_total", "delay", "smooth") >= RATE
     assert lateness[-1] < 50, lateness
 
 
@@ -108,12 +108,12 @@ def test_a_client_that_leaves_while_waiting_gives_its_turn_back(envoy_factory, u
         s = socket.create_connection((envoy.host, envoy.port))
         s.sendall(f"GET / HTTP/1.1\r\nhost: x\r\nx-key: {key}\r\n\r\n".encode())
         waiting.append(s)
-    wait_for(lambda: (custom_stat(envoy, "ratelimit_wasm.leave.slow.delayed") or 0) == 10,
+    wait_for(lambda: (counter(envoy, "delayed_total", "leave", "slow") or 0) == 10,
              "ten turns to be reserved")
     before = reset_seconds()
     for s in waiting[5:]:
         reset_connection(s)
-    wait_for(lambda: custom_stat(envoy, "ratelimit_wasm.leave.delay_abandoned") == 5,
+    wait_for(lambda: counter(envoy, "delay_abandoned_total", "leave") == 5,
              "the five resets to give their turns back")
     after = reset_seconds()
     for s in waiting[:5]:

@@ -4,7 +4,7 @@ back, the global limit applies again without a restart."""
 
 import itertools
 
-from conftest import clear_of_window_edge, custom_stat, fresh_key
+from conftest import clear_of_window_edge, counter, fresh_key
 from processes import Redis, Service
 from test_global import decisions, global_config, service_bin, stack  # noqa: F401 (fixtures)
 
@@ -41,7 +41,7 @@ def test_each_envoy_enforces_its_fallback_while_the_service_is_down(envoy_factor
             break
         assert n < 50, "the service never answered again"
     back = admitted(envoys, fresh_key("back"), 10)
-    fallback_denied = [custom_stat(e, "ratelimit_wasm.g.shared.fallback.denied") for e in envoys]
+    fallback_denied = [counter(e, "requests_total", "g", "shared.fallback", "denied") for e in envoys]
     report(f"fallback: global {GLOBAL_LIMIT}/1m, fallback {FALLBACK_LIMIT}/1m, 2 Envoys: admitted per Envoy "
            f"with the service up {up}, down {down}, back {back}; fallback denials per Envoy {fallback_denied}")
     assert sum(up) == GLOBAL_LIMIT

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, clear_of_window_edge, custom_stat, do_request, fresh_key, run_parallel
+from conftest import REPO, clear_of_window_edge, counter, do_request, fresh_key, run_parallel
 from processes import SERVICE_BIN, Redis, Service, redis_cli
 
 LIMIT = 50
@@ -216,7 +216,7 @@ def test_redis_down_applies_the_failure_mode_and_decisions_resume(envoy_factory,
     assert [envoy.request("/open", key).status for _ in range(3)] == [200, 200, 200]
     assert envoy.request("/closed", key).status == 429
     assert service.healthz() == 503
-    assert custom_stat(envoy, "ratelimit_wasm.g.global_failures") >= 4
+    assert counter(envoy, "global_failures_total", "g") >= 4
     redis.start()
     deadline = time.time() + 15
     while service.healthz() != 200 and time.time() < deadline:

@@ -2,7 +2,7 @@
 
 import collections
 
-from conftest import custom_stat, do_request, filter_config, header_rule, run_parallel
+from conftest import counter, do_request, filter_config, header_rule, run_parallel
 
 FLOOD = 100_000
 CONNECTIONS = 32
@@ -32,7 +32,7 @@ def test_distinct_key_flood_keeps_memory_bounded_and_victim_limited(envoy_factor
 
     counts = sum(run_parallel(CONNECTIONS, work, envoy, timeout=120), collections.Counter())
     rss_after = envoy.rss_kib()
-    table_full = custom_stat(envoy, f"ratelimit_wasm.{PREFIX}.per-key.table_full")
+    table_full = counter(envoy, "table_full_total", PREFIX, "per-key")
     report(
         f"memory: table_size 4096, --concurrency 4, {per_conn * CONNECTIONS} distinct keys: "
         f"VmRSS {rss_before} KiB -> {rss_after} KiB (growth {rss_after - rss_before} KiB); "

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import clear_of_window_edge, custom_stat, do_request, filter_config, fresh_key, run_parallel
+from conftest import clear_of_window_edge, counter, do_request, filter_config, fresh_key, run_parallel
 
 ROUNDS = 20
 REQUESTS = 400
@@ -143,8 +143,8 @@ def test_shadow_mode_counts_logs_and_reports_but_never_denies(envoy_factory):
     responses = [envoy.request("/", {"x-key": key}) for _ in range(5)]
     assert [r.status for r in responses] == [200] * 5
     assert responses[-1].header("x-ratelimit-remaining") == "0"
-    assert custom_stat(envoy, "ratelimit_wasm.sh.trial.shadow_denied") == 3
-    assert custom_stat(envoy, "ratelimit_wasm.sh.trial.denied") == 0
+    assert counter(envoy, "requests_total", "sh", "trial", "shadow_denied") == 3
+    assert counter(envoy, "requests_total", "sh", "trial", "denied") == 0
     deadline = time.time() + 5
     while "shadow-denied rule=\"trial\"" not in envoy.log() and time.time() < deadline:
         time.sleep(0.1)

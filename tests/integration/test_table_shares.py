@@ -3,7 +3,7 @@ fills that rule's share only, and another rule goes on limiting new clients exac
 
 import collections
 
-from conftest import clear_of_window_edge, custom_stat, do_request, filter_config, fresh_key, run_parallel
+from conftest import clear_of_window_edge, counter, do_request, filter_config, fresh_key, run_parallel
 
 PREFIX = "shares"
 FLOOD = 3_000
@@ -36,7 +36,7 @@ def test_a_flood_on_one_rule_leaves_another_rule_limiting_new_clients_exactly(en
         return [do_request(conn, "/api/items", {"x-api-key": f"{run}-{i}-{j}"}).status for j in range(FLOOD // 20)]
 
     flood_statuses = collections.Counter(run_parallel(20, flood, envoy, timeout=120))
-    api_full = custom_stat(envoy, f"ratelimit_wasm.{PREFIX}.api.table_full")
+    api_full = counter(envoy, "table_full_total", PREFIX, "api")
     assert api_full and api_full > 0, "the flood should have filled the api rule's 512 slots"
 
     clear_of_window_edge(3600, 60)
@@ -47,7 +47,7 @@ def test_a_flood_on_one_rule_leaves_another_rule_limiting_new_clients_exactly(en
 
     results = run_parallel(CLIENTS, logins, envoy)
     admitted = collections.Counter(user for user, status in results if status == 200)
-    login_full = custom_stat(envoy, f"ratelimit_wasm.{PREFIX}.login.table_full")
+    login_full = counter(envoy, "table_full_total", PREFIX, "login")
     report(
         f"table shares: table_size 1024 over 2 rules, --concurrency 2; {FLOOD} new x-api-key on /api/ "
         f"(sliding 100/24h): statuses {dict(flood_statuses)}, api.table_full={api_full}; then {CLIENTS} new "

@@ -3,7 +3,7 @@ upstream states each response's usage in `x-usage-tokens` (here it repeats what 
 to, through Envoy's %REQ()% formatter). A request passes while any of the quota is left; its usage
 is charged when the response arrives, and the headers show what is left after that charge."""
 
-from conftest import clear_of_window_edge, custom_stat, fresh_key, wait_for
+from conftest import clear_of_window_edge, counter, fresh_key, wait_for
 
 USAGE = 300
 
@@ -38,5 +38,5 @@ def test_a_daily_token_quota_per_plan_is_charged_from_each_response(envoy_factor
     assert results["pro"][1][-1] == "0"
     # Counters reach Envoy on the workers' next tick (100 ms).
     expected = (4 + 17) * (USAGE - 1)
-    wait_for(lambda: custom_stat(envoy, "ratelimit_wasm.usage.tokens.charged") == expected,
+    wait_for(lambda: counter(envoy, "charged_units_total", "usage", "tokens") == expected,
              f"the charged counter to reach {expected}", timeout=5)
