@@ -21,7 +21,7 @@ CONCURRENCY ?= 2
 # ~1.5 us less CPU per request); see README "Performance".
 OPT_LEVEL ?= s
 
-.PHONY: help setup setup-redis setup-oci oci build run run-global test test-native test-wasm test-integration test-compat lint fmt clean bench
+.PHONY: help setup setup-redis setup-oci setup-monitoring oci build run run-global test test-native test-wasm test-integration test-compat lint fmt clean bench
 
 help:
 	@echo "make setup             install toolchain pieces (wasm target, clippy, rustfmt, .venv with Envoy $(ENVOY_VERSION), pytest, grpcio)"
@@ -65,6 +65,10 @@ setup-redis:
 setup-oci:
 	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q skopeo docker-registry; }
 
+# Prometheus and promtool (Debian), for the dashboard's and the alerts' tests (test_monitoring.py).
+setup-monitoring:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; }
+
 # The module as an OCI image Istio's WasmPlugin pulls (tools/oci.py): layout in target/oci, tag
 # OCI_TAG; prints the manifest digest, the WasmPlugin's `sha256`.
 OCI_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
@@ -107,7 +111,7 @@ test-wasm:
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(NODE) $(CURDIR)/tools/wasi-runner.mjs" \
 	  $(CARGO) test --no-default-features --target $(TARGET) -- --nocapture
 
-test-integration: setup-redis setup-oci build
+test-integration: setup-redis setup-oci setup-monitoring build
 	PYTHONDONTWRITEBYTECODE=1 $(PYTEST) -q -p no:cacheprovider tests/integration
 
 lint:
