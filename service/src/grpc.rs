@@ -1,9 +1,11 @@
 //! The gRPC face of `ShouldRateLimit`, written out instead of the generated server so that the
 //! codec is ours: prost's answers an undecodable request (a non-UTF-8 string, a truncated message)
 //! with INTERNAL and nothing counts it; this one answers INVALID_ARGUMENT, as for any other bad
-//! request, and counts it in `grpc_errors_total`.
+//! request, and counts it in `grpc_errors_total`. Our own `ratelimitwasm.lease.v1.Leases/Return`
+//! is served the same way, on the same port.
 
 use std::convert::Infallible;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,6 +19,7 @@ use tonic::metadata::MetadataMap;
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
+use crate::lease::{ReturnRequest, ReturnResponse};
 use crate::metrics::Metrics;
 use crate::service::Limiter;
 
@@ -56,9 +59,67 @@ where
         let limiter = self.limiter.clone();
         let max_bytes = self.max_request_bytes;
         Box::pin(async move {
-            let codec = RlsCodec { metrics: limiter.metrics.clone(), max_bytes };
+            let codec = MessageCodec::new(limiter.metrics.clone(), max_bytes, count_rls_error);
             Ok(tonic::server::Grpc::new(codec).unary(ShouldRateLimit(limiter), req).await)
         })
+    }
+}
+
+fn count_rls_error(m: &Metrics) {
+    m.grpc_error("invalid_argument");
+}
+
+fn count_return_error(m: &Metrics) {
+    m.lease_return("invalid_argument");
+}
+
+/// `ratelimitwasm.lease.v1.Leases`: one method, `Return` (see `Limiter::give_back`).
+#[derive(Clone)]
+pub struct LeaseServer {
+    pub limiter: Arc<Limiter>,
+    /// As for `RlsServer`: a `Return` carries the grant's descriptors.
+    pub max_request_bytes: usize,
+}
+
+impl NamedService for LeaseServer {
+    const NAME: &'static str = crate::lease::SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for LeaseServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != crate::lease::RETURN_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
+        }
+        let limiter = self.limiter.clone();
+        let max_bytes = self.max_request_bytes;
+        Box::pin(async move {
+            let codec = MessageCodec::new(limiter.metrics.clone(), max_bytes, count_return_error);
+            Ok(tonic::server::Grpc::new(codec).unary(Return(limiter), req).await)
+        })
+    }
+}
+
+struct Return(Arc<Limiter>);
+
+impl UnaryService<ReturnRequest> for Return {
+    type Response = ReturnResponse;
+    type Future = BoxFuture<Response<ReturnResponse>, Status>;
+
+    fn call(&mut self, request: Request<ReturnRequest>) -> Self::Future {
+        let limiter = self.0.clone();
+        Box::pin(async move { limiter.give_back(request.into_inner()).await.map(Response::new) })
     }
 }
 
@@ -74,58 +135,81 @@ impl UnaryService<RateLimitRequest> for ShouldRateLimit {
     }
 }
 
-struct RlsCodec {
+/// A prost codec that encodes `E` and decodes `D`: refuses a message over `max_bytes` before
+/// decoding it, and answers an undecodable one INVALID_ARGUMENT, counted by `count_error`.
+/// Public so that a client (the tests) can speak `Return` with the same messages.
+pub struct MessageCodec<E, D> {
     metrics: Arc<Metrics>,
     max_bytes: usize,
+    count_error: fn(&Metrics),
+    _types: PhantomData<fn(E) -> D>,
 }
 
-impl Codec for RlsCodec {
-    type Encode = RateLimitResponse;
-    type Decode = RateLimitRequest;
-    type Encoder = RlsEncoder;
-    type Decoder = RlsDecoder;
-
-    fn encoder(&mut self) -> RlsEncoder {
-        RlsEncoder
-    }
-
-    fn decoder(&mut self) -> RlsDecoder {
-        RlsDecoder { metrics: self.metrics.clone(), max_bytes: self.max_bytes }
+impl<E, D> MessageCodec<E, D> {
+    pub fn new(metrics: Arc<Metrics>, max_bytes: usize, count_error: fn(&Metrics)) -> Self {
+        MessageCodec { metrics, max_bytes, count_error, _types: PhantomData }
     }
 }
 
-struct RlsEncoder;
+impl<E, D> Codec for MessageCodec<E, D>
+where
+    E: Message + Send + 'static,
+    D: Message + Default + Send + 'static,
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = MessageEncoder<E>;
+    type Decoder = MessageDecoder<D>;
 
-impl Encoder for RlsEncoder {
-    type Item = RateLimitResponse;
+    fn encoder(&mut self) -> MessageEncoder<E> {
+        MessageEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> MessageDecoder<D> {
+        MessageDecoder {
+            metrics: self.metrics.clone(),
+            max_bytes: self.max_bytes,
+            count_error: self.count_error,
+            _type: PhantomData,
+        }
+    }
+}
+
+pub struct MessageEncoder<E>(PhantomData<fn(E)>);
+
+impl<E: Message> Encoder for MessageEncoder<E> {
+    type Item = E;
     type Error = Status;
 
-    fn encode(&mut self, item: RateLimitResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst).map_err(|e| Status::internal(format!("cannot encode the response: {e}")))
+    fn encode(&mut self, item: E, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst).map_err(|e| Status::internal(format!("cannot encode the message: {e}")))
     }
 }
 
-struct RlsDecoder {
+pub struct MessageDecoder<D> {
     metrics: Arc<Metrics>,
     max_bytes: usize,
+    count_error: fn(&Metrics),
+    _type: PhantomData<fn() -> D>,
 }
 
-impl Decoder for RlsDecoder {
-    type Item = RateLimitRequest;
+impl<D: Message + Default> Decoder for MessageDecoder<D> {
+    type Item = D;
     type Error = Status;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<RateLimitRequest>, Status> {
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
         let len = src.remaining();
         if len > self.max_bytes {
-            self.metrics.grpc_error("invalid_argument");
+            (self.count_error)(&self.metrics);
             return Err(Status::invalid_argument(format!(
                 "the request is {len} bytes, at most {} allowed (--max-request-bytes)",
                 self.max_bytes
             )));
         }
-        RateLimitRequest::decode(src).map(Some).map_err(|e| {
-            self.metrics.grpc_error("invalid_argument");
-            Status::invalid_argument(format!("malformed RateLimitRequest: {e}"))
+        D::decode(src).map(Some).map_err(|e| {
+            (self.count_error)(&self.metrics);
+            let name = std::any::type_name::<D>().rsplit("::").next().unwrap_or_default();
+            Status::invalid_argument(format!("malformed {name}: {e}"))
         })
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod keys;
+pub mod lease;
 pub mod log;
 pub mod metrics;
 pub mod reload;
@@ -24,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::bounds::Bounds;
 use crate::config::{Algorithm, Config};
-use crate::grpc::RlsServer;
+use crate::grpc::{LeaseServer, RlsServer};
 use crate::metrics::Metrics;
 use crate::service::Limiter;
 use crate::store::{RedisOptions, Store};
@@ -302,7 +303,8 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
     }
     let served = server
         .add_service(health_service)
-        .add_service(RlsServer { limiter, max_request_bytes: args.max_request_bytes })
+        .add_service(RlsServer { limiter: limiter.clone(), max_request_bytes: args.max_request_bytes })
+        .add_service(LeaseServer { limiter, max_request_bytes: args.max_request_bytes })
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|v| *v).await;
         })

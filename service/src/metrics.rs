@@ -29,6 +29,10 @@ pub struct Metrics {
     redis_errors: AtomicU64,
     redis_up: AtomicU64,
     refunds: AtomicU64,
+    leases_granted: AtomicU64,
+    lease_units_granted: AtomicU64,
+    lease_units_refunded: AtomicU64,
+    lease_returns: Mutex<BTreeMap<&'static str, u64>>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
 }
@@ -106,6 +110,24 @@ impl Metrics {
         self.refunds.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A `ShouldRateLimit` call granted a lease of `units`.
+    pub fn lease_granted(&self, units: u64) {
+        self.leases_granted.fetch_add(1, Ordering::Relaxed);
+        self.lease_units_granted.fetch_add(units, Ordering::Relaxed);
+    }
+
+    /// Units a `Return` gave back.
+    pub fn lease_refunded(&self, units: u64) {
+        self.lease_units_refunded.fetch_add(units, Ordering::Relaxed);
+    }
+
+    /// One `Return` call: `refunded`, `nothing`, `invalid_argument`, `unavailable`, `other`.
+    pub fn lease_return(&self, outcome: &'static str) {
+        if let Ok(mut m) = self.lease_returns.lock() {
+            *m.entry(outcome).or_insert(0) += 1;
+        }
+    }
+
     pub fn reload(&self, ok: bool) {
         if ok {
             self.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -164,9 +186,18 @@ impl Metrics {
             ("redis_errors_total", "counter", "Redis calls that failed or timed out.", self.redis_errors.load(Ordering::Relaxed)),
             ("redis_up", "gauge", "1 when the last health PING to Redis succeeded.", self.redis_up.load(Ordering::Relaxed)),
             ("refunds_total", "counter", "Hits given back to a descriptor because another descriptor of the same request was over its limit.", self.refunds.load(Ordering::Relaxed)),
+            ("leases_granted_total", "counter", "ShouldRateLimit calls that granted a lease (a quota of one or more units).", self.leases_granted.load(Ordering::Relaxed)),
+            ("lease_units_granted_total", "counter", "Units granted in leases (each lease counted once, whatever its number of descriptors).", self.lease_units_granted.load(Ordering::Relaxed)),
+            ("lease_units_refunded_total", "counter", "Lease units given back by Leases/Return.", self.lease_units_refunded.load(Ordering::Relaxed)),
         ];
         for (name, kind, help, v) in simple {
             let _ = writeln!(o, "# HELP {p}_{name} {help}\n# TYPE {p}_{name} {kind}\n{p}_{name} {v}");
+        }
+        let _ = writeln!(o, "# HELP {p}_lease_returns_total Leases/Return calls by outcome.\n# TYPE {p}_lease_returns_total counter");
+        if let Ok(m) = self.lease_returns.lock() {
+            for (c, v) in m.iter() {
+                let _ = writeln!(o, "{p}_lease_returns_total{{outcome=\"{c}\"}} {v}");
+            }
         }
         let _ = writeln!(o, "# HELP {p}_config_reloads_total Configuration reloads after a file change, by result.\n# TYPE {p}_config_reloads_total counter");
         let _ = writeln!(

@@ -2,10 +2,20 @@
 //! (`TIME`), so several service instances agree on windows. Every write sets a TTL.
 //!
 //! All decision scripts take `KEYS[1]` and `ARGV = limit, hits, period_ms, margin_ms, deadline_ms`
-//! and return `{allowed (1|0), remaining, ms_until_reset, window_start_ms}`. A request whose hits do
-//! not fit consumes nothing. `hits = 0` consumes nothing and is allowed when one more hit would fit.
-//! A script that runs after `deadline_ms` (Redis' clock; 0: none) returns `{-1, 0, 0, 0}` and
-//! changes nothing: its caller has already been answered UNAVAILABLE.
+//! and return `{allowed (1|0), remaining, ms_until_reset, window_start_ms, granted, valid_until_ms}`.
+//! A request whose hits do not fit consumes nothing. `hits = 0` consumes nothing and is allowed
+//! when one more hit would fit. A script that runs after `deadline_ms` (Redis' clock; 0: none)
+//! returns `{-1, 0, 0, 0, 0, 0}` and changes nothing: its caller has already been answered
+//! UNAVAILABLE.
+//!
+//! Leases: with `ARGV[6] = K > 0`, `ARGV[7] = validity_ms` and `KEYS[2]` = the lease's key (same
+//! hash tag), an allowed call also takes `granted = min(K, what remains after its hits)` units,
+//! spent in the same state as `granted` more admitted requests, in the same atomic step (so two
+//! calls can never together take more than remains), and records them in `KEYS[2]` (hash
+//! `n` = units outstanding, `w` = window start or `i` = the bucket's ms per unit) with a TTL
+//! until `valid_until_ms`: now + validity, for the window algorithms cut at the end of the
+//! current (sub-)window, after which the units can neither be spent nor given back. Without
+//! `ARGV[6]` (or 0) the scripts behave and write exactly as they did before leases.
 //!
 //! Redis' clock may go back (a failover to a replica whose clock lags): a window script that finds
 //! a stored window later than its own keeps counting in the stored one; the token bucket's state is
@@ -30,8 +40,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 pub const DEADLINE: &str = r#"
 local deadline = tonumber(ARGV[5]) or 0
 if deadline > 0 and now > deadline then
-  return {-1, 0, 0, 0}
+  return {-1, 0, 0, 0, 0, 0}
 end
+"#;
+
+/// The lease arguments of the decision scripts; absent when the caller asked for no lease.
+pub const LEASE_ARGS: &str = r#"
+local lease = tonumber(ARGV[6]) or 0
+local validity = tonumber(ARGV[7]) or 0
 "#;
 
 /// Calendar helpers (proleptic Gregorian, UTC), after H. Hinnant's civil-from-days algorithms.
@@ -98,14 +114,26 @@ if w == start then cnt = tonumber(h[2]) or 0 end
 local need = hits
 if need < 1 then need = 1 end
 if cnt + need > limit then
-  return {0, 0, stop - now, start}
+  return {0, 0, stop - now, start, 0, 0}
 end
-if hits > 0 then
-  cnt = cnt + hits
+local granted = 0
+if lease > 0 then
+  granted = math.min(lease, limit - cnt - hits)
+  if granted < 0 then granted = 0 end
+end
+if hits + granted > 0 then
+  cnt = cnt + hits + granted
   redis.call('HSET', KEYS[1], 'w', string.format('%d', start), 'c', cnt)
   redis.call('PEXPIRE', KEYS[1], stop - now + margin)
 end
-return {1, limit - cnt, stop - now, start}
+local valid_until = 0
+if granted > 0 then
+  -- Units of this window may not be spent (nor given back) in the next one: cut at its end.
+  valid_until = math.min(now + validity, stop)
+  redis.call('HSET', KEYS[2], 'n', granted, 'w', string.format('%d', start))
+  redis.call('PEXPIRE', KEYS[2], valid_until - now)
+end
+return {1, limit - cnt, stop - now, start, granted, valid_until}
 "#;
 
 pub const SLIDING_WINDOW_BODY: &str = r#"
@@ -148,16 +176,29 @@ if est + need > limit then
     wait = math.ceil(stop + period * (1 - (limit - need) / cur) - now)
   end
   if wait < 1 then wait = 1 end
-  return {0, 0, wait, start}
+  return {0, 0, wait, start, 0, 0}
 end
-if hits > 0 then
-  cur = cur + hits
+local granted = 0
+if lease > 0 then
+  granted = math.min(lease, math.floor(limit - (prev * weight + cur + hits) + 1e-9))
+  if granted < 0 then granted = 0 end
+end
+if hits + granted > 0 then
+  cur = cur + hits + granted
   redis.call('HSET', KEYS[1], 'w', string.format('%d', start), 'c', cur, 'p', prev)
   redis.call('PEXPIRE', KEYS[1], stop + period - now + margin)
 end
 local remaining = math.floor(limit - (prev * weight + cur) + 1e-9)
 if remaining < 0 then remaining = 0 end
-return {1, remaining, stop - now, start}
+local valid_until = 0
+if granted > 0 then
+  -- The units are counted in the current sub-window as if admitted now; spent after its end they
+  -- would weigh less than the requests they stand for, and a refund could not find them.
+  valid_until = math.min(now + validity, stop)
+  redis.call('HSET', KEYS[2], 'n', granted, 'w', string.format('%d', start))
+  redis.call('PEXPIRE', KEYS[2], valid_until - now)
+end
+return {1, remaining, stop - now, start, granted, valid_until}
 "#;
 
 pub const TOKEN_BUCKET_BODY: &str = r#"
@@ -166,7 +207,7 @@ local hits = tonumber(ARGV[2])
 local period = tonumber(ARGV[3])
 local margin = tonumber(ARGV[4])
 if limit <= 0 then
-  return {0, 0, period, 0}
+  return {0, 0, period, 0, 0, 0}
 end
 local interval = period / limit
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
@@ -179,15 +220,27 @@ if check > period + 1e-6 then
   -- hits gave 0): bound it at one period, as the window scripts bound theirs at the window's end.
   local wait = math.ceil(check - period)
   if wait > period then wait = period end
-  return {0, 0, wait, 0}
+  return {0, 0, wait, 0, 0, 0}
 end
 local new_tat = tat + interval * hits
-if hits > 0 then
+local granted = 0
+if lease > 0 then
+  granted = math.min(lease, math.floor((period - (new_tat - now)) / interval + 1e-6))
+  if granted < 0 then granted = 0 end
+  new_tat = new_tat + interval * granted
+end
+if hits + granted > 0 then
   redis.call('SET', KEYS[1], string.format('%.4f', new_tat), 'PX', math.ceil(new_tat - now) + margin)
 end
 local remaining = math.floor((period - (new_tat - now)) / interval + 1e-6)
 if remaining < 0 then remaining = 0 end
-return {1, remaining, math.ceil(new_tat - now), 0}
+local valid_until = 0
+if granted > 0 then
+  valid_until = now + validity
+  redis.call('HSET', KEYS[2], 'n', granted, 'i', string.format('%.6f', interval))
+  redis.call('PEXPIRE', KEYS[2], validity)
+end
+return {1, remaining, math.ceil(new_tat - now), 0, granted, valid_until}
 "#;
 
 /// Gives back `hits` taken by an earlier decision (the request was denied by another descriptor).
@@ -214,14 +267,61 @@ end
 return 0
 "#;
 
+/// Gives back up to `units` of a lease. `KEYS[1]` the descriptor's state, `KEYS[2]` the lease
+/// (written by a decision script; gone once its validity ended, so nothing is given back into a
+/// later window), `ARGV = algorithm tag, units, close (1|0)`. Gives back `min(units, n)`, takes
+/// them off `n`, and with `close` (or nothing left) deletes the lease so it cannot be given back
+/// twice. Windows: only into the window the units were taken from. Token bucket: the time the
+/// units took, never past a full bucket. Returns the units given back.
+pub const LEASE_RETURN: &str = r#"
+local lease = redis.call('HMGET', KEYS[2], 'n', 'w', 'i')
+local n = tonumber(lease[1])
+if not n then
+  return 0
+end
+local r = math.min(tonumber(ARGV[2]), n)
+if r > 0 then
+  if ARGV[1] == 'tb' then
+    local tat = tonumber(redis.call('GET', KEYS[1]))
+    local interval = tonumber(lease[3])
+    if tat and interval then
+      local t = redis.call('TIME')
+      local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      local back = tat - interval * r
+      -- Never more than a full bucket: a full bucket is a time of now or earlier.
+      if back < now then back = now end
+      redis.call('SET', KEYS[1], string.format('%.4f', back), 'KEEPTTL')
+    else
+      -- The bucket's key expired: it is full, there is nothing to give back into.
+      r = 0
+    end
+  else
+    local h = redis.call('HMGET', KEYS[1], 'w', 'c')
+    if h[1] and lease[2] and tonumber(h[1]) == tonumber(lease[2]) then
+      local c = (tonumber(h[2]) or 0) - r
+      if c < 0 then c = 0 end
+      redis.call('HSET', KEYS[1], 'c', c)
+    else
+      r = 0
+    end
+  end
+end
+if ARGV[3] == '1' or n - r <= 0 then
+  redis.call('DEL', KEYS[2])
+else
+  redis.call('HINCRBY', KEYS[2], 'n', -r)
+end
+return r
+"#;
+
 pub fn fixed_window() -> String {
-    format!("{NOW}{DEADLINE}{CALENDAR}{FIXED_WINDOW_BODY}")
+    format!("{NOW}{DEADLINE}{LEASE_ARGS}{CALENDAR}{FIXED_WINDOW_BODY}")
 }
 
 pub fn sliding_window() -> String {
-    format!("{NOW}{DEADLINE}{SLIDING_WINDOW_BODY}")
+    format!("{NOW}{DEADLINE}{LEASE_ARGS}{SLIDING_WINDOW_BODY}")
 }
 
 pub fn token_bucket() -> String {
-    format!("{NOW}{DEADLINE}{TOKEN_BUCKET_BODY}")
+    format!("{NOW}{DEADLINE}{LEASE_ARGS}{TOKEN_BUCKET_BODY}")
 }

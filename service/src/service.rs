@@ -5,19 +5,21 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::quota::ExpirationSpecifier;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
-    Code, DescriptorStatus, RateLimit,
+    Code, DescriptorStatus, Quota, RateLimit,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use envoy_types::pb::google::protobuf::{Duration as PbDuration, Timestamp};
 use tonic::{Request, Status};
 
 use crate::bounds::{descriptor_hits, request_hits, Bounds};
 use crate::config::{Algorithm, Config, Rule, RuleLimit, Unit};
 use crate::keys;
+use crate::lease::{self, LeaseAsk, ReturnRequest, ReturnResponse};
 use crate::log::Throttle;
 use crate::metrics::Metrics;
-use crate::store::{Check, Outcome, Store};
+use crate::store::{Check, LeaseArgs, Outcome, Store};
 
 pub struct Limiter {
     pub config: Arc<RwLock<Arc<Config>>>,
@@ -33,6 +35,7 @@ pub struct Limiter {
 
 static REDIS_ERROR_LOG: Throttle = Throttle::new(10_000);
 static REFUND_ERROR_LOG: Throttle = Throttle::new(10_000);
+static LEASE_TRIM_LOG: Throttle = Throttle::new(10_000);
 
 /// What to do for one descriptor.
 enum Plan {
@@ -162,20 +165,17 @@ impl Limiter {
         })
     }
 
-    /// `budget`: how long the caller waits (its gRPC deadline), if it said.
-    pub async fn decide(
-        &self,
-        req: RateLimitRequest,
-        budget: Option<std::time::Duration>,
-    ) -> Result<RateLimitResponse, Status> {
+    /// The plans of a request's descriptors, after the checks every request passes first (also
+    /// a lease `Return`, so that it keys its descriptors exactly as the grant did).
+    fn plans(&self, req: &RateLimitRequest) -> Result<Vec<Plan>, Status> {
         if req.domain.is_empty() {
             return Err(Status::invalid_argument("rate limit domain must not be empty"));
         }
         if req.descriptors.is_empty() {
             return Err(Status::invalid_argument("rate limit descriptor list must not be empty"));
         }
-        self.bounds.check(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let request_hits = request_hits(&req);
+        self.bounds.check(req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let request_hits = request_hits(req);
         let cfg = self
             .config
             .read()
@@ -186,13 +186,34 @@ impl Limiter {
             .iter()
             .map(|d| self.plan(&cfg, &req.domain, d, request_hits))
             .collect::<Result<Vec<_>, _>>()?;
-        let plans = drop_replaced(&cfg, &req, plans);
+        Ok(drop_replaced(&cfg, req, plans))
+    }
+
+    /// `budget`: how long the caller waits (its gRPC deadline), if it said. `lease`: the units
+    /// the caller asks for on top of its hits.
+    pub async fn decide(
+        &self,
+        req: RateLimitRequest,
+        budget: Option<std::time::Duration>,
+        lease: Option<LeaseAsk>,
+    ) -> Result<RateLimitResponse, Status> {
+        let plans = self.plans(&req)?;
+        // No lease where a limit is in shadow mode: the service never refuses such a request,
+        // so units taken for a lease would only charge the key for requests nobody made.
+        let shadow = plans.iter().any(|p| matches!(p, Plan::Limit { shadow: true, .. }));
+        let lease = lease.filter(|_| !shadow);
+        let lease_id = lease.map(|_| lease::new_id());
+        let lease_args = lease.zip(lease_id.as_deref()).map(|(ask, id)| LeaseArgs {
+            id,
+            units: ask.units,
+            validity_ms: ask.validity_ms,
+        });
 
         let deadline = self.store.deadline(budget);
         let results = futures_util::future::join_all(plans.iter().map(|p| async move {
             match p {
                 Plan::Pass(_) => Ok(None),
-                Plan::Limit { check, .. } => self.store.check(check, deadline).await.map(Some),
+                Plan::Limit { check, .. } => self.store.check(check, deadline, lease_args).await.map(Some),
             }
         }))
         .await;
@@ -213,13 +234,17 @@ impl Limiter {
             if let Some(n) = REDIS_ERROR_LOG.allow() {
                 crate::warn!("redis call failed, answering UNAVAILABLE: {e} ({n} similar errors not logged)");
             }
-            self.refund_all(&plans, &outcomes).await;
+            self.refund_all(&plans, &outcomes, lease_id.as_deref()).await;
             return Err(Status::unavailable(format!("rate limit store unavailable: {e}")));
         }
         if over {
             // All or nothing: a denied request keeps no hits in the descriptors that allowed it.
-            self.refund_all(&plans, &outcomes).await;
+            self.refund_all(&plans, &outcomes, lease_id.as_deref()).await;
         }
+        let quota = match lease_id {
+            Some(id) if !over => self.settle_lease(&plans, &mut outcomes, id).await,
+            _ => None,
+        };
 
         let mut statuses = Vec::with_capacity(plans.len());
         for (p, o) in plans.iter().zip(&outcomes) {
@@ -243,13 +268,14 @@ impl Limiter {
                             seconds: (o.reset_ms / 1000) as i64,
                             nanos: ((o.reset_ms % 1000) * 1_000_000) as i32,
                         }),
-                        ..Default::default()
+                        quota: quota.clone(),
                     };
                     (st, code)
                 }
-                (Plan::Pass(code), _) => {
-                    (DescriptorStatus { code: Code::Ok as i32, ..Default::default() }, *code)
-                }
+                (Plan::Pass(code), _) => (
+                    DescriptorStatus { code: Code::Ok as i32, quota: quota.clone(), ..Default::default() },
+                    *code,
+                ),
                 // Unreachable: a failed call returned UNAVAILABLE above.
                 (Plan::Limit { .. }, None) => continue,
             };
@@ -264,12 +290,82 @@ impl Limiter {
         })
     }
 
-    async fn refund_all(&self, plans: &[Plan], outcomes: &[Option<Outcome>]) {
+    /// The lease of an allowed request: the same `g` for every descriptor, the smallest any of
+    /// them granted. Each descriptor's script took its own grant atomically with its check (the
+    /// descriptors may live on different Redis Cluster nodes, so no one script can see them
+    /// all); what one took beyond `g` is given back here. Meanwhile those units only look spent,
+    /// which can refuse a concurrent call but never admit one too many.
+    async fn settle_lease(
+        &self,
+        plans: &[Plan],
+        outcomes: &mut [Option<Outcome>],
+        id: String,
+    ) -> Option<Quota> {
+        let limited: Vec<(&Check, &mut Outcome)> = plans
+            .iter()
+            .zip(outcomes.iter_mut())
+            .filter_map(|(p, o)| match (p, o) {
+                (Plan::Limit { check, .. }, Some(o)) => Some((check, o)),
+                _ => None,
+            })
+            .collect();
+        let g = limited.iter().map(|(_, o)| o.granted).min().unwrap_or(0);
+        let trims = limited.into_iter().filter(|(_, o)| o.granted > g).map(|(check, o)| {
+            let id = id.as_str();
+            async move {
+                match self.store.lease_return(check, id, o.granted - g, g == 0).await {
+                    Ok(back) => o.remaining = o.remaining.saturating_add(back),
+                    // The extra units stay spent until their window ends or the lease's key
+                    // expires: fewer admitted, never more.
+                    Err(e) => {
+                        if let Some(n) = LEASE_TRIM_LOG.allow() {
+                            crate::warn!(
+                                "could not give back lease units beyond the request's grant: {e} ({n} similar errors not logged)"
+                            );
+                        }
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(trims).await;
+        if g == 0 {
+            return None;
+        }
+        let valid_until = plans
+            .iter()
+            .zip(outcomes.iter())
+            .filter_map(|(p, o)| match (p, o) {
+                (Plan::Limit { .. }, Some(o)) => Some(o.valid_until_ms),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(0);
+        self.metrics.lease_granted(g);
+        Some(Quota {
+            requests: g.min(u64::from(u32::MAX)) as u32,
+            id,
+            expiration_specifier: Some(ExpirationSpecifier::ValidUntil(Timestamp {
+                seconds: valid_until.div_euclid(1000),
+                nanos: (valid_until.rem_euclid(1000) * 1_000_000) as i32,
+            })),
+        })
+    }
+
+    /// Gives back what a request that is not allowed took: its hits and any lease units.
+    async fn refund_all(&self, plans: &[Plan], outcomes: &[Option<Outcome>], lease_id: Option<&str>) {
         let jobs = plans.iter().zip(outcomes).filter_map(|(p, o)| match (p, o) {
-            (Plan::Limit { check, .. }, Some(o)) if o.allowed && check.hits > 0 => Some((check, o)),
+            (Plan::Limit { check, .. }, Some(o)) if o.allowed && (check.hits > 0 || o.granted > 0) => {
+                Some((check, o))
+            }
             _ => None,
         });
         let results = futures_util::future::join_all(jobs.map(|(c, o)| async move {
+            if let (Some(id), true) = (lease_id, o.granted > 0) {
+                self.store.lease_return(c, id, o.granted, true).await?;
+            }
+            if c.hits == 0 {
+                return Ok(());
+            }
             let r = self.store.refund(c, o).await;
             if r.is_ok() {
                 self.metrics.refund();
@@ -291,7 +387,10 @@ impl Limiter {
     /// One call: the decision, or a gRPC error counted by status.
     pub async fn answer(&self, request: Request<RateLimitRequest>) -> Result<RateLimitResponse, Status> {
         let budget = crate::grpc::grpc_timeout(request.metadata());
-        let r = self.decide(request.into_inner(), budget).await;
+        let r = match lease::lease_ask(request.metadata()) {
+            Ok(ask) => self.decide(request.into_inner(), budget, ask).await,
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        };
         if let Err(s) = &r {
             self.metrics.grpc_error(match s.code() {
                 tonic::Code::InvalidArgument => "invalid_argument",
@@ -300,5 +399,50 @@ impl Limiter {
             });
         }
         r
+    }
+}
+
+impl Limiter {
+    /// `Leases/Return`: gives back up to `units` of lease `id` to each of its descriptors and
+    /// ends the lease (see `scripts::LEASE_RETURN`), counted by outcome.
+    pub async fn give_back(&self, r: ReturnRequest) -> Result<ReturnResponse, Status> {
+        let result = self.give_back_inner(r).await;
+        self.metrics.lease_return(match &result {
+            Ok(r) if r.refunded > 0 => "refunded",
+            Ok(_) => "nothing",
+            Err(s) if s.code() == tonic::Code::InvalidArgument => "invalid_argument",
+            Err(s) if s.code() == tonic::Code::Unavailable => "unavailable",
+            Err(_) => "other",
+        });
+        if let Ok(r) = &result {
+            self.metrics.lease_refunded(r.refunded);
+        }
+        result
+    }
+
+    async fn give_back_inner(&self, r: ReturnRequest) -> Result<ReturnResponse, Status> {
+        if !lease::valid_id(&r.id) {
+            return Err(Status::invalid_argument(format!(
+                "lease id must be 1 to {} bytes of A-Z, a-z, 0-9, '-', '_', '.'",
+                lease::MAX_ID_BYTES
+            )));
+        }
+        let req = RateLimitRequest { domain: r.domain, descriptors: r.descriptors, hits_addend: 0 };
+        let plans = self.plans(&req)?;
+        // No lease holds more: larger numbers only risk Lua's floating point.
+        let units = r.units.min(lease::MAX_LEASE_UNITS);
+        let id = r.id.as_str();
+        let results = futures_util::future::join_all(plans.iter().filter_map(|p| match p {
+            Plan::Limit { check, .. } => Some(self.store.lease_return(check, id, units, true)),
+            Plan::Pass(_) => None,
+        }))
+        .await;
+        let mut refunded = 0;
+        for r in results {
+            // A retry after UNAVAILABLE is safe: descriptors already given back have no lease left.
+            let back = r.map_err(|e| Status::unavailable(format!("rate limit store unavailable: {e}")))?;
+            refunded = refunded.max(back);
+        }
+        Ok(ReturnResponse { refunded })
     }
 }

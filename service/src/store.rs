@@ -58,6 +58,26 @@ pub struct Outcome {
     pub remaining: u64,
     pub reset_ms: u64,
     pub window: i64,
+    /// Lease units taken on top of the hits (0 without a lease).
+    pub granted: u64,
+    /// Until when (Redis' clock, ms since the epoch) the granted units may be spent.
+    pub valid_until_ms: i64,
+}
+
+/// A lease asked of one descriptor's script.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseArgs<'a> {
+    /// The grant's id: names the lease's key.
+    pub id: &'a str,
+    /// The most units to take.
+    pub units: u64,
+    pub validity_ms: u64,
+}
+
+/// The key recording a lease's outstanding units on one descriptor. It extends the descriptor's
+/// key, so it shares its hash tag and one script can touch both on a Redis Cluster.
+pub fn lease_key(state_key: &str, id: &str) -> String {
+    format!("{state_key}:lease:{id}")
 }
 
 /// What one descriptor asks of Redis.
@@ -106,6 +126,7 @@ pub struct Store {
     sliding: std::sync::Arc<Script>,
     bucket: std::sync::Arc<Script>,
     refund: std::sync::Arc<Script>,
+    lease_return: std::sync::Arc<Script>,
     timeout: Duration,
     metrics: std::sync::Arc<Metrics>,
     /// Redis' clock minus ours (ms), from the last quick TIME (at start, then every health check).
@@ -118,6 +139,9 @@ pub enum StoreError {
     Timeout(Duration),
     /// The script ran after the call's deadline (by Redis' clock) and so changed nothing.
     Expired,
+    /// A script answered something other than its documented reply (a foreign script under the
+    /// same SHA, a mismatched Redis): the answer is not trusted.
+    Reply(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -126,6 +150,7 @@ impl std::fmt::Display for StoreError {
             StoreError::Redis(e) => write!(f, "{e}"),
             StoreError::Timeout(d) => write!(f, "no answer from Redis within {d:?}"),
             StoreError::Expired => write!(f, "Redis ran the script after the call's deadline"),
+            StoreError::Reply(r) => write!(f, "unexpected script reply: {r}"),
         }
     }
 }
@@ -144,6 +169,7 @@ impl Store {
             sliding: std::sync::Arc::new(Script::new(&scripts::sliding_window())),
             bucket: std::sync::Arc::new(Script::new(&scripts::token_bucket())),
             refund: std::sync::Arc::new(Script::new(scripts::REFUND)),
+            lease_return: std::sync::Arc::new(Script::new(scripts::LEASE_RETURN)),
             timeout: opts.timeout,
             metrics,
             offset_ms: Arc::new(AtomicI64::new(0)),
@@ -156,7 +182,7 @@ impl Store {
     /// SCRIPT LOAD of every script (on a cluster: on every master), so the first requests do not
     /// all meet NOSCRIPT at once. Later NOSCRIPTs (a restarted Redis) are handled per call.
     async fn load_scripts(&self) -> Result<(), StoreError> {
-        for s in [&self.fixed, &self.sliding, &self.bucket, &self.refund] {
+        for s in [&self.fixed, &self.sliding, &self.bucket, &self.refund, &self.lease_return] {
             let inv = s.prepare_invoke();
             match self.conn.clone() {
                 Conn::Single(mut c) => self.timed(inv.load_async(&mut c)).await?,
@@ -269,8 +295,14 @@ impl Store {
         }
     }
 
-    /// Checks and consumes, atomically in Redis, unless Redis runs the script after `deadline`.
-    pub async fn check(&self, c: &Check, deadline: Deadline) -> Result<Outcome, StoreError> {
+    /// Checks and consumes, atomically in Redis, unless Redis runs the script after `deadline`;
+    /// with `lease`, also takes the lease's units in the same step.
+    pub async fn check(
+        &self,
+        c: &Check,
+        deadline: Deadline,
+        lease: Option<LeaseArgs<'_>>,
+    ) -> Result<Outcome, StoreError> {
         let script = match c.algorithm {
             Algorithm::FixedWindow => &self.fixed,
             Algorithm::SlidingWindow => &self.sliding,
@@ -278,9 +310,17 @@ impl Store {
         };
         let mut inv = script.prepare_invoke();
         inv.key(&c.key).arg(c.limit).arg(c.hits).arg(c.period_arg()).arg(MARGIN_MS).arg(deadline.redis_ms);
-        let (allowed, remaining, reset, window): (i64, i64, i64, i64) = match self.conn.clone() {
+        // Without a lease the call is the same as before leases existed: no second key, no
+        // lease arguments.
+        if let Some(l) = lease {
+            inv.key(lease_key(&c.key, l.id)).arg(l.units).arg(l.validity_ms);
+        }
+        let reply: Vec<i64> = match self.conn.clone() {
             Conn::Single(mut conn) => self.timed_until(deadline.at, inv.invoke_async(&mut conn)).await?,
             Conn::Cluster(mut conn) => self.timed_until(deadline.at, inv.invoke_async(&mut conn)).await?,
+        };
+        let [allowed, remaining, reset, window, granted, valid_until] = reply[..] else {
+            return Err(StoreError::Reply(format!("{reply:?}")));
         };
         if allowed < 0 {
             return Err(StoreError::Expired);
@@ -290,7 +330,27 @@ impl Store {
             remaining: remaining.max(0) as u64,
             reset_ms: reset.max(0) as u64,
             window,
+            granted: granted.max(0) as u64,
+            valid_until_ms: valid_until,
         })
+    }
+
+    /// Gives back up to `units` of lease `id` on one descriptor (see `scripts::LEASE_RETURN`);
+    /// `close` ends the lease. Returns the units given back.
+    pub async fn lease_return(
+        &self,
+        c: &Check,
+        id: &str,
+        units: u64,
+        close: bool,
+    ) -> Result<u64, StoreError> {
+        let mut inv = self.lease_return.prepare_invoke();
+        inv.key(&c.key).key(lease_key(&c.key, id)).arg(c.algorithm.tag()).arg(units).arg(u8::from(close));
+        let r: i64 = match self.conn.clone() {
+            Conn::Single(mut conn) => self.timed(inv.invoke_async(&mut conn)).await?,
+            Conn::Cluster(mut conn) => self.timed(inv.invoke_async(&mut conn)).await?,
+        };
+        Ok(r.max(0) as u64)
     }
 
     /// Gives back the hits an allowed check took (best effort).

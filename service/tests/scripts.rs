@@ -9,8 +9,8 @@ use ratelimit_service::scripts;
 
 const HOUR_MS: i64 = 3_600_000;
 
-/// (allowed, remaining, ms_until_reset, window_start_ms)
-type Reply = (i64, i64, i64, i64);
+/// (allowed, remaining, ms_until_reset, window_start_ms, lease units granted, lease valid until)
+type Reply = (i64, i64, i64, i64, i64, i64);
 
 /// Runs a decision script: limit, hits, period, margin 1000, no deadline.
 fn run(
@@ -30,7 +30,7 @@ fn token_bucket_reset_is_bounded_for_huge_hits() {
     let mut conn = redis.conn();
     let bucket = redis::Script::new(&scripts::token_bucket());
     for hits in ["18446744073709551615", "9007199254740993", "51"] {
-        let (allowed, remaining, reset, _) = run(&mut conn, &bucket, "tb", 50, hits, HOUR_MS);
+        let (allowed, remaining, reset, ..) = run(&mut conn, &bucket, "tb", 50, hits, HOUR_MS);
         assert_eq!((allowed, remaining), (0, 0), "{hits}");
         assert!(reset > 0 && reset <= HOUR_MS, "hits {hits}: reset {reset} ms");
     }
@@ -38,9 +38,9 @@ fn token_bucket_reset_is_bounded_for_huge_hits() {
     assert_eq!(n, 0, "a denied cost writes nothing");
 }
 
-/// A script whose clock is `ARGV[6]` instead of Redis' `TIME`.
+/// A script whose clock is `ARGV[8]` (after the lease's two arguments) instead of Redis' `TIME`.
 fn at_given_time(script: String) -> redis::Script {
-    let given = "\nlocal now = tonumber(ARGV[6])\n";
+    let given = "\nlocal now = tonumber(ARGV[8])\n";
     assert!(script.contains(scripts::NOW));
     redis::Script::new(&script.replace(scripts::NOW, given))
 }
@@ -53,7 +53,18 @@ fn run_at(
     period: i64,
     now: i64,
 ) -> Reply {
-    script.key(key).arg(10).arg(hits).arg(period).arg(1000).arg(0).arg(now).invoke(conn).unwrap()
+    script
+        .key(key)
+        .arg(10)
+        .arg(hits)
+        .arg(period)
+        .arg(1000)
+        .arg(0)
+        .arg(0)
+        .arg(0)
+        .arg(now)
+        .invoke(conn)
+        .unwrap()
 }
 
 #[test]
