@@ -12,6 +12,7 @@ pub mod decide;
 #[cfg(any(test, feature = "testing"))]
 pub mod fuzz;
 pub mod global;
+pub mod idempotency;
 pub mod report;
 pub mod request;
 pub mod state;

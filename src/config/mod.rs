@@ -8,10 +8,12 @@ use std::fmt;
 use serde::Deserialize;
 
 pub mod duration;
+mod idempotency;
 mod limits;
 mod table;
 mod unique;
 
+pub use idempotency::{Idempotency, NotStoredPolicy, MAX_BODY_BYTES};
 pub use limits::{Cost, Delay, Limit, LimitKind, Limits, Plan, PlanSource, Plans};
 use limits::{RawCost, RawLimit, RawPlan, RawPlanSource};
 pub use table::TableShare;
@@ -190,6 +192,9 @@ pub struct Config {
     pub violation_log: ViolationLog,
     pub global: Option<GlobalService>,
     pub rules: Vec<Rule>,
+    /// Requests whose `Idempotency-Key` the filter enforces (at most one entry applies to a
+    /// request: the first that matches).
+    pub idempotency: Vec<Idempotency>,
 }
 
 /// Which limit of the configuration something is about, by position, so it can be kept without
@@ -284,6 +289,8 @@ struct RawConfig {
     #[serde(default)]
     global: Option<RawGlobal>,
     rules: Vec<RawRule>,
+    #[serde(default)]
+    idempotency: Vec<idempotency::RawIdempotency>,
 }
 
 #[derive(Deserialize)]
@@ -507,20 +514,13 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let deny = compile_deny(raw.deny_response)?;
-    let status_path = match raw.status_path {
-        Some(p) if !p.starts_with('/') || p.contains(['?', '#']) => {
-            return Err(ConfigError::at(
-                "status_path",
-                format!("must be a path starting with \"/\" without query, got {p:?}"),
-            ))
-        }
-        other => other,
-    };
+    let status_path = compile_status_path(raw.status_path)?;
     let status_limit = limits::compile_status_limit(raw.status_limit)?;
     let violation_log = compile_violation_log(raw.violation_log)?;
-    if raw.rules.is_empty() {
+    if raw.rules.is_empty() && raw.idempotency.is_empty() {
         return Err(ConfigError::at("rules", "at least one rule is required"));
     }
+    let idempotency = idempotency::compile_all(raw.idempotency)?;
     let global = match raw.global {
         Some(g) => Some(compile_global(g)?),
         None => None,
@@ -571,7 +571,18 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         violation_log,
         global,
         rules,
+        idempotency,
     })
+}
+
+fn compile_status_path(raw: Option<String>) -> Result<Option<String>, ConfigError> {
+    match raw {
+        Some(p) if !p.starts_with('/') || p.contains(['?', '#']) => Err(ConfigError::at(
+            "status_path",
+            format!("must be a path starting with \"/\" without query, got {p:?}"),
+        )),
+        other => Ok(other),
+    }
 }
 
 fn compile_violation_log(raw: Option<RawViolationLog>) -> Result<ViolationLog, ConfigError> {

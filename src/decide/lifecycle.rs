@@ -2,6 +2,7 @@
 //! them.
 
 use super::holdings::Hold;
+use super::idempotent::{BodyWanted, Claim};
 use super::local::{Consumed, Turn, Verdict};
 use super::{Env, Limiter};
 use crate::config::{Cost, FailureMode};
@@ -37,6 +38,8 @@ pub struct Exchange {
     reserved: Vec<Consumed>,
     /// What it took on an estimate, to correct with the usage its response states.
     metered: Vec<Consumed>,
+    /// The idempotency key it holds, to complete or release when it ends.
+    key: Option<Claim>,
 }
 
 impl Exchange {
@@ -204,6 +207,16 @@ impl Limiter {
         for rule in allowed_by {
             env.observer.count(Metric::Allowed(rule));
         }
+        let (key, answer) = self.claim_key(env, exchange.id);
+        exchange.key = key;
+        if let Some(answer) = answer {
+            // Answered from its key, it never reaches the upstream: it holds nothing, and what
+            // its limits took stays taken (it was a request like any other).
+            exchange.report = None;
+            let held: Vec<Consumed> = consumed.into_iter().filter(|c| c.algorithm.is_concurrency()).collect();
+            self.give_back(env, &held);
+            return Next::Reply(answer);
+        }
         let metered = |c: &&Consumed| {
             self.config.rules.get(c.at.rule).is_some_and(|r| matches!(r.cost, Cost::Response { .. }))
         };
@@ -236,6 +249,26 @@ impl Limiter {
         ResponseHeaders { limit, service }
     }
 
+    /// Response headers, for a request that holds an idempotency key: what of the response to
+    /// keep for a retry (`end_of_stream`: there is no body).
+    pub fn keep_response(&self, exchange: &mut Exchange, response: &dyn Response, end_of_stream: bool) {
+        if let Some(claim) = exchange.key.as_mut() {
+            self.capture_headers(claim, response, end_of_stream);
+        }
+    }
+
+    /// What the glue should hand over of the response body.
+    pub fn wants_response_body(&self, exchange: &Exchange) -> BodyWanted {
+        exchange.key.as_ref().map_or(BodyWanted::Nothing, Limiter::wants_body)
+    }
+
+    /// A piece of the response body (empty when only its end is wanted); `end`: the last.
+    pub fn response_body(&self, exchange: &mut Exchange, chunk: &[u8], end: bool) {
+        if let Some(claim) = exchange.key.as_mut() {
+            self.capture_body(claim, chunk, end);
+        }
+    }
+
     /// The stream is over, whatever ended it (response sent, client or upstream reset, timeout, a
     /// local reply): the concurrency units it held are released, and a request still waiting for
     /// the rate limit service gives back what its local limits took (it was never admitted).
@@ -252,6 +285,9 @@ impl Limiter {
         let holds = std::mem::take(&mut exchange.holds);
         if !holds.is_empty() {
             self.release(env, &holds);
+        }
+        if let Some(claim) = exchange.key.take() {
+            self.finish_key(env, claim);
         }
     }
 

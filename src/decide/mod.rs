@@ -3,7 +3,8 @@
 //! - **decide** (request headers): the status endpoint, then every local rule ([`local`]: check
 //!   all, then consume from all or none), then one call to the rate limit service for the global
 //!   rules, whose answer comes back through **answered**;
-//! - **settle** (response headers): the limit headers of a request that passed;
+//! - **settle** (response headers, then body): the limit headers of a request that passed, a
+//!   usage cost charged, and the response kept for its idempotency key ([`idempotent`]);
 //! - **end** (the stream is over, however it ended: completed, reset, answered locally);
 //! - **tick** (every worker, every 100 ms): background work.
 //!
@@ -11,6 +12,7 @@
 //! context; every moment runs in an [`Env`]: the store, the request, the clock and the observer.
 
 mod holdings;
+mod idempotent;
 mod lifecycle;
 mod local;
 mod metering;
@@ -18,8 +20,10 @@ mod queue;
 mod standings;
 
 use std::cell::Cell;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+pub use idempotent::BodyWanted;
 pub use lifecycle::{Ask, Exchange, Next, ResponseHeaders};
 pub use local::{Consumed, Turn, Verdict};
 
@@ -84,6 +88,8 @@ pub struct Limiter {
     holdings: Mutex<Holdings>,
     /// Requests of this worker held for their turn.
     queue: Mutex<Queue>,
+    /// Idempotency keys claimed so far, to make each claim's owner token unique.
+    claims: AtomicU64,
 }
 
 impl Limiter {
@@ -93,6 +99,7 @@ impl Limiter {
             seed,
             holdings: Mutex::new(Holdings::default()),
             queue: Mutex::new(Queue::default()),
+            claims: AtomicU64::new(0),
         }
     }
 

@@ -1386,3 +1386,228 @@ fn a_worker_whose_clock_steps_back_holds_a_request_no_longer_than_its_wait() {
     );
     assert_eq!(m.get(Metric::DelayedMs(0)), 100);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Idempotency keys: a request's key from admission to its end.
+
+mod idempotency {
+    use super::*;
+    use crate::decide::BodyWanted;
+
+    const ENTRY: &str = r#"{"name":"pay","match":{"methods":["POST"],"path_prefix":"/pay"},
+        "scope":[{"source":"header","name":"x-tenant"}],"ttl":"1h","in_flight_timeout":"30s",
+        "replay_headers":["content-type","location"],"max_body_bytes":16"#;
+
+    fn keys(extra: &str) -> (Limiter, MemoryStore) {
+        limiter(&format!(r#"{{"rules":[],"idempotency":[{ENTRY}{extra}}}]}}"#))
+    }
+
+    fn post(path: &str, key: &str, tenant: &str) -> TestRequest {
+        TestRequest::get(path)
+            .with_header(":method", "POST")
+            .with_header("idempotency-key", key)
+            .with_header("x-tenant", tenant)
+    }
+
+    fn response(status: &str) -> TestRequest {
+        TestRequest::default()
+            .with_header(":status", status)
+            .with_header("content-type", "application/json")
+            .with_header("location", "/pay/1")
+            .with_header("x-other", "not kept")
+    }
+
+    /// Admission: `Ok(exchange)` when it goes on, `Err((status, body))` when answered.
+    fn arrive(
+        l: &Limiter,
+        store: &MemoryStore,
+        req: &TestRequest,
+        now: u64,
+        m: &Counts,
+    ) -> Result<Exchange, (u32, String)> {
+        let mut exchange = Exchange::for_request(1);
+        match l.decide(&Env::at(store, req, now, m), &mut exchange) {
+            Next::Continue => Ok(exchange),
+            Next::Reply(r) => Err((r.status, String::from_utf8_lossy(&r.body).into_owned())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// The upstream answers `status` with `body` in one piece, and the stream ends.
+    fn complete(
+        l: &Limiter,
+        store: &MemoryStore,
+        mut exchange: Exchange,
+        status: &str,
+        body: &[u8],
+        now: u64,
+        m: &Counts,
+    ) {
+        let request = TestRequest::default();
+        let env = Env::at(store, &request, now, m);
+        l.keep_response(&mut exchange, &response(status), body.is_empty());
+        if l.wants_response_body(&exchange) != BodyWanted::Nothing {
+            l.response_body(&mut exchange, body, true);
+        }
+        l.end(&env, &mut exchange);
+    }
+
+    #[test]
+    fn a_duplicate_in_flight_gets_409_and_a_retry_after_completion_the_stored_response() {
+        let (l, store) = keys("");
+        let m = Counts::default();
+        let first = arrive(&l, &store, &post("/pay", "k1", "t"), T0, &m).unwrap();
+        let (status, body) = arrive(&l, &store, &post("/pay", "k1", "t"), T0 + S, &m).unwrap_err();
+        assert_eq!(status, 409);
+        assert!(body.contains("A request is outstanding for this Idempotency-Key"), "{body}");
+        complete(&l, &store, first, "201", b"{\"id\":1}", T0 + 2 * S, &m);
+        let mut exchange = Exchange::for_request(2);
+        let Next::Reply(replayed) =
+            l.decide(&Env::at(&store, &post("/pay", "k1", "t"), T0 + 3 * S, &m), &mut exchange)
+        else {
+            panic!("not replayed")
+        };
+        assert_eq!(replayed.status, 201);
+        assert_eq!(&*replayed.body, b"{\"id\":1}");
+        let headers: Vec<(String, String)> =
+            replayed.headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+        assert_eq!(
+            headers,
+            [("content-type", "application/json"), ("location", "/pay/1"), ("idempotent-replayed", "true")]
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        );
+        assert_eq!(
+            (m.get(Metric::KeyClaimed(0)), m.get(Metric::KeyInFlight(0)), m.get(Metric::Replayed(0))),
+            (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn the_same_key_on_another_path_or_method_gets_422() {
+        let (l, store) = keys("");
+        let m = Counts::default();
+        let _first = arrive(&l, &store, &post("/pay", "k1", "t"), T0, &m).unwrap();
+        assert_eq!(arrive(&l, &store, &post("/pay/other", "k1", "t"), T0, &m).unwrap_err().0, 422);
+        let put = post("/pay", "k1", "t").with_header(":method", "PUT");
+        // PUT is not matched by the entry at all: it passes unprotected.
+        assert!(arrive(&l, &store, &put, T0, &m).is_ok());
+    }
+
+    #[test]
+    fn keys_are_scoped_so_two_tenants_with_one_key_do_not_meet() {
+        let (l, store) = keys("");
+        let m = Counts::default();
+        let _a = arrive(&l, &store, &post("/pay", "k1", "tenant-a"), T0, &m).unwrap();
+        assert!(arrive(&l, &store, &post("/pay", "k1", "tenant-b"), T0, &m).is_ok());
+    }
+
+    #[test]
+    fn a_5xx_or_a_response_cut_short_frees_the_key_for_a_retry() {
+        let (l, store) = keys("");
+        let m = Counts::default();
+        let first = arrive(&l, &store, &post("/pay", "k1", "t"), T0, &m).unwrap();
+        complete(&l, &store, first, "503", b"down", T0 + S, &m);
+        let retry = arrive(&l, &store, &post("/pay", "k1", "t"), T0 + 2 * S, &m).unwrap();
+        // The client resets before the response ends.
+        let mut retry = retry;
+        l.keep_response(&mut retry, &response("200"), false);
+        l.end(&Env::at(&store, &TestRequest::default(), T0 + 3 * S, &m), &mut retry);
+        assert!(arrive(&l, &store, &post("/pay", "k1", "t"), T0 + 4 * S, &m).is_ok());
+        assert_eq!(m.get(Metric::KeyReleased(0)), 2);
+    }
+
+    #[test]
+    fn without_release_on_failure_a_5xx_is_replayed() {
+        let (l, store) = keys(r#","release_on_failure":false"#);
+        let m = Counts::default();
+        let first = arrive(&l, &store, &post("/pay", "k1", "t"), T0, &m).unwrap();
+        complete(&l, &store, first, "500", b"oops", T0 + S, &m);
+        assert_eq!(
+            arrive(&l, &store, &post("/pay", "k1", "t"), T0 + 2 * S, &m).unwrap_err(),
+            (500, "oops".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_body_over_the_cap_is_not_kept_and_its_retry_gets_409_or_passes_as_configured() {
+        for (extra, retry_passes) in [("", false), (r#","when_not_stored":"pass""#, true)] {
+            let (l, store) = keys(extra);
+            let m = Counts::default();
+            let first = arrive(&l, &store, &post("/pay", "k1", "t"), T0, &m).unwrap();
+            complete(&l, &store, first, "200", &[b'x'; 17], T0 + S, &m);
+            let retry = arrive(&l, &store, &post("/pay", "k1", "t"), T0 + 2 * S, &m);
+            assert_eq!(retry.is_ok(), retry_passes, "{extra}");
+            if !retry_passes {
+                assert_eq!(retry.unwrap_err().0, 409);
+            }
+            assert_eq!(m.get(Metric::ResponseNotKept(0)), 1);
+        }
+    }
+
+    #[test]
+    fn a_key_is_forgotten_after_its_ttl_and_an_abandoned_claim_after_its_in_flight_timeout() {
+        let (l, store) = keys("");
+        let m = Counts::default();
+        let first = arrive(&l, &store, &post("/pay", "k1", "t"), T0, &m).unwrap();
+        complete(&l, &store, first, "200", b"ok", T0, &m);
+        assert!(arrive(&l, &store, &post("/pay", "k1", "t"), T0 + 3599 * S, &m).is_err());
+        assert!(arrive(&l, &store, &post("/pay", "k1", "t"), T0 + 3600 * S, &m).is_ok());
+        // That claim is never completed (its Envoy went away): the key is free after 30 s.
+        assert!(arrive(&l, &store, &post("/pay", "k1", "t"), T0 + 3629 * S, &m).is_err());
+        assert!(arrive(&l, &store, &post("/pay", "k1", "t"), T0 + 3630 * S, &m).is_ok());
+    }
+
+    #[test]
+    fn a_required_key_that_is_missing_or_malformed_gets_400_and_an_optional_one_passes() {
+        let (l, store) = keys(r#","required":true"#);
+        let m = Counts::default();
+        let bare = TestRequest::get("/pay").with_header(":method", "POST").with_header("x-tenant", "t");
+        assert_eq!(arrive(&l, &store, &bare, T0, &m).unwrap_err().0, 400);
+        assert_eq!(arrive(&l, &store, &post("/pay", "a,b", "t"), T0, &m).unwrap_err().0, 400);
+        let (l, store) = keys("");
+        assert!(arrive(&l, &store, &bare, T0, &m).is_ok());
+    }
+
+    #[test]
+    fn the_table_holds_at_most_its_size_in_slots_and_a_full_slot_applies_the_policy() {
+        let (l, store) = keys(r#","table_size":8,"when_table_full":"deny""#);
+        let m = Counts::default();
+        let mut refused = 0;
+        for i in 0..100 {
+            if let Err((status, _)) = arrive(&l, &store, &post("/pay", &format!("k{i}"), "t"), T0, &m) {
+                assert_eq!(status, 503);
+                refused += 1;
+            }
+        }
+        // 8 slots of 4 records: 32 keys at most.
+        assert_eq!(100 - refused, 32);
+        assert_eq!(m.get(Metric::KeyTableFull(0)), 68);
+        // The rate limit table the helper creates, and the 8 slots of the entry's.
+        assert_eq!(store.len(), l.config().table_size as usize + 8);
+    }
+
+    #[cfg(not(target_family = "wasm"))]
+    #[test]
+    fn of_many_threads_sending_one_fresh_key_at_once_exactly_one_goes_on() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (l, store) = keys("");
+        for round in 0..50 {
+            let passed = AtomicUsize::new(0);
+            let m = Counts::default();
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| {
+                        for _ in 0..25 {
+                            if arrive(&l, &store, &post("/pay", &format!("fresh-{round}"), "t"), T0, &m)
+                                .is_ok()
+                            {
+                                passed.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(passed.load(Ordering::SeqCst), 1, "round {round}");
+        }
+    }
+}

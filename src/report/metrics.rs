@@ -13,6 +13,7 @@ macro_rules! metrics {
     (
         per_rule { $($(#[$rule_doc:meta])* $rule:ident = $rule_name:literal $(decision $decision:literal)?,)* }
         filter_wide { $($(#[$doc:meta])* $metric:ident = $name:literal,)* }
+        per_idempotency { $($(#[$idem_doc:meta])* $idem:ident = $idem_name:literal $(decision $idem_decision:literal)?,)* }
     ) => {
         /// Something worth counting. The first kinds are counted per rule (the `usize` is the
         /// rule's index), the others once for the filter.
@@ -20,6 +21,7 @@ macro_rules! metrics {
         pub enum Metric {
             $($(#[$rule_doc])* $rule(usize),)*
             $($(#[$doc])* $metric,)*
+            $($(#[$idem_doc])* $idem(usize),)*
         }
 
         #[repr(usize)]
@@ -28,11 +30,17 @@ macro_rules! metrics {
         #[repr(usize)]
         enum FilterKind { $($metric,)* }
 
+        #[repr(usize)]
+        enum IdempotencyKind { $($idem,)* }
+
         /// Metric names and `decision` labels (empty for none) of the per-rule counters, in
         /// `RuleKind` order.
         const PER_RULE: &[(&str, &str)] = &[$(($rule_name, concat!("" $(, $decision)?)),)*];
         /// Metric names of the filter-wide counters, in `FilterKind` order.
         const FILTER_WIDE: &[&str] = &[$($name,)*];
+        /// Metric names and `decision` labels of each idempotency entry's counters, in
+        /// `IdempotencyKind` order.
+        const PER_ENTRY: &[(&str, &str)] = &[$(($idem_name, concat!("" $(, $idem_decision)?)),)*];
 
         impl Metric {
             /// The metric's place in a table laid out as [`counter_names`] lists the counters.
@@ -40,6 +48,9 @@ macro_rules! metrics {
                 match self {
                     $(Metric::$rule(rule) => RuleKind::$rule as usize * rules + rule,)*
                     $(Metric::$metric => PER_RULE.len() * rules + FilterKind::$metric as usize,)*
+                    $(Metric::$idem(entry) => {
+                        PER_RULE.len() * rules + FILTER_WIDE.len() + entry * PER_ENTRY.len() + IdempotencyKind::$idem as usize
+                    })*
                 }
             }
         }
@@ -85,6 +96,26 @@ metrics! {
         /// given back.
         DelayAbandoned = "ratelimit_wasm_delay_abandoned_total",
     }
+    per_idempotency {
+        /// A request claimed its key (the first with it): it went on to the upstream.
+        KeyClaimed = "ratelimit_wasm_idempotency_requests_total" decision "first",
+        /// A retry of a completed request got the stored response.
+        Replayed = "ratelimit_wasm_idempotency_requests_total" decision "replayed",
+        /// A request found its key held by a request in flight (409).
+        KeyInFlight = "ratelimit_wasm_idempotency_requests_total" decision "in_flight",
+        /// A request reused a key of another request (422).
+        KeyReused = "ratelimit_wasm_idempotency_requests_total" decision "mismatch",
+        /// A retry of a completed request whose response was not kept (409, or passed).
+        ResponseNotKept = "ratelimit_wasm_idempotency_requests_total" decision "not_stored",
+        /// A request without a key (or with a malformed one) was refused (400).
+        KeyRefused = "ratelimit_wasm_idempotency_requests_total" decision "refused",
+        /// A new key found its slot full of live keys; `when_table_full` applied.
+        KeyTableFull = "ratelimit_wasm_idempotency_table_full_total",
+        /// A failed request freed its key for a retry.
+        KeyReleased = "ratelimit_wasm_idempotency_released_total",
+        /// A shared-data call about a key failed (the request went on unprotected).
+        KeyStoreError = "ratelimit_wasm_idempotency_store_errors_total",
+    }
 }
 
 /// The full name of every counter, in slot order: each per-rule kind for each rule, then the
@@ -94,13 +125,21 @@ pub fn counter_names(config: &Config) -> Vec<String> {
     let prefix = label("key_prefix", &config.key_prefix);
     let per_rule = PER_RULE.iter().flat_map(|&(name, decision)| {
         let prefix = &prefix;
-        config.rules.iter().map(move |rule| {
-            let decision = if decision.is_empty() { String::new() } else { label("decision", decision) };
-            format!("{prefix}{}{decision}{name}", label("rule", &rule.name))
-        })
+        config.rules.iter().map(move |rule| of_rule(prefix, &rule.name, name, decision))
     });
     let filter_wide = FILTER_WIDE.iter().map(|name| format!("{prefix}{name}"));
-    per_rule.chain(filter_wide).collect()
+    let per_entry = config.idempotency.iter().flat_map(|entry| {
+        let prefix = &prefix;
+        PER_ENTRY.iter().map(move |&(name, decision)| of_rule(prefix, &entry.name, name, decision))
+    });
+    per_rule.chain(filter_wide).chain(per_entry).collect()
+}
+
+/// A counter of rule (or idempotency entry) `rule`, with its decision label unless `decision` is
+/// empty.
+fn of_rule(prefix: &str, rule: &str, name: &str, decision: &str) -> String {
+    let decision = if decision.is_empty() { String::new() } else { label("decision", decision) };
+    format!("{prefix}{}{decision}{name}", label("rule", rule))
 }
 
 /// One label in Istio's in-name form, which Envoy's tag extraction turns into a Prometheus label.

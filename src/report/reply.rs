@@ -74,3 +74,43 @@ impl<'a> LocalReply<'a> {
         self
     }
 }
+
+/// Why a request with an idempotency key is refused (draft-ietf-httpapi-idempotency-key-header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// 400: the route requires a key and the request has none, or not a well-formed one.
+    Missing,
+    /// 409: a request with the same key is in flight (or completed, its response not kept).
+    InUse,
+    /// 422: the key was used for another request.
+    Reused,
+    /// 503: the key cannot be tracked (its slot is full of live keys and `when_table_full` is
+    /// `deny`).
+    Full,
+}
+
+/// The refusal as an RFC 9457 problem document.
+pub fn key_refusal(refusal: KeyRefusal, header: &str) -> LocalReply<'static> {
+    let (status, title, detail) = match refusal {
+        KeyRefusal::Missing => (400, "Idempotency-Key is missing", "This operation requires one well-formed key"),
+        KeyRefusal::InUse => (409, "A request is outstanding for this Idempotency-Key", "A request with the same key is being processed, or was processed and its response was not kept; retry later or with a new key"),
+        KeyRefusal::Reused => (422, "Idempotency-Key is already used", "The key was used for another request (method or path); use a new key"),
+        KeyRefusal::Full => (503, "Idempotency-Key cannot be tracked now", "Too many keys are live; retry later"),
+    };
+    // Every part is a fixed text or a header name (a token): nothing to escape.
+    let body = format!(r#"{{"title":"{title}","status":{status},"detail":"{detail}","header":"{header}"}}"#);
+    LocalReply {
+        status,
+        headers: vec![(Cow::Borrowed("content-type"), Cow::Borrowed("application/problem+json"))],
+        body: Cow::Owned(body.into_bytes()),
+        grpc_status: None,
+    }
+}
+
+/// A completed request's response, replayed to its retry, marked as a replay.
+pub fn replay(status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> LocalReply<'static> {
+    let mut all: Vec<(Cow<'static, str>, Cow<'static, str>)> =
+        headers.into_iter().map(|(n, v)| (Cow::Owned(n), Cow::Owned(v))).collect();
+    all.push((Cow::Borrowed("idempotent-replayed"), Cow::Borrowed("true")));
+    LocalReply { status: u32::from(status), headers: all, body: Cow::Owned(body), grpc_status: None }
+}

@@ -8,7 +8,7 @@ use siphasher::sip::SipHasher13;
 
 use super::jwt;
 use super::Request;
-use crate::config::{KeyPart, LimitKind, MissingKeyPolicy, Rule};
+use crate::config::{Idempotency, KeyPart, LimitKind, MissingKeyPolicy, Rule};
 use crate::state::Fingerprint;
 
 /// The second half of the 128-bit SipHash key; the first is the process's random seed.
@@ -58,6 +58,36 @@ pub fn status_key(seed: u64, request: &dyn Request, kind: LimitKind) -> Fingerpr
     let address = part_value(&KeyPart::ClientAddress, request).unwrap_or_default();
     write_part(&mut hasher, 0xfd, &address);
     hasher.write(&[kind as u8]);
+    Fingerprint::from_hash(hasher.finish())
+}
+
+/// An idempotency key's identity: the entry, its scope parts and the key itself, so equal keys
+/// of two tenants (or two entries) never meet. `None` when a scope part is missing and the entry
+/// skips such requests.
+pub fn idempotency_key(
+    seed: u64,
+    entry: &Idempotency,
+    request: &dyn Request,
+    key: &[u8],
+) -> Option<Fingerprint> {
+    let mut hasher = SipHasher13::new_with_keys(seed, KEY_DOMAIN);
+    write_part(&mut hasher, 0xfc, entry.name.as_bytes());
+    for (tag, part) in entry.scope.iter().enumerate() {
+        match (part_value(part, request), entry.when_scope_missing) {
+            (Some(value), _) => write_part(&mut hasher, tag as u8, &value),
+            (None, MissingKeyPolicy::Empty) => write_part(&mut hasher, tag as u8, b""),
+            (None, MissingKeyPolicy::Skip) => return None,
+        }
+    }
+    write_part(&mut hasher, 0xfb, key);
+    Some(Fingerprint::from_hash(hasher.finish()))
+}
+
+/// What a retry must repeat to be the same request: its method and its path with the query.
+pub fn request_identity(seed: u64, request: &dyn Request) -> Fingerprint {
+    let mut hasher = SipHasher13::new_with_keys(seed, KEY_DOMAIN);
+    write_part(&mut hasher, 0xfa, &request.header(":method").unwrap_or_default());
+    write_part(&mut hasher, 0xf9, &request.header(":path").unwrap_or_default());
     Fingerprint::from_hash(hasher.finish())
 }
 

@@ -14,6 +14,7 @@ const CAS_MISMATCH: u32 = 8;
 
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 const BUFFER_GRPC_RECEIVE: u32 = 5;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
@@ -163,6 +164,11 @@ fn buffer(kind: u32, size: usize) -> Vec<u8> {
 
 pub fn plugin_configuration(size: usize) -> Vec<u8> {
     buffer(BUFFER_PLUGIN_CONFIGURATION, size)
+}
+
+/// The piece of the response body the current callback is about.
+pub fn response_body(size: usize) -> Vec<u8> {
+    buffer(BUFFER_HTTP_RESPONSE_BODY, size)
 }
 
 pub fn grpc_response_body(size: usize) -> Vec<u8> {

@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use crate::decide::{Env, Exchange, Next};
+use crate::decide::{BodyWanted, Env, Exchange, Next};
 use crate::global::answer::CallError;
 use crate::global::protocol::{METHOD, SERVICE};
 use crate::report::reply::LocalReply;
@@ -70,8 +70,9 @@ impl Filter {
         });
     }
 
-    pub fn on_response_headers(&mut self) -> u32 {
+    pub fn on_response_headers(&mut self, end_of_stream: bool) -> u32 {
         let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
+        shared.limiter.keep_response(&mut self.exchange, &HostResponse, end_of_stream);
         let headers = in_env(&shared, |env| shared.limiter.settle(env, &mut self.exchange, &HostResponse));
         for (name, value) in headers.limit {
             host::set_response_header(name, &value);
@@ -85,6 +86,18 @@ impl Filter {
                 host::set_response_header(name, value);
             }
         }
+        ACTION_CONTINUE
+    }
+
+    /// A piece of the response body goes by: read only when it is kept for an idempotency key.
+    pub fn on_response_body(&mut self, size: usize, end_of_stream: bool) -> u32 {
+        let Some(shared) = self.shared.as_ref() else { return ACTION_CONTINUE };
+        let chunk = match shared.limiter.wants_response_body(&self.exchange) {
+            BodyWanted::Nothing => return ACTION_CONTINUE,
+            BodyWanted::Bytes if size > 0 => host::response_body(size),
+            BodyWanted::Bytes | BodyWanted::EndOnly => Vec::new(),
+        };
+        shared.limiter.response_body(&mut self.exchange, &chunk, end_of_stream);
         ACTION_CONTINUE
     }
 
