@@ -8,13 +8,13 @@ use siphasher::sip::SipHasher13;
 
 use super::{Env, Limiter};
 use crate::config::{Idempotency, NotStoredPolicy, TableFullPolicy};
-use crate::idempotency::ledger::{self, LedgerError};
-use crate::idempotency::records::{claim, finish, Ending, Found, Stored};
+use crate::idempotency::records::{claim, finish, Ending, Found, Record, Stored};
 use crate::idempotency::slot_key;
 use crate::report::metrics::Metric;
 use crate::report::reply::{self, KeyRefusal, LocalReply};
 use crate::request::keys::{idempotency_key, request_identity};
 use crate::request::Response;
+use crate::state::ledger::{self, LedgerError};
 use crate::state::Fingerprint;
 
 /// The longest key accepted; the draft sets no bound, UUIDs take 36.
@@ -75,7 +75,7 @@ impl Limiter {
         let owner = self.owner_token(env.now(), id);
         let slot = slot_key(&self.config.key_prefix, &entry.name, entry.table_size, key);
         let now = env.now();
-        let found = ledger::update(env.store, &slot, |records| {
+        let found = ledger::update(env.store, &slot, |records: &Vec<Record>| {
             claim(records, key, request, owner, now, entry.in_flight_nanos)
         });
         let claimed = Claim { entry: index, key, owner, response: None };
@@ -186,7 +186,7 @@ impl Limiter {
         };
         let released = ending == Ending::Released;
         let slot = slot_key(&self.config.key_prefix, &entry.name, entry.table_size, claim.key);
-        let result = ledger::update(env.store, &slot, |records| {
+        let result = ledger::update(env.store, &slot, |records: &Vec<_>| {
             let next = finish(records, claim.key, claim.owner, now, ending.clone());
             ((), next)
         });

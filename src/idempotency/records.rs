@@ -2,8 +2,9 @@
 //! request in flight, or completed with or without its response), and their byte encoding.
 //!
 //! The transitions are pure functions from the slot's records to an outcome and the records to
-//! write; the ledger owns the compare-and-swap loop around them.
+//! write; the ledger (`state::ledger`) owns the compare-and-swap loop around them.
 
+use crate::state::ledger::Records;
 use crate::state::Fingerprint;
 
 /// Records one slot holds. A slot is the unit of compare-and-swap, so every key that hashes to it
@@ -160,9 +161,19 @@ fn encode_stored(out: &mut Vec<u8>, stored: &Stored) {
     out.extend_from_slice(&stored.body);
 }
 
-/// The records of a slot's bytes. Bytes that are not a slot of this format (another format, or
-/// damaged) read as an empty slot: every key in it is then new again, which replays nothing
-/// wrong; the next write replaces them.
+/// Damaged bytes read as an empty slot: every key in it is then new again, which replays nothing
+/// wrong.
+impl Records for Vec<Record> {
+    fn decode(bytes: &[u8]) -> Self {
+        decode(bytes)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+}
+
+/// The records of a slot's bytes; bytes that are not a slot of this format read as an empty slot.
 pub fn decode(bytes: &[u8]) -> Vec<Record> {
     let mut reader = Reader { bytes, at: 0 };
     decode_from(&mut reader).unwrap_or_default()

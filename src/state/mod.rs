@@ -2,6 +2,7 @@
 //! that holds every bucket in a fixed amount of memory, and the clock seam.
 
 pub mod clock;
+pub mod ledger;
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod slot;

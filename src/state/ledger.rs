@@ -1,9 +1,16 @@
-//! The compare-and-swap loop around a slot's records: read the slot, apply a pure transition from
-//! [`records`](super::records), write the result only if nobody wrote in between.
+//! Slots that hold a few variable-size records (idempotency keys, quota leases), and the
+//! compare-and-swap loop around them: read the slot, apply a pure transition to its records, write
+//! the result only if nobody wrote in between. A slot is created on first use.
 
-use super::records::{decode, encode, Record};
-use crate::state::store::{SharedStore, StoreError, CREATE_ONLY_CAS};
-use crate::state::table::MAX_ATTEMPTS;
+use super::store::{SharedStore, StoreError, CREATE_ONLY_CAS};
+use super::table::MAX_ATTEMPTS;
+
+/// A slot's records and their bytes. Bytes that are not records of this kind (another format, or
+/// damaged) must decode as an empty slot: the next write replaces them.
+pub trait Records: Sized {
+    fn decode(bytes: &[u8]) -> Self;
+    fn encode(&self) -> Vec<u8>;
+}
 
 /// Why a slot could not be updated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,16 +23,16 @@ pub enum LedgerError {
 
 /// Applies `transition` to the records of slot `key` until its result is written (or it asks for
 /// no write). Returns what the transition decided on the records it was last applied to.
-pub fn update<T>(
+pub fn update<R: Records, T>(
     store: &dyn SharedStore,
     key: &str,
-    mut transition: impl FnMut(&[Record]) -> (T, Option<Vec<Record>>),
+    mut transition: impl FnMut(&R) -> (T, Option<R>),
 ) -> Result<T, LedgerError> {
     for _ in 0..MAX_ATTEMPTS {
         let Some((records, cas)) = read(store, key)? else { continue };
         let (outcome, next) = transition(&records);
         let Some(next) = next else { return Ok(outcome) };
-        match store.set(key, &encode(&next), cas) {
+        match store.set(key, &next.encode(), cas) {
             Ok(()) => return Ok(outcome),
             Err(StoreError::CasMismatch) => continue,
             Err(e) => return Err(LedgerError::Store(e)),
@@ -38,10 +45,10 @@ pub fn update<T>(
 /// inserts an absent key whatever CAS is passed, so a write straight onto an absent key could
 /// not tell two racing workers apart; creating it first (identical bytes, so a race to create
 /// loses nothing) gives every later write a CAS to race on. `None`: created now, read again.
-fn read(store: &dyn SharedStore, key: &str) -> Result<Option<(Vec<Record>, u32)>, LedgerError> {
+fn read<R: Records>(store: &dyn SharedStore, key: &str) -> Result<Option<(R, u32)>, LedgerError> {
     match store.get(key).map_err(LedgerError::Store)? {
-        Some(versioned) => Ok(Some((decode(&versioned.value), versioned.cas))),
-        None => match store.set(key, &encode(&[]), CREATE_ONLY_CAS) {
+        Some(versioned) => Ok(Some((R::decode(&versioned.value), versioned.cas))),
+        None => match store.set(key, &R::decode(&[]).encode(), CREATE_ONLY_CAS) {
             Ok(()) | Err(StoreError::CasMismatch) => Ok(None),
             Err(e) => Err(LedgerError::Store(e)),
         },
