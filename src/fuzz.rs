@@ -24,7 +24,7 @@ use crate::decide::{Env, Exchange, Limiter, Next, ResponseHeaders};
 use crate::global::answer::{read_answer, CallError, MAX_ANSWER_BYTES, MAX_SERVICE_HEADERS};
 use crate::global::descriptors::prepare;
 use crate::global::protocol::{CurrentLimit, DescriptorStatus, HeaderValue, ProtoDuration};
-use crate::global::protocol::{RateLimitRequest, RateLimitResponse};
+use crate::global::protocol::{Quota, RateLimitRequest, RateLimitResponse, Timestamp};
 use crate::global::verdict::{standings, verdict};
 use crate::global::Purpose;
 use crate::report::metrics::Metric;
@@ -542,7 +542,14 @@ fn fuzz_response(input: &mut Choices<'_>) -> RateLimitResponse {
         let seconds = if input.byte() % 8 == 0 { input.u64() as i64 } else { i64::from(input.byte() as i8) };
         let reset = ProtoDuration { seconds, nanos: i32::from(input.byte()) };
         let duration_until_reset = (input.byte() % 3 != 0).then_some(reset);
-        statuses.push(DescriptorStatus { code, current_limit, limit_remaining, duration_until_reset });
+        // Leases the service may grant: any count, any expiry (past, far future, negative).
+        let quota = (input.byte() % 3 == 0).then(|| Quota {
+            requests: input.u64() as u32,
+            valid_until: (input.byte() % 2 == 0)
+                .then(|| Timestamp { seconds: input.u64() as i64, nanos: i32::from(input.byte() as i8) }),
+            id: "x".repeat(usize::from(input.byte())),
+        });
+        statuses.push(DescriptorStatus { code, current_limit, limit_remaining, duration_until_reset, quota });
     }
     RateLimitResponse {
         overall_code,

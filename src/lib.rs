@@ -13,6 +13,7 @@ pub mod decide;
 pub mod fuzz;
 pub mod global;
 pub mod idempotency;
+pub mod lease;
 pub mod report;
 pub mod request;
 pub mod state;

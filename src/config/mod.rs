@@ -9,11 +9,13 @@ use serde::Deserialize;
 
 pub mod duration;
 mod idempotency;
+mod lease;
 mod limits;
 mod table;
 mod unique;
 
 pub use idempotency::{Idempotency, NotStoredPolicy, MAX_BODY_BYTES};
+pub use lease::Lease;
 pub use limits::{Cost, Delay, Limit, LimitKind, Limits, Plan, PlanSource, Plans};
 use limits::{RawCost, RawLimit, RawPlan, RawPlanSource};
 pub use table::TableShare;
@@ -136,6 +138,8 @@ pub struct Rule {
     /// For the local rule made from a global rule's `fallback` (named `<rule>.fallback`): the
     /// global rule's index. It applies only to requests whose call to the service failed.
     pub fallback_for: Option<usize>,
+    /// A global rule's quota taken a few units at a time and spent locally.
+    pub lease: Option<Lease>,
 }
 
 /// What a global rule does when the rate limit service cannot answer in time.
@@ -361,6 +365,8 @@ struct RawRule {
     when_table_full: Option<TableFullPolicy>,
     #[serde(default)]
     fallback: Option<RawLimit>,
+    #[serde(default)]
+    lease: Option<lease::RawLease>,
 }
 
 #[derive(Deserialize)]
@@ -721,6 +727,7 @@ fn fallback_rule(
         table: None,
         when_table_full,
         fallback_for: None,
+        lease: None,
     })
 }
 
@@ -769,6 +776,7 @@ fn compile_rule_itself(
             "a global rule cannot be charged from the response (that needs a second call to the service after it); use a local rule",
         ));
     }
+    let lease = lease::compile_for(path, raw.lease, raw.global)?;
     let global = match (raw.global, global, raw.failure_mode) {
         (false, _, Some(_)) => {
             return Err(ConfigError::at(
@@ -801,6 +809,7 @@ fn compile_rule_itself(
         table: None,
         when_table_full: raw.when_table_full.unwrap_or(when_table_full),
         fallback_for: None,
+        lease,
     })
 }
 

@@ -3,11 +3,12 @@
 
 use super::holdings::Hold;
 use super::idempotent::{BodyWanted, Claim};
+use super::leased::{LeaseAsk, LeaseRequest, LeaseUse};
 use super::local::{Consumed, Turn, Verdict};
 use super::{Env, Limiter};
 use crate::config::{Cost, FailureMode};
 use crate::global::answer::{read_answer, CallError};
-use crate::global::descriptors::prepare;
+use crate::global::descriptors::{prepare, prepare_except};
 use crate::global::verdict::verdict;
 use crate::global::{GlobalCall, Purpose};
 use crate::report::headers::render;
@@ -40,6 +41,8 @@ pub struct Exchange {
     metered: Vec<Consumed>,
     /// The idempotency key it holds, to complete or release when it ends.
     key: Option<Claim>,
+    /// The lease its call to the service asks for, on the way.
+    lease_ask: Option<LeaseAsk>,
 }
 
 impl Exchange {
@@ -77,6 +80,8 @@ struct Passed {
     turn: Option<Turn>,
     /// Rules to count as having allowed it once it is admitted.
     allowed_by: Vec<usize>,
+    /// What it took from the leases of global rules, to give back if it is denied.
+    leases: Vec<LeaseUse>,
 }
 
 /// What a paused request waits for from the rate limit service.
@@ -109,6 +114,8 @@ pub struct Ask<'a> {
     pub cluster: &'a str,
     pub timeout_ms: u32,
     pub message: Vec<u8>,
+    /// The lease to ask for along with it.
+    pub lease: Option<LeaseRequest>,
 }
 
 impl Limiter {
@@ -120,22 +127,31 @@ impl Limiter {
             }
             return self.ask_status(env, exchange);
         }
-        let passed = match self.check(env) {
+        let mut passed = match self.check(env) {
             Verdict::Allow { report, consumed, turn, allowed_by } => {
-                Passed { report, consumed, turn, allowed_by }
+                Passed { report, consumed, turn, allowed_by, leases: Vec::new() }
             }
             Verdict::Deny { report, retry_after_seconds, reason } => {
                 return Next::Reply(self.deny(report, retry_after_seconds, reason.map(|r| r.to_string())));
             }
         };
-        match prepare(&self.config, env.request, Purpose::Decide) {
+        passed.leases = self.spend_leases(env);
+        let decided: Vec<usize> = passed.leases.iter().filter(|u| u.decided()).map(|u| u.rule).collect();
+        let prepared = prepare_except(&self.config, env.request, Purpose::Decide, &decided);
+        exchange.lease_ask =
+            self.plan_refreshes(env, &passed.leases, prepared.as_ref().ok().and_then(Option::as_ref));
+        match prepared {
             Ok(None) => {
-                exchange.report = passed.report;
+                exchange.report = passed.report.take();
                 self.admit(env, exchange, passed)
             }
-            Ok(Some(call)) => self.ask(exchange, Awaiting::Decision { call, passed }),
+            Ok(Some(call)) => {
+                let lease = exchange.lease_ask.as_ref().and_then(|a| self.lease_request(a.rule));
+                self.ask(exchange, Awaiting::Decision { call, passed }, lease)
+            }
             Err(refusal) => {
                 self.give_back(env, &passed.consumed);
+                self.give_back_leases(env, &passed.leases);
                 env.observer.count(Metric::Denied(refusal.rule));
                 Next::Reply(self.deny(None, None, Some(refusal.reason.to_string())))
             }
@@ -157,6 +173,10 @@ impl Limiter {
         };
         let answer = answer.and_then(read_answer);
         let failed = answer.is_err();
+        if let Some(ask) = exchange.lease_ask.take() {
+            let grant = answer.as_ref().ok().and_then(|a| a.grant.as_ref());
+            self.lease_answered(env.store, env.now(), &ask, grant, env.observer);
+        }
         let verdict = verdict(&self.config, &call, answer, env.observer);
         if failed && !verdict.deny {
             if let Err(denial) = self.fall_back(env, &call, &mut passed) {
@@ -165,6 +185,7 @@ impl Limiter {
         }
         if verdict.deny {
             self.give_back(env, &passed.consumed);
+            self.give_back_leases(env, &passed.leases);
             let reply = self.deny(verdict.report, verdict.retry_after_seconds, None);
             return Next::Reply(reply.with_service_headers(verdict.response_headers));
         }
@@ -195,6 +216,7 @@ impl Limiter {
             }
             Verdict::Deny { report, retry_after_seconds, reason } => {
                 self.give_back(env, &passed.consumed);
+                self.give_back_leases(env, &passed.leases);
                 Err(self.deny(report, retry_after_seconds, reason.map(|r| r.to_string())))
             }
         }
@@ -275,6 +297,11 @@ impl Limiter {
     pub fn end(&self, env: &Env<'_>, exchange: &mut Exchange) {
         if let Some(Awaiting::Decision { passed, .. }) = exchange.awaiting.take() {
             self.give_back(env, &passed.consumed);
+            self.give_back_leases(env, &passed.leases);
+        }
+        if let Some(ask) = exchange.lease_ask.take() {
+            // Its call never answered: the key may be refreshed again.
+            self.lease_answered(env.store, env.now(), &ask, None, env.observer);
         }
         let reserved = std::mem::take(&mut exchange.reserved);
         if !reserved.is_empty() && self.queue().remove(exchange.id) {
@@ -300,19 +327,19 @@ impl Limiter {
 
     fn ask_status(&self, env: &Env<'_>, exchange: &mut Exchange) -> Next<'_> {
         match prepare(&self.config, env.request, Purpose::Status) {
-            Ok(Some(call)) => self.ask(exchange, Awaiting::Status(call)),
+            Ok(Some(call)) => self.ask(exchange, Awaiting::Status(call), None),
             _ => Next::Reply(self.status_reply(env, None)),
         }
     }
 
-    fn ask(&self, exchange: &mut Exchange, mut awaiting: Awaiting) -> Next<'_> {
+    fn ask(&self, exchange: &mut Exchange, mut awaiting: Awaiting, lease: Option<LeaseRequest>) -> Next<'_> {
         let Some(service) = &self.config.global else { return Next::Continue };
         let call = match &mut awaiting {
             Awaiting::Decision { call, .. } | Awaiting::Status(call) => call,
         };
         let message = std::mem::take(&mut call.message);
         exchange.awaiting = Some(awaiting);
-        Next::Ask(Ask { cluster: &service.cluster, timeout_ms: service.timeout_ms, message })
+        Next::Ask(Ask { cluster: &service.cluster, timeout_ms: service.timeout_ms, message, lease })
     }
 
     fn deny(

@@ -13,6 +13,7 @@
 
 mod holdings;
 mod idempotent;
+mod leased;
 mod lifecycle;
 mod local;
 mod metering;
@@ -24,6 +25,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use idempotent::BodyWanted;
+pub use leased::{LeaseRequest, Refresh};
 pub use lifecycle::{Ask, Exchange, Next, ResponseHeaders};
 pub use local::{Consumed, Turn, Verdict};
 
@@ -90,6 +92,8 @@ pub struct Limiter {
     queue: Mutex<Queue>,
     /// Idempotency keys claimed so far, to make each claim's owner token unique.
     claims: AtomicU64,
+    /// Lease refreshes this worker's requests claimed, for the glue to start.
+    refreshes: Mutex<Vec<Refresh>>,
 }
 
 impl Limiter {
@@ -100,6 +104,7 @@ impl Limiter {
             holdings: Mutex::new(Holdings::default()),
             queue: Mutex::new(Queue::default()),
             claims: AtomicU64::new(0),
+            refreshes: Mutex::new(Vec::new()),
         }
     }
 
@@ -112,6 +117,10 @@ impl Limiter {
     /// holdings are still whole.
     fn holdings(&self) -> MutexGuard<'_, Holdings> {
         self.holdings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn refreshes(&self) -> MutexGuard<'_, Vec<Refresh>> {
+        self.refreshes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {

@@ -1611,3 +1611,167 @@ mod idempotency {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Quota leases: a leased global rule spends granted units here and asks only when they run out.
+
+mod leases {
+    use super::*;
+    use crate::decide::{LeaseRequest, Refresh};
+    use crate::global::protocol::{DescriptorStatus, Quota, RateLimitResponse, Timestamp};
+    use prost::Message;
+
+    const LEASED: &str = r#"{"global":{"cluster":"rls","domain":"d"},"rules":[
+      {"name":"api","global":true,"key":[{"source":"header","name":"x-user"}],
+       "limit":{"algorithm":"fixed_window","requests":1000,"window":"1h"},
+       "lease":{"size":10,"refresh_below":3,"validity":"10s"}}]}"#;
+
+    fn user(u: &str) -> TestRequest {
+        TestRequest::get("/").with_header("x-user", u)
+    }
+
+    /// The service's answer: OK, with `granted` units leased (none: a service that ignores leases).
+    fn answer(granted: Option<u32>, over: bool) -> Vec<u8> {
+        let quota = granted.map(|requests| Quota {
+            requests,
+            valid_until: Some(Timestamp { seconds: i64::try_from(T0 / S).unwrap() + 3600, nanos: 0 }),
+            id: format!("lease-{requests}"),
+        });
+        RateLimitResponse {
+            overall_code: if over { 2 } else { 1 },
+            statuses: vec![DescriptorStatus {
+                code: if over { 2 } else { 1 },
+                quota,
+                ..DescriptorStatus::default()
+            }],
+            ..RateLimitResponse::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// Decides a request: `None` when it was decided without a call, else the lease its call asks for.
+    fn arrive(
+        l: &Limiter,
+        store: &MemoryStore,
+        req: &TestRequest,
+        now: u64,
+        m: &Counts,
+    ) -> Result<(), Box<(Exchange, Option<LeaseRequest>)>> {
+        let mut exchange = Exchange::default();
+        match l.decide(&Env::at(store, req, now, m), &mut exchange) {
+            Next::Continue => Ok(()),
+            Next::Ask(ask) => Err(Box::new((exchange, ask.lease))),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn settle_call(
+        l: &Limiter,
+        store: &MemoryStore,
+        mut exchange: Exchange,
+        body: &[u8],
+        now: u64,
+        m: &Counts,
+    ) -> bool {
+        matches!(l.answered(&Env::at(store, &user("u"), now, m), &mut exchange, Ok(body)), Next::Continue)
+    }
+
+    #[test]
+    fn a_grant_is_spent_here_and_the_service_is_asked_again_only_when_it_runs_low() {
+        let (l, store) = limiter(LEASED);
+        let m = Counts::default();
+        let (exchange, lease) = *arrive(&l, &store, &user("u"), T0, &m).unwrap_err();
+        assert_eq!(lease, Some(LeaseRequest { units: 10, validity_ms: 10_000 }));
+        assert!(settle_call(&l, &store, exchange, &answer(Some(10), false), T0, &m));
+        // 10 units leased: 7 requests leave 3, the refresh threshold; that one claims a refresh.
+        for i in 0..7 {
+            assert!(arrive(&l, &store, &user("u"), T0 + i, &m).is_ok(), "request {i}");
+            assert_eq!(l.take_refreshes().len(), usize::from(i == 6), "request {i}");
+        }
+        for i in 7..10 {
+            assert!(arrive(&l, &store, &user("u"), T0 + i, &m).is_ok(), "request {i}");
+        }
+        assert!(l.take_refreshes().is_empty(), "one refresh per key at a time");
+        // Spent, and the refresh still under way: the request asks, without a lease of its own.
+        let (_, lease) = *arrive(&l, &store, &user("u"), T0 + 20, &m).unwrap_err();
+        assert_eq!(lease, None);
+        assert_eq!(m.get(Metric::LeaseServed(0)), 10);
+    }
+
+    #[test]
+    fn a_refresh_adds_its_grant_and_its_own_unit() {
+        let (l, store) = limiter(LEASED);
+        let m = Counts::default();
+        let (exchange, _) = *arrive(&l, &store, &user("u"), T0, &m).unwrap_err();
+        assert!(settle_call(&l, &store, exchange, &answer(Some(7), false), T0, &m));
+        for i in 0..4 {
+            arrive(&l, &store, &user("u"), T0 + i, &m).unwrap();
+        }
+        let refreshes: Vec<Refresh> = l.take_refreshes();
+        assert_eq!(refreshes.len(), 1);
+        l.refreshed(&store, T0 + 5, &refreshes[0], Ok(&answer(Some(10), false)), &m);
+        // 3 left + 10 granted + the refresh's own hit.
+        let served = (0..20).take_while(|i| arrive(&l, &store, &user("u"), T0 + 10 + i, &m).is_ok()).count();
+        assert_eq!(served, 14);
+    }
+
+    #[test]
+    fn a_service_that_grants_nothing_is_asked_on_every_request() {
+        let (l, store) = limiter(LEASED);
+        let m = Counts::default();
+        for i in 0..5 {
+            let (exchange, _) = *arrive(&l, &store, &user("u"), T0 + i, &m).unwrap_err();
+            assert!(settle_call(&l, &store, exchange, &answer(None, false), T0 + i, &m));
+        }
+        assert_eq!(m.get(Metric::LeaseServed(0)), 0);
+    }
+
+    #[test]
+    fn leased_units_expire_with_their_validity() {
+        let (l, store) = limiter(LEASED);
+        let m = Counts::default();
+        let (exchange, _) = *arrive(&l, &store, &user("u"), T0, &m).unwrap_err();
+        assert!(settle_call(&l, &store, exchange, &answer(Some(10), false), T0, &m));
+        assert!(arrive(&l, &store, &user("u"), T0 + 10 * S - 1, &m).is_ok());
+        assert!(arrive(&l, &store, &user("u"), T0 + 10 * S, &m).is_err());
+    }
+
+    #[test]
+    fn a_denied_request_spends_nothing_and_keys_have_their_own_leases() {
+        let (l, store) = limiter(LEASED);
+        let m = Counts::default();
+        let (exchange, _) = *arrive(&l, &store, &user("u"), T0, &m).unwrap_err();
+        assert!(!settle_call(&l, &store, exchange, &answer(None, true), T0, &m));
+        assert!(arrive(&l, &store, &user("u"), T0 + 1, &m).is_err());
+        let (exchange, _) = *arrive(&l, &store, &user("v"), T0 + 2, &m).unwrap_err();
+        assert!(settle_call(&l, &store, exchange, &answer(Some(2), false), T0 + 2, &m));
+        assert!(arrive(&l, &store, &user("u"), T0 + 3, &m).is_err(), "v's lease is v's");
+        assert!(arrive(&l, &store, &user("v"), T0 + 3, &m).is_ok());
+    }
+
+    #[cfg(not(target_family = "wasm"))]
+    #[test]
+    fn threads_spending_one_lease_at_once_spend_each_unit_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for round in 0..20 {
+            let (l, store) = limiter(LEASED);
+            let m = Counts::default();
+            let key = format!("fresh-{round}");
+            let (exchange, _) = *arrive(&l, &store, &user(&key), T0, &m).unwrap_err();
+            assert!(settle_call(&l, &store, exchange, &answer(Some(50), false), T0, &m));
+            let served = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| {
+                        for _ in 0..30 {
+                            if arrive(&l, &store, &user(&key), T0 + 1, &m).is_ok() {
+                                served.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(served.load(Ordering::SeqCst), 50, "round {round}");
+        }
+    }
+}

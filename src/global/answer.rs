@@ -4,7 +4,7 @@ use std::fmt;
 
 use prost::Message;
 
-use super::protocol::{unit_seconds, HeaderValue, RateLimitResponse, CODE_OVER_LIMIT};
+use super::protocol::{unit_seconds, HeaderValue, Quota, RateLimitResponse, CODE_OVER_LIMIT};
 
 /// Why a call to the rate limit service gave no usable answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +83,19 @@ pub struct Answer {
     pub response_headers: Vec<(String, String)>,
     /// Headers the service asks to add to the request sent upstream.
     pub request_headers: Vec<(String, String)>,
+    /// Units the service granted to spend here, when every descriptor carries a quota.
+    pub grant: Option<Grant>,
+}
+
+/// A lease as the service granted it: the same units for every descriptor of the call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub units: u64,
+    pub id: String,
+    /// `valid_until`, nanoseconds since the epoch on the service's clock.
+    pub valid_until: Option<u64>,
+    /// The soonest of the descriptors' `duration_until_reset`, in nanoseconds.
+    pub reset_nanos: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,12 +139,33 @@ pub fn read_answer(body: &[u8]) -> Result<Answer, CallError> {
             ))
         })
         .collect();
+    let over_limit = response.overall_code == CODE_OVER_LIMIT;
     Ok(Answer {
-        over_limit: response.overall_code == CODE_OVER_LIMIT,
+        over_limit,
         limits,
         response_headers: service_headers(&response.response_headers_to_add),
         request_headers: service_headers(&response.request_headers_to_add),
+        grant: if over_limit { None } else { grant(&response) },
     })
+}
+
+/// The lease in the answer: only when every descriptor carries a quota (a service that ignores
+/// the ask carries none), for the fewest units any of them grants.
+fn grant(response: &RateLimitResponse) -> Option<Grant> {
+    let quotas: Vec<&Quota> = response.statuses.iter().map(|s| s.quota.as_ref()).collect::<Option<_>>()?;
+    let units = quotas.iter().map(|q| u64::from(q.requests)).min().filter(|u| *u > 0)?;
+    let nanos = |seconds: i64, nanos: i32| {
+        let seconds = u64::try_from(seconds).ok()?;
+        Some(seconds.saturating_mul(1_000_000_000).saturating_add(u64::try_from(nanos).unwrap_or(0)))
+    };
+    let valid_until =
+        quotas.iter().filter_map(|q| q.valid_until.as_ref().and_then(|t| nanos(t.seconds, t.nanos))).min();
+    let reset_nanos = response
+        .statuses
+        .iter()
+        .filter_map(|s| s.duration_until_reset.as_ref().and_then(|d| nanos(d.seconds, d.nanos)))
+        .min();
+    Some(Grant { units, id: quotas.first()?.id.clone(), valid_until, reset_nanos })
 }
 
 fn service_headers(given: &[HeaderValue]) -> Vec<(String, String)> {

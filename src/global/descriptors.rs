@@ -20,12 +20,25 @@ pub fn prepare(
     request: &dyn Request,
     purpose: Purpose,
 ) -> Result<Option<GlobalCall>, Refusal> {
+    prepare_except(config, request, purpose, &[])
+}
+
+/// As [`prepare`], leaving out the rules in `decided` (their leases decided the request).
+pub fn prepare_except(
+    config: &Config,
+    request: &dyn Request,
+    purpose: Purpose,
+    decided: &[usize],
+) -> Result<Option<GlobalCall>, Refusal> {
     let Some(service) = &config.global else { return Ok(None) };
     let mut descriptors = Vec::new();
     let mut origins = Vec::new();
     let mut deny_on_failure = false;
     for (index, rule) in config.rules.iter().enumerate() {
         let Some(failure_mode) = rule.global else { continue };
+        if decided.contains(&index) {
+            continue;
+        }
         let Some(asked) = ask_about(index, rule, request, purpose)? else { continue };
         for (limit, descriptor) in asked.descriptors() {
             descriptors.push(descriptor);
@@ -42,6 +55,22 @@ pub fn prepare(
     let hits_addend = if same { u32::try_from(first).unwrap_or(u32::MAX) } else { 0 };
     let request = RateLimitRequest { domain: service.domain.clone(), descriptors, hits_addend };
     Ok(Some(GlobalCall { message: request.encode_to_vec(), origins, deny_on_failure }))
+}
+
+/// The call a lease refresh makes for rule `index` alone: its descriptors for this request, with
+/// one hit each (the service counts the call itself as a request; the unit joins the lease).
+pub fn prepare_refresh(config: &Config, request: &dyn Request, index: usize) -> Option<GlobalCall> {
+    let service = config.global.as_ref()?;
+    let rule = config.rules.get(index)?;
+    let mut asked = ask_about(index, rule, request, Purpose::Decide).ok()??;
+    asked.hits = 1;
+    let (limits, descriptors): (Vec<_>, Vec<_>) = asked.descriptors().into_iter().unzip();
+    let origins = limits
+        .into_iter()
+        .map(|limit| LimitRef { rule: index, plan: asked.chosen.plan_index(), limit })
+        .collect();
+    let request = RateLimitRequest { domain: service.domain.clone(), descriptors, hits_addend: 1 };
+    Some(GlobalCall { message: request.encode_to_vec(), origins, deny_on_failure: false })
 }
 
 /// One global rule as the service will be asked about it.

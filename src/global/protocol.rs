@@ -87,6 +87,29 @@ pub struct DescriptorStatus {
     pub limit_remaining: u32,
     #[prost(message, optional, tag = "4")]
     pub duration_until_reset: Option<ProtoDuration>,
+    /// Units granted to the caller to spend itself (a lease), when it asked for one.
+    #[prost(message, optional, tag = "5")]
+    pub quota: Option<Quota>,
+}
+
+/// `RateLimitResponse.Quota`: "you may spend `requests` yourself until `valid_until`".
+#[derive(Clone, PartialEq, Message)]
+pub struct Quota {
+    #[prost(uint32, tag = "1")]
+    pub requests: u32,
+    #[prost(message, optional, tag = "2")]
+    pub valid_until: Option<Timestamp>,
+    #[prost(string, tag = "3")]
+    pub id: String,
+}
+
+/// `google.protobuf.Timestamp`
+#[derive(Clone, PartialEq, Message)]
+pub struct Timestamp {
+    #[prost(int64, tag = "1")]
+    pub seconds: i64,
+    #[prost(int32, tag = "2")]
+    pub nanos: i32,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -126,8 +126,9 @@ fn reads_over_limit_answers_with_their_reset() {
                 current_limit: Some(CurrentLimit { requests_per_unit: 50, unit: 2, name: String::new() }),
                 limit_remaining: 0,
                 duration_until_reset: Some(ProtoDuration { seconds: 41, nanos: 5 }),
+                quota: None,
             },
-            DescriptorStatus { code: 1, current_limit: None, limit_remaining: 0, duration_until_reset: None },
+            DescriptorStatus { code: 1, ..DescriptorStatus::default() },
         ],
         ..RateLimitResponse::default()
     };
@@ -160,6 +161,7 @@ fn a_status_without_its_reset_is_taken_to_reset_at_the_end_of_a_whole_window() {
         current_limit: Some(CurrentLimit { requests_per_unit: 5, unit: 3, name: String::new() }),
         limit_remaining: 0,
         duration_until_reset: None,
+        quota: None,
     };
     let response =
         RateLimitResponse { overall_code: 2, statuses: vec![status], ..RateLimitResponse::default() };

@@ -74,6 +74,12 @@ metrics! {
         DelayedMs = "ratelimit_wasm_delayed_milliseconds_total",
         /// Units charged from responses beyond the estimates taken at admission, in all.
         Charged = "ratelimit_wasm_charged_units_total",
+        /// A request of a leased global rule was decided from its key's lease, without a call.
+        LeaseServed = "ratelimit_wasm_lease_served_total",
+        /// Units the rate limit service granted to this rule's leases, in all.
+        LeaseGranted = "ratelimit_wasm_lease_granted_units_total",
+        /// Background calls that refreshed a lease (answered or failed).
+        LeaseRefresh = "ratelimit_wasm_lease_refreshes_total",
     }
     filter_wide {
         /// As `table_full`, in the status endpoint's share of the table.
@@ -159,7 +165,7 @@ mod tests {
         let config = Config::parse(json.as_bytes()).unwrap();
         let names = counter_names(&config);
         let name = |m: Metric| names[m.slot(2)].as_str();
-        assert_eq!(names.len(), 7 * 2 + 9);
+        assert_eq!(names.len(), 10 * 2 + 9);
         let p = "key_prefix=.=p;.;";
         assert_eq!(
             name(Metric::Allowed(0)),

@@ -36,6 +36,16 @@ impl RuleKey {
     }
 }
 
+impl RuleKey {
+    /// The fingerprint of the rule's lease for this key and plan (all its limits share one lease:
+    /// the service grants the same units for each of the rule's descriptors).
+    pub fn lease(&self, plan: Option<&str>) -> Fingerprint {
+        let mut hasher = self.hasher;
+        write_part(&mut hasher, 0xf8, plan.unwrap_or("").as_bytes());
+        Fingerprint::from_hash(hasher.finish())
+    }
+}
+
 /// Builds `rule`'s key for `request`, or `None` when a key part is missing and the rule says to
 /// skip such requests.
 pub fn request_key(seed: u64, rule: &Rule, request: &dyn Request) -> Option<RuleKey> {

@@ -71,7 +71,7 @@ pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(context_id: u32, parent_context_id: u32) {
     if parent_context_id == 0 {
-        with_contexts(|c| c.roots.insert(context_id, Root::default()));
+        with_contexts(|c| c.roots.insert(context_id, Root::new(context_id)));
     } else {
         let filter = with_root(parent_context_id, None, |root| Some(root.new_filter(context_id)));
         with_contexts(|c| c.filters.insert(context_id, filter.unwrap_or_else(Filter::inert)));
@@ -125,18 +125,23 @@ pub extern "C" fn proxy_on_response_trailers(context_id: u32, _num_trailers: usi
 
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_receive(context_id: u32, token_id: u32, response_size: usize) {
-    let _ = context_id;
-    let Some(owner) = with_contexts(|c| c.calls.remove(&token_id)).flatten() else { return };
     let answer = answer_size(response_size).map(host::grpc_response_body);
+    let Some(owner) = with_contexts(|c| c.calls.remove(&token_id)).flatten() else {
+        // A root context's call: a lease refresh.
+        with_root(context_id, false, |root| root.on_refresh_answer(token_id, answer));
+        return;
+    };
     with_filter(owner, (), |f| f.on_global_answer(owner, answer));
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_close(context_id: u32, token_id: u32, status_code: u32) {
-    // A unary call that already delivered its message is not in `calls` any more.
-    let Some(owner) = with_contexts(|c| c.calls.remove(&token_id)).flatten() else { return };
-    let _ = context_id;
+    // A unary call that already delivered its message is not in `calls` (or the root's) any more.
     let error = CallError::Status { code: status_code, message: host::grpc_status_message() };
+    let Some(owner) = with_contexts(|c| c.calls.remove(&token_id)).flatten() else {
+        with_root(context_id, false, |root| root.on_refresh_answer(token_id, Err(error)));
+        return;
+    };
     with_filter(owner, (), |f| f.on_global_answer(owner, Err(error)));
 }
 

@@ -196,8 +196,9 @@ pub fn grpc_call(
     method: &str,
     message: &[u8],
     timeout_ms: u32,
+    metadata: &[(&str, &str)],
 ) -> Result<u32, u32> {
-    let no_metadata = 0u32.to_le_bytes();
+    let metadata = serialize_map(metadata);
     let mut token = 0u32;
     // SAFETY: every pointer/length pair describes a live buffer; the host writes one u32.
     let status = unsafe {
@@ -208,8 +209,8 @@ pub fn grpc_call(
             service.len(),
             method.as_ptr(),
             method.len(),
-            no_metadata.as_ptr(),
-            no_metadata.len(),
+            metadata.as_ptr(),
+            metadata.len(),
             message.as_ptr(),
             message.len(),
             timeout_ms,
@@ -221,6 +222,24 @@ pub fn grpc_call(
     } else {
         Err(status)
     }
+}
+
+/// proxy-wasm's header map encoding: the pair count, each pair's two lengths, then each name and
+/// value followed by a NUL.
+fn serialize_map(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (name, value) in pairs {
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    }
+    for (name, value) in pairs {
+        for text in [name, value] {
+            out.extend_from_slice(text.as_bytes());
+            out.push(0);
+        }
+    }
+    out
 }
 
 pub fn set_tick_period_ms(period: u32) {

@@ -6,6 +6,7 @@ use std::rc::Rc;
 use crate::decide::{BodyWanted, Env, Exchange, Next};
 use crate::global::answer::CallError;
 use crate::global::protocol::{METHOD, SERVICE};
+use crate::lease::{ASK_HEADER, VALIDITY_HEADER};
 use crate::report::reply::LocalReply;
 use crate::wasm::host::{self, HostClock, HostRequest, HostResponse, HostStore, LogLevel};
 use crate::wasm::root::{Shared, WAITING_TICK_MS};
@@ -41,10 +42,15 @@ impl Filter {
 
     pub fn on_request_headers(&mut self) -> u32 {
         let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
-        in_env(&shared, |env| {
+        let action = in_env(&shared, |env| {
             let next = shared.limiter.decide(env, &mut self.exchange);
             self.carry_out(&shared, env, next)
-        })
+        });
+        if shared.limiter.has_refreshes() {
+            // The root context starts them on its next tick: make it soon.
+            host::set_tick_period_ms(WAITING_TICK_MS);
+        }
+        action
     }
 
     /// The service answered (`Ok(body)`) or the call failed. The request is paused: whatever
@@ -117,7 +123,14 @@ impl Filter {
             }
             Next::Ask(ask) => ask,
         };
-        match host::grpc_call(ask.cluster, SERVICE, METHOD, &ask.message, ask.timeout_ms) {
+        let (units, validity) = ask.lease.map(|l| (l.units.to_string(), l.validity_ms.to_string())).unzip();
+        let metadata: Vec<(&str, &str)> = match (&units, &validity) {
+            (Some(units), Some(validity)) => {
+                vec![(ASK_HEADER, units.as_str()), (VALIDITY_HEADER, validity.as_str())]
+            }
+            _ => Vec::new(),
+        };
+        match host::grpc_call(ask.cluster, SERVICE, METHOD, &ask.message, ask.timeout_ms, &metadata) {
             Ok(token) => {
                 self.new_call = Some(token);
                 ACTION_PAUSE

@@ -2,10 +2,14 @@
 //! worker (or of the main thread), and its tick.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::config::{self, Config};
-use crate::decide::Limiter;
+use crate::decide::{Limiter, Refresh};
+use crate::global::answer::CallError;
+use crate::global::protocol::{METHOD, SERVICE};
+use crate::lease::{ASK_HEADER, VALIDITY_HEADER};
 use crate::report::metrics::{counter_names, Metric};
 use crate::report::violations::{LogLimiter, Violation};
 use crate::report::Observer;
@@ -114,9 +118,13 @@ pub struct Shared {
 
 #[derive(Default)]
 pub struct Root {
+    /// The root context's id, to make calls in its name (their answers come back to it).
+    id: u32,
     shared: Option<Rc<Shared>>,
     /// When counters were last flushed (the tick may run faster than that).
     flushed_at: u64,
+    /// Lease refreshes under way, by gRPC call token.
+    refreshing: HashMap<u32, Refresh>,
 }
 
 impl Root {
@@ -156,15 +164,21 @@ impl Root {
         true
     }
 
+    pub fn new(id: u32) -> Root {
+        Root { id, ..Root::default() }
+    }
+
     pub fn on_tick(&mut self) {
-        let Some(shared) = &self.shared else { return };
+        let Some(shared) = self.shared.clone() else { return };
         let now = host::now_nanos();
+        self.start_refreshes(&shared, now);
         for context_id in shared.limiter.tick(&HostStore, now, &shared.events) {
             // Its turn has come. A request that ended meanwhile left the queue then.
             if host::set_effective_context(context_id) && !host::resume_request() {
                 host::log(LogLevel::Error, "ratelimit-wasm: could not resume a request at its turn");
             }
         }
+        host::set_effective_context(self.id);
         if shared.limiter.waiting() == 0 {
             host::set_tick_period_ms(TICK_MS);
         }
@@ -172,6 +186,36 @@ impl Root {
             shared.events.counters.flush();
             self.flushed_at = now;
         }
+    }
+
+    /// Starts the lease refreshes requests claimed, as this root context's calls.
+    fn start_refreshes(&mut self, shared: &Shared, now: u64) {
+        let Some(service) = shared.limiter.config().global.clone() else { return };
+        for refresh in shared.limiter.take_refreshes() {
+            let Some(lease) = shared.limiter.lease_request(refresh.ask.rule) else { continue };
+            let (units, validity) = (lease.units.to_string(), lease.validity_ms.to_string());
+            let metadata = [(ASK_HEADER, units.as_str()), (VALIDITY_HEADER, validity.as_str())];
+            let message = &refresh.call.message;
+            match host::grpc_call(&service.cluster, SERVICE, METHOD, message, service.timeout_ms, &metadata) {
+                Ok(token) => {
+                    self.refreshing.insert(token, refresh);
+                }
+                Err(host_status) => {
+                    let error = CallError::CannotCall { cluster: service.cluster.clone(), host_status };
+                    shared.limiter.refreshed(&HostStore, now, &refresh, Err(error), &shared.events);
+                }
+            }
+        }
+    }
+
+    /// A lease refresh's answer (or failure); `false` when `token` is not one of this root's calls.
+    pub fn on_refresh_answer(&mut self, token: u32, answer: Result<Vec<u8>, CallError>) -> bool {
+        let Some(refresh) = self.refreshing.remove(&token) else { return false };
+        if let Some(shared) = &self.shared {
+            let answer = answer.as_deref().map_err(Clone::clone);
+            shared.limiter.refreshed(&HostStore, host::now_nanos(), &refresh, answer, &shared.events);
+        }
+        true
     }
 
     pub fn new_filter(&self, context_id: u32) -> Filter {

@@ -49,12 +49,14 @@ class StandIn:
 
     def __init__(self):
         self.calls = 0
+        self.metadata: list[dict] = []
         self.lock = threading.Lock()
 
-    def should_rate_limit(self, _request: bytes, _context) -> bytes:
+    def should_rate_limit(self, _request: bytes, context) -> bytes:
         with self.lock:
             self.calls += 1
             used = self.calls
+            self.metadata.append(dict(context.invocation_metadata()))
         remaining = max(LIMIT - used, 0)
         headers = [("X-RateLimit-Limit", f"{LIMIT}, {LIMIT};w=3600"), ("X-RateLimit-Remaining", str(remaining)),
                    ("X-RateLimit-Reset", str(RESET_SECONDS))]
@@ -62,8 +64,13 @@ class StandIn:
 
 
 @pytest.fixture
-def stand_in():
-    service = StandIn()
+def stand_in_service():
+    return StandIn()
+
+
+@pytest.fixture
+def stand_in(stand_in_service):
+    service = stand_in_service
     handler = grpc.method_handlers_generic_handler("envoy.service.ratelimit.v3.RateLimitService", {
         "ShouldRateLimit": grpc.unary_unary_rpc_method_handler(
             service.should_rate_limit, request_deserializer=None, response_serializer=None)})
@@ -98,3 +105,23 @@ def test_the_headers_of_a_service_that_sends_no_statuses_reach_client_and_upstre
     # Before: Retry-After: 1 for an hour-long window; now never earlier than the service's reset.
     assert denied.headers.get("retry-after") == str(RESET_SECONDS)
     assert envoy.alive()
+
+
+def test_a_service_that_ignores_lease_requests_is_asked_on_every_request(envoy_factory, stand_in,
+                                                                         stand_in_service, report):
+    config = {"key_prefix": "tp", "global": {"cluster": "ratelimit_service", "domain": "edge", "timeout": "1s"},
+              "rules": [{"name": "per-user", "global": True, "key": [{"source": "header", "name": "x-user"}],
+                         "limit": {"algorithm": "fixed_window", "requests": LIMIT, "window": "1h"},
+                         "lease": {"size": 50, "validity": "20s"}}]}
+    envoy = envoy_factory(config, rls_port=stand_in)
+    user = {"x-user": fresh_key("tp")}
+    statuses = [envoy.request("/", user).status for _ in range(LIMIT + 2)]
+    # No quota in its answers: exactly a global rule without a lease, one call per request.
+    assert statuses == [200] * LIMIT + [429, 429]
+    assert stand_in_service.calls == LIMIT + 2
+    asked = stand_in_service.metadata[0]
+    report(f"third-party service and a leased rule: {stand_in_service.calls} calls for {len(statuses)} requests; "
+           f"the first call's lease metadata: x-ratelimit-wasm-lease={asked.get('x-ratelimit-wasm-lease')}, "
+           f"validity-ms={asked.get('x-ratelimit-wasm-lease-validity-ms')}")
+    assert asked.get("x-ratelimit-wasm-lease") == "50"
+    assert asked.get("x-ratelimit-wasm-lease-validity-ms") == "20000"
