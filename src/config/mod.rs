@@ -156,6 +156,9 @@ pub enum FailureMode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GlobalService {
     pub cluster: String,
+    /// The `:authority` of the calls, when the cluster's name cannot be one (Istio's
+    /// `outbound|8081||ratelimit.svc`), or as configured.
+    pub authority: Option<String>,
     pub domain: String,
     pub timeout_ms: u32,
     pub failure_mode: FailureMode,
@@ -301,6 +304,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawGlobal {
     cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
     domain: String,
     #[serde(default)]
     timeout: Option<duration::Duration>,
@@ -644,12 +649,38 @@ fn compile_global(raw: RawGlobal) -> Result<GlobalService, ConfigError> {
     if timeout_ms == 0 {
         return Err(ConfigError::at("global.timeout", "must be at least 1ms"));
     }
+    let authority = match raw.authority {
+        Some(a) if a.is_empty() || !a.bytes().all(is_authority_byte) => {
+            return Err(ConfigError::at(
+                "global.authority",
+                format!("must be a host[:port] (letters, digits and - . _ ~ : [ ]), got {a:?}"),
+            ))
+        }
+        Some(a) => Some(a),
+        None => default_authority(&raw.cluster),
+    };
     Ok(GlobalService {
+        authority,
         cluster: raw.cluster,
         domain: raw.domain,
         timeout_ms,
         failure_mode: raw.failure_mode.unwrap_or(FailureMode::Allow),
     })
+}
+
+/// Envoy sends a call's cluster name as its `:authority` unless told otherwise, and a server
+/// refuses one with characters a host cannot have. Istio names clusters
+/// `outbound|<port>|<subset>|<host>`: its host part is the authority Istio's own config uses.
+fn default_authority(cluster: &str) -> Option<String> {
+    if cluster.bytes().all(is_authority_byte) {
+        return None;
+    }
+    let host = cluster.rsplit('|').next().filter(|h| !h.is_empty() && h.bytes().all(is_authority_byte));
+    Some(host.unwrap_or("ratelimit").to_owned())
+}
+
+fn is_authority_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~:[]".contains(&b)
 }
 
 fn compile_deny(raw: Option<RawDenyResponse>) -> Result<DenyResponse, ConfigError> {
@@ -1062,5 +1093,25 @@ mod tests {
     fn an_unknown_field_inside_a_key_part_is_refused() {
         let json = r#"{"rules":[{"name":"r","key":[{"source":"header","name":"x","nam":"y"}],"limit":{"capacity":1,"refill_period":"1s"}}]}"#;
         assert!(parse(json).unwrap_err().starts_with("rules[0].key[0].nam: unknown field `nam`"));
+    }
+
+    #[test]
+    fn a_cluster_name_that_cannot_be_an_authority_gets_istios_host_part_as_one() {
+        let global = |g: &str| {
+            let json = format!(
+                r#"{{"global":{g},"rules":[{{"name":"r","global":true,"key":[{{"source":"method"}}]}}]}}"#
+            );
+            Config::parse(json.as_bytes()).unwrap().global.unwrap().authority
+        };
+        assert_eq!(global(r#"{"cluster":"ratelimit_service","domain":"d"}"#), None);
+        assert_eq!(
+            global(r#"{"cluster":"outbound|8081||ratelimit.ns.svc.cluster.local","domain":"d"}"#).as_deref(),
+            Some("ratelimit.ns.svc.cluster.local")
+        );
+        assert_eq!(global(r#"{"cluster":"a|b|","domain":"d"}"#).as_deref(), Some("ratelimit"));
+        assert_eq!(
+            global(r#"{"cluster":"a|b","authority":"rls:8081","domain":"d"}"#).as_deref(),
+            Some("rls:8081")
+        );
     }
 }

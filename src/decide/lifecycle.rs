@@ -112,6 +112,8 @@ pub enum Next<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Ask<'a> {
     pub cluster: &'a str,
+    /// The call's target for the host (see `global::protocol::call_target`).
+    pub target: &'a [u8],
     pub timeout_ms: u32,
     pub message: Vec<u8>,
     /// The lease to ask for along with it.
@@ -339,7 +341,8 @@ impl Limiter {
         };
         let message = std::mem::take(&mut call.message);
         exchange.awaiting = Some(awaiting);
-        Next::Ask(Ask { cluster: &service.cluster, timeout_ms: service.timeout_ms, message, lease })
+        let target = &self.call_target;
+        Next::Ask(Ask { cluster: &service.cluster, target, timeout_ms: service.timeout_ms, message, lease })
     }
 
     fn deny(

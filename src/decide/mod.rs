@@ -31,6 +31,7 @@ pub use local::{Consumed, Turn, Verdict};
 
 use crate::config::TableShare;
 use crate::config::{Config, Delay};
+use crate::global::protocol::call_target;
 use crate::report::Observer;
 use crate::request::Request;
 use crate::state::clock::Clock;
@@ -94,11 +95,19 @@ pub struct Limiter {
     claims: AtomicU64,
     /// Lease refreshes this worker's requests claimed, for the glue to start.
     refreshes: Mutex<Vec<Refresh>>,
+    /// Where calls to the rate limit service go, as the host takes it.
+    call_target: Vec<u8>,
 }
 
 impl Limiter {
     pub fn new(config: Config, seed: u64) -> Limiter {
+        let call_target = config
+            .global
+            .as_ref()
+            .map(|g| call_target(&g.cluster, g.authority.as_deref()))
+            .unwrap_or_default();
         Limiter {
+            call_target,
             config,
             seed,
             holdings: Mutex::new(Holdings::default()),
@@ -139,6 +148,11 @@ impl Limiter {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Where calls to the rate limit service go, as the host takes it.
+    pub fn call_target(&self) -> &[u8] {
+        &self.call_target
     }
 
     /// The slots of one rule's (or the status endpoint's) share of the table.

@@ -132,6 +132,34 @@ pub struct ProtoDuration {
 
 pub const CODE_OVER_LIMIT: i32 = 2;
 
+/// `envoy.config.core.v3.GrpcService`, with only its `envoy_grpc` target: what a call is given
+/// instead of a bare cluster name when it needs its own `:authority`.
+#[derive(Clone, PartialEq, Message)]
+pub struct GrpcService {
+    #[prost(message, optional, tag = "1")]
+    pub envoy_grpc: Option<EnvoyGrpc>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct EnvoyGrpc {
+    #[prost(string, tag = "1")]
+    pub cluster_name: String,
+    #[prost(string, tag = "2")]
+    pub authority: String,
+}
+
+/// Where a call goes, as proxy-wasm's `grpc_call` takes it: the cluster's name, or an encoded
+/// `GrpcService` naming it with the authority to send.
+pub fn call_target(cluster: &str, authority: Option<&str>) -> Vec<u8> {
+    match authority {
+        None => cluster.as_bytes().to_vec(),
+        Some(authority) => GrpcService {
+            envoy_grpc: Some(EnvoyGrpc { cluster_name: cluster.to_owned(), authority: authority.to_owned() }),
+        }
+        .encode_to_vec(),
+    }
+}
+
 /// Seconds in a Rate Limit Service unit (a month counts 30 days), for the policy's `w`.
 pub fn unit_seconds(unit: i32) -> u64 {
     match unit {

@@ -191,7 +191,7 @@ pub fn grpc_status_message() -> String {
 
 /// Starts a unary gRPC call on an Envoy cluster; the token identifies its answer.
 pub fn grpc_call(
-    cluster: &str,
+    target: &[u8],
     service: &str,
     method: &str,
     message: &[u8],
@@ -203,8 +203,8 @@ pub fn grpc_call(
     // SAFETY: every pointer/length pair describes a live buffer; the host writes one u32.
     let status = unsafe {
         proxy_grpc_call(
-            cluster.as_ptr(),
-            cluster.len(),
+            target.as_ptr(),
+            target.len(),
             service.as_ptr(),
             service.len(),
             method.as_ptr(),

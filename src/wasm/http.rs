@@ -130,7 +130,7 @@ impl Filter {
             }
             _ => Vec::new(),
         };
-        match host::grpc_call(ask.cluster, SERVICE, METHOD, &ask.message, ask.timeout_ms, &metadata) {
+        match host::grpc_call(ask.target, SERVICE, METHOD, &ask.message, ask.timeout_ms, &metadata) {
             Ok(token) => {
                 self.new_call = Some(token);
                 ACTION_PAUSE

@@ -196,7 +196,8 @@ impl Root {
             let (units, validity) = (lease.units.to_string(), lease.validity_ms.to_string());
             let metadata = [(ASK_HEADER, units.as_str()), (VALIDITY_HEADER, validity.as_str())];
             let message = &refresh.call.message;
-            match host::grpc_call(&service.cluster, SERVICE, METHOD, message, service.timeout_ms, &metadata) {
+            let target = shared.limiter.call_target();
+            match host::grpc_call(target, SERVICE, METHOD, message, service.timeout_ms, &metadata) {
                 Ok(token) => {
                     self.refreshing.insert(token, refresh);
                 }

@@ -95,6 +95,7 @@ def render_bootstrap(
     upstream_response_headers: dict | None = None,
     ecds: tuple[str, Path] | None = None,
     as_struct: bool = False,
+    rls_cluster: str = "ratelimit_service",
 ) -> dict:
     """Same shape as envoy/demo.yaml: filtered listener -> router -> cluster -> second listener
     (direct_response 200 "ok"), or the server on port `external_upstream` when given. Returned as a
@@ -175,7 +176,7 @@ def render_bootstrap(
     extra_clusters = []
     if rls_port is not None:
         extra_clusters.append({
-            "name": "ratelimit_service",
+            "name": rls_cluster,
             "type": "STATIC",
             "connect_timeout": "1s",
             "typed_extension_protocol_options": {
@@ -185,7 +186,7 @@ def render_bootstrap(
                 }
             },
             "load_assignment": {
-                "cluster_name": "ratelimit_service",
+                "cluster_name": rls_cluster,
                 "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
                     "socket_address": {"address": "127.0.0.1", "port_value": rls_port}}}}]}],
             },

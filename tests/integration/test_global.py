@@ -236,3 +236,20 @@ def test_a_restarted_service_keeps_the_counts_in_redis(envoy_factory, stack, tmp
     assert [envoy.request("/", key).status for _ in range(3)] == [200] * 3
     service.restart()
     assert [envoy.request("/", key).status for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_cluster_named_the_way_istio_names_it_reaches_the_service(envoy_factory, stack, tmp_path, report):
+    # Envoy would send the cluster's name as the calls' :authority, and a server refuses one with
+    # "|" (HTTP/2 PROTOCOL_ERROR): every call failed, and the rule failed open.
+    redis = stack(Redis(tmp_path / "redis"))
+    service = stack(Service(tmp_path / "service", redis.url))
+    cluster = "outbound|8081||ratelimit.ratelimit.svc.cluster.local"
+    config = global_config([per_key_rule(limit=2, window="1h")], **{"global": {"cluster": cluster}})
+    envoy = envoy_factory(config, rls_port=service.grpc_port, rls_cluster=cluster)
+    clear_of_window_edge(3600, 60)
+    key = {"x-key": fresh_key("istio")}
+    statuses = [envoy.request("/", key).status for _ in range(3)]
+    report(f"global rule through a cluster named {cluster!r}: {statuses}")
+    assert statuses == [200, 200, 429]
+    assert decisions(service) == 3
+    assert (counter(envoy, "global_failures_total", "g") or 0) == 0
