@@ -12,11 +12,15 @@ ratelimit-wasm), accuracy (admitted vs limit under concurrency), profile (probe 
 that split the cost of a wasm filter, its host calls, and ratelimit-wasm's own work), global
 (latency p50/p99 of ours' global rule vs Envoy's native ratelimit filter, both asking
 ratelimit-service with a redis-server; the service's decisions per second on one CPU, driven by
-service/examples/rls_load.rs).
+service/examples/rls_load.rs), idempotency (CPU per request when every POST claims a new
+Idempotency-Key, vs the same requests without the entry; wrk with bench/idem.lua), settle (added
+latency p50/p99 of a cost charged from the response, vs a constant cost; wrk --latency).
 
 Only Python's standard library is used. Options: --quick (fewer rounds/requests, for trying it),
 --out FILE (default BENCHMARKS.md at the repository root; "-" for none), --skip SECTIONS,
---skip-global.
+--skip-global, --only SECTIONS (run just these, e.g. `--only idempotency,settle --out /tmp/x.md`;
+the probe builds and host-call counts are done only with speed). Environment: RATELIMIT_WASM (the
+module to measure, default target/wasm32-wasip1/release/ratelimit_wasm.wasm), ENVOY_BIN.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENVOY = Path(os.environ.get("ENVOY_BIN", REPO / ".venv" / "bin" / "envoy"))
-WASM = REPO / "target" / "wasm32-wasip1" / "release" / "ratelimit_wasm.wasm"
+# RATELIMIT_WASM: measure another build of the module (e.g. a copy, so a rebuild during the run
+# does not change what is measured).
+WASM = Path(os.environ.get("RATELIMIT_WASM", REPO / "target" / "wasm32-wasip1" / "release" / "ratelimit_wasm.wasm"))
 NOOP_DIR = REPO / "bench" / "noop-filter"
 NOOP_TARGET = REPO / "target" / "bench-noop"
 NOOP_WASM = NOOP_TARGET / "wasm32-wasip1" / "release" / "noop_filter.wasm"
@@ -56,6 +62,7 @@ END_WASM = END_TARGET / "wasm32-wasip1" / "release" / "ratelimit_wasm.wasm"
 O3_TARGET = REPO / "target" / "bench-ours-o3"
 O3_WASM = O3_TARGET / "wasm32-wasip1" / "release" / "ratelimit_wasm.wasm"
 FLOOD_LUA = REPO / "bench" / "flood.lua"
+IDEM_LUA = REPO / "bench" / "idem.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 BIG = 1_000_000_000  # a limit that never denies during the run (capacity is a u32)
@@ -204,6 +211,25 @@ def ours_filter(capacity: int, refill_period: str, table_size: int = 65536, head
                        "ratelimit")
 
 
+# The idempotency section's entry: every POST, keys shared by everybody, remembered 1 h. Its table
+# (own slots, up to 4 keys each) is the largest allowed: a key goes to the one slot its hash picks,
+# so with K random keys over S slots some slot holds 5+ keys once K is a sizeable share of S (K = S
+# gives ~1,000 of 65,536 slots overflowing); at 1,048,576 slots the ~60,000 keys of a run overflow
+# none (expected < 0.01), so every request is a first one and the bench can assert it.
+IDEM_TABLE_SIZE = 1_048_576
+
+
+def ours_idem_config() -> dict:
+    """ours' config (the same rule as the `ours` variant) plus one idempotency entry."""
+    return {**ours_config(BIG, "1s"), "idempotency": [{
+        "name": "bench",
+        "match": {"methods": ["POST"]},
+        "scope": [{"source": "constant", "value": "all"}],
+        "ttl": "1h",
+        "table_size": IDEM_TABLE_SIZE,
+    }]}
+
+
 def native_filter(capacity: int, fill_interval: str) -> dict:
     bucket = {"max_tokens": capacity, "tokens_per_fill": capacity, "fill_interval": fill_interval}
     pct = {"numerator": 100, "denominator": "HUNDRED"}
@@ -238,6 +264,8 @@ def filtered_config(kind: str, upstream_port: int, **kw) -> dict:
     elif kind == "ours":
         filters = [ours_filter(kw["capacity"], kw["period"], kw.get("table_size", 65536), kw.get("headers", "x-ratelimit"),
                                kw.get("wasm", WASM), kw.get("limit"), kw.get("cost"))]
+    elif kind == "ours-idem":
+        filters = [wasm_filter(WASM, json.dumps(ours_idem_config()), "ratelimit")]
     elif kind == "probe":
         filters = [wasm_filter(NOOP_WASM, kw["steps"], "probe")]
     elif kind == "ours-global":
@@ -730,6 +758,177 @@ def delay_lateness(workdir: Path, upstream: Envoy, rounds: int, waiting: int, wo
 
 
 # ---------------------------------------------------------------------------------------------
+# idempotency: CPU per request when every request claims a new Idempotency-Key (issue 12's bench)
+
+IDEM_VARIANTS = [("plain", "plain"), ("ours", "ours"), ("ours-idem", "ours-idem")]
+IDEM_CLAIMED = ("idempotency_requests_total", "bench", "first")
+
+
+def wrk_counted(envoy: Envoy, total: int, clients: int, threads: int, run_id: str, timeout: float = 120.0) -> dict:
+    """wrk with bench/idem.lua until each thread has had total/threads responses (the script prints a
+    line per finished thread; wrk is then interrupted, as it would otherwise wait out its -d)."""
+    quota = total // threads
+    cmd = pinned(["wrk", "-t", str(threads), "-c", str(clients), "-d", "600s", "-s", str(IDEM_LUA), envoy.url(),
+                  "--", str(quota), run_id], LOAD_CPU)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, finished = [], 0
+    timer = threading.Timer(timeout, p.kill)
+    timer.start()
+    try:
+        for line in p.stdout:
+            out.append(line)
+            if line.strip() == "idem-done":
+                finished += 1
+                if finished == threads:
+                    p.send_signal(signal.SIGINT)
+                    break
+        rest, _ = p.communicate(timeout=60)
+        out.append(rest)
+    finally:
+        timer.cancel()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = "".join(out)
+    if finished != threads:
+        raise RuntimeError(f"wrk (idem.lua) did not finish its {total} requests:\n{text}")
+    done = re.search(r"(\d+) requests in", text)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if not done:
+        raise RuntimeError("cannot parse wrk output:\n" + text)
+    return {"wrk_requests": int(done.group(1)), "non2xx": int(bad.group(1)) if bad else 0}
+
+
+def idem_run(e: Envoy, total: int, clients: int, run_id: str) -> dict:
+    """CPU per request over one wrk_counted run; requests = what the Envoy received (its own counter),
+    and how many of them claimed an Idempotency-Key (the filter's counter)."""
+    rq0, claimed0 = e.stat("http.ingress.downstream_rq_total"), e.stat(wasm_stat(*IDEM_CLAIMED))
+    cpu0, t0 = e.cpu_seconds(), time.monotonic()
+    res = wrk_counted(e, total, clients, 2, run_id)
+    wall = time.monotonic() - t0
+    time.sleep(0.1)  # the requests wrk left in flight end
+    cpu1 = e.cpu_seconds()
+    time.sleep(0.3)  # the filter adds its counts to Envoy's counters every 100 ms
+    res["requests"] = e.stat("http.ingress.downstream_rq_total") - rq0
+    res["claimed"] = e.stat(wasm_stat(*IDEM_CLAIMED)) - claimed0
+    res["us_per_req"] = (cpu1 - cpu0) / max(res["requests"], 1) * 1e6
+    res["rps"] = res["wrk_requests"] / wall
+    return res
+
+
+def idempotency_section(workdir: Path, upstream: Envoy, rounds: int, n: int, clients: int) -> dict:
+    out: dict = {"rounds": rounds, "requests": n, "clients": clients, "table_size": IDEM_TABLE_SIZE,
+                 "config": ours_idem_config()["idempotency"][0]}
+    envoys = {name: Envoy(f"idem-{name}", filtered_config(kind, upstream.port, capacity=BIG, period="1s"), 1, workdir,
+                          cpu="0") for name, kind in IDEM_VARIANTS}
+    t_start = time.monotonic()
+    try:
+        for e in envoys.values():
+            e.wait_ready()
+        # The entry is live: a POST with a new key passes and a retry gets the kept response, replayed.
+        e = envoys["ours-idem"]
+        probe = []
+        for _ in range(2):
+            c = http.client.HTTPConnection("127.0.0.1", e.port, timeout=30)
+            try:
+                c.request("POST", "/", headers={"x-key": HOT_KEY, "idempotency-key": "probe-1"})
+                r = c.getresponse()
+                probe.append((r.status, r.getheader("idempotent-replayed"), r.read()))
+            finally:
+                c.close()
+        if probe[0][0] != 200 or probe[0][1] is not None or probe[1] != (200, "true", probe[0][2]):
+            raise RuntimeError(f"idempotency entry not in effect: first and retry gave {probe}; log {e.log_path}")
+        out["probe"] = probe
+        log("idempotency: warm-up")
+        for name, e in envoys.items():
+            wrk_counted(e, max(n // 5, 2000), clients, 2, f"w{name}")
+        order = [name for name, _ in IDEM_VARIANTS]
+        rng = random.Random(12)
+        runs: dict[str, list[dict]] = {name: [] for name in order}
+        for r in range(rounds):
+            rng.shuffle(order)
+            for name in order:
+                res = idem_run(envoys[name], n, clients, f"r{r}{name}")
+                # Every request answered 200; with the entry each one claimed its own new key.
+                want = res["requests"] if name == "ours-idem" else 0
+                if res["non2xx"] or res["claimed"] != want or res["requests"] < n:
+                    raise RuntimeError(f"idempotency {name}: expected {n}+ requests, all 2xx, {want} keys claimed; got {res}")
+                runs[name].append(res)
+            log(f"idempotency: round {r + 1}/{rounds} done")
+        out["runs"] = runs
+        e = envoys["ours-idem"]
+        out["counters"] = {k: e.stat(wasm_stat(*spec)) for k, spec in {
+            "first": IDEM_CLAIMED,
+            "replayed": ("idempotency_requests_total", "bench", "replayed"),
+            "in_flight": ("idempotency_requests_total", "bench", "in_flight"),
+            "table_full": ("idempotency_table_full_total", "bench"),
+            "released": ("idempotency_released_total", "bench"),
+            "store_errors": ("idempotency_store_errors_total", "bench")}.items()}
+        out["counters"]["requests"] = e.stat("http.ingress.downstream_rq_total")
+        if out["counters"]["table_full"] or out["counters"]["store_errors"]:
+            raise RuntimeError(f"idempotency: keys went unprotected: {out['counters']}")
+        out["rss_kib"] = {name: e.rss_kib() for name, e in envoys.items()}
+    finally:
+        for e in envoys.values():
+            e.stop()
+    out["elapsed_s"] = time.monotonic() - t_start
+    log(f"idempotency: done in {out['elapsed_s']:.0f} s")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# settle: added latency of a cost charged from the response (local), against the same rule with a constant cost
+
+SETTLE_VARIANTS = ("ours", "ours-usage")
+
+
+def settle_section(workdir: Path, upstream: Envoy, rounds: int, seconds: int, concurrencies: list[int]) -> dict:
+    specs = {v[0]: v for v in SPEED_VARIANTS if v[0] in SETTLE_VARIANTS}
+    envoys = {name: Envoy(f"settle-{name}", filtered_config(specs[name][1], upstream.port, **specs[name][2]), 1, workdir,
+                          cpu="0") for name in SETTLE_VARIANTS}
+    out: dict = {"rounds": rounds, "seconds": seconds, "concurrencies": concurrencies}
+    t_start = time.monotonic()
+    try:
+        for e in envoys.values():
+            e.wait_ready()
+        out["headers"] = {name: response_headers(e, HOT_KEY) for name, e in envoys.items()}
+        log("settle: warm-up")
+        for e in envoys.values():
+            wrk_latency(e, max(concurrencies), 2, 2, HOT_KEY)
+        order = [(name, c) for name in SETTLE_VARIANTS for c in concurrencies]
+        rng = random.Random(21)
+        runs: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in concurrencies} for name in SETTLE_VARIANTS}
+        for r in range(rounds):
+            rng.shuffle(order)
+            for name, c in order:
+                res = wrk_latency(envoys[name], c, min(2, c), seconds, HOT_KEY)
+                if res["non2xx"] or res["socket_errors"]:
+                    raise RuntimeError(f"settle {name} -c {c}: {res}")
+                res["round"] = r
+                runs[name][c].append(res)
+            log(f"settle: round {r + 1}/{rounds} done")
+        out["latency"] = runs
+        # The usage variant charged from every response: the upstream's x-usage-tokens (2) is 1 unit
+        # beyond the estimate (1), so it charged 1 unit per allowed request, less those wrk left in
+        # flight when each run ended (reset before their response: at most its connections per run).
+        # The counters lag by up to 100 ms.
+        time.sleep(0.3)
+        out["charged"] = {name: (e.stat(wasm_stat("requests_total", "per-key", "allowed")),
+                                 e.stat(wasm_stat("charged_units_total", "per-key"))) for name, e in envoys.items()}
+        out["in_flight_bound"] = max(concurrencies) + rounds * sum(concurrencies) + 1  # warm-up, runs, header check
+        allowed, charged = out["charged"]["ours-usage"]
+        if allowed == 0 or not 0 <= allowed - charged <= out["in_flight_bound"] or out["charged"]["ours"][1] != 0:
+            raise RuntimeError(f"settle: expected ours-usage to charge 1 unit per answered request, ours none: "
+                               f"{out['charged']}")
+    finally:
+        for e in envoys.values():
+            e.stop()
+    out["elapsed_s"] = time.monotonic() - t_start
+    log(f"settle: done in {out['elapsed_s']:.0f} s")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # global: ratelimit-service (Redis) behind ours' global rule and behind Envoy's native ratelimit filter
 
 SERVICE_TARGET = REPO / "target" / "bench-service"
@@ -1073,6 +1272,95 @@ def paired_runs(res: dict, a: str, b: str, workers_list: list[int]):
             yield workers, ra, rb
 
 
+def render_idempotency(d: dict) -> list[str]:
+    L: list[str] = []
+    runs = d["runs"]
+    names = [n for n, _ in IDEM_VARIANTS]
+    m = {n: (med([r["us_per_req"] for r in runs[n]]), med([r["rps"] for r in runs[n]])) for n in names if runs.get(n)}
+    L.append("## Idempotency keys: CPU per request, first requests\n")
+    L.append(f"Three Envoys with 1 worker each (pinned to CPU 0), the same route to the upstream. Load: wrk `-c {d['clients']} "
+             f"-t 2` with `bench/idem.lua`: `POST /` with `x-key: {HOT_KEY}` and an `Idempotency-Key` new on every request, "
+             f"{d['requests']:,} requests per run (each wrk thread stops at its share), {d['rounds']} rounds in shuffled "
+             "order after a warm-up; CPU = utime+stime of the Envoy's PID over the run / requests it received. All three "
+             "get the very same requests:\n")
+    L.append("- **plain**: no filter;")
+    L.append("- **ours**: the `ours` rule of the Speed section (1 rule per x-key, never denies), no idempotency entry "
+             "(the filter ignores the header);")
+    L.append(f"- **ours-idem**: the same rule plus `\"idempotency\": [{json.dumps(d['config'])}]`: each request claims its "
+             "key (a CAS on its slot), goes on to the upstream, and at stream end completes its record with the response "
+             "kept (status 200, `content-type`, body `ok`: a second CAS). The table is the largest allowed so that no "
+             "slot ever holds 5 live keys during the run (keys live 1 h: a run leaves them all behind).\n")
+    L.append("| variant | CPU us/req (median) | min-max | req/s (median) | CPU vs plain | CPU vs ours |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    for n in names:
+        if n not in m:
+            continue
+        us, rps = m[n]
+        xs = [r["us_per_req"] for r in runs[n]]
+        vs_ours = "-" if n != "ours-idem" or "ours" not in m else f"{us / m['ours'][0]:.2f}x"
+        L.append(f"| {n} | {us:.1f} | {min(xs):.1f}-{max(xs):.1f} | {rps:,.0f} | {us / m['plain'][0]:.2f}x | {vs_ours} |")
+    L.append("")
+    if runs.get("ours-idem") and runs.get("ours"):
+        ratio = [a["us_per_req"] / b["us_per_req"] for a, b in zip(runs["ours-idem"], runs["ours"])]
+        diff = [a["us_per_req"] - b["us_per_req"] for a, b in zip(runs["ours-idem"], runs["ours"])]
+        rps = [a["rps"] / b["rps"] for a, b in zip(runs["ours-idem"], runs["ours"])]
+        L.append(f"Paired within each round (median of rounds, range): ours-idem / ours CPU per request **{med(ratio):.2f}x** "
+                 f"({min(ratio):.2f}-{max(ratio):.2f}), req/s {med(rps):.2f}x; an idempotency key claimed and completed "
+                 f"adds **{med(diff):.1f} us** of Envoy CPU per request ({min(diff):.1f} to {max(diff):.1f}).\n")
+    c = d["counters"]
+    L.append(f"Every request claimed a key (asserted per run: the `first` count equals the requests the Envoy received). "
+             f"ours-idem's counters over its life: `first` {c['first']:,} of {c['requests']:,} requests received (the "
+             f"rest: the check before the warm-up, a retry that got the kept response: `replayed` {c['replayed']:,}), "
+             f"`in_flight` {c['in_flight']:,}, `table_full` {c['table_full']:,}, `store_errors` {c['store_errors']:,}, "
+             f"`released` {c['released']:,} (requests wrk left in flight when it stopped, reset before their response)."
+             + (f" RSS at the end: ours-idem {d['rss_kib']['ours-idem'] / 1024:.1f} MiB with {c['first']:,} kept "
+                f"records, ours {d['rss_kib']['ours'] / 1024:.1f} MiB." if d.get("rss_kib") else "") + "\n")
+    return L
+
+
+def render_settle(d: dict) -> list[str]:
+    L: list[str] = []
+    lat = d["latency"]
+    concs = d["concurrencies"]
+    L.append("## Settle-phase charge: added latency (local)\n")
+    L.append("Two Envoys with 1 worker each (pinned to CPU 0), the same route: **ours** (the Speed section's rule, a "
+             "constant cost of 1) and **ours-usage** (the same rule with `cost: {\"response_header\": \"x-usage-tokens\", "
+             "\"max\": 1000}`: 1 unit taken at admission, and when the response headers arrive the upstream's "
+             "`x-usage-tokens: 2` charges 1 more, a second CAS on the bucket). Load: wrk `--latency` `GET /` with one "
+             f"`x-key`, `-d {d['seconds']}s` at {' and '.join(f'`-c {c}`' for c in concs)} connections (closed loop; with 1 "
+             f"connection the latency is one request's own path), {d['rounds']} rounds in shuffled order after a "
+             "warm-up; medians, and differences paired within each round. Latency is wrk's (request sent to response "
+             "ended).\n")
+    L.append("| variant | connections | p50 us | p99 us | req/s |")
+    L.append("|---|---:|---:|---:|---:|")
+    for c in concs:
+        for n in SETTLE_VARIANTS:
+            rs = lat[n][c]
+            L.append(f"| {n} | {c} | {med([r['p50'] for r in rs]) * 1000:.0f} | {med([r['p99'] for r in rs]) * 1000:.0f} | "
+                     f"{med([r['rps'] for r in rs]):,.0f} |")
+    L.append("")
+    L.append("| ours-usage vs ours | connections | added p50 us (median of rounds, range) | added p99 us | p50 ratio | req/s ratio |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    heads = []
+    for c in concs:
+        a, b = lat["ours-usage"][c], lat["ours"][c]
+        d50 = [(x["p50"] - y["p50"]) * 1000 for x, y in zip(a, b)]
+        d99 = [(x["p99"] - y["p99"]) * 1000 for x, y in zip(a, b)]
+        r50 = [x["p50"] / y["p50"] for x, y in zip(a, b)]
+        rps = [x["rps"] / y["rps"] for x, y in zip(a, b)]
+        heads.append(f"**{med(d50):.1f} us p50** at {c} connection(s) (rounds {min(d50):+.1f} to {max(d50):+.1f})")
+        L.append(f"| settle-phase charge | {c} | **{med(d50):+.1f}** ({min(d50):+.1f} to {max(d50):+.1f}) | "
+                 f"{med(d99):+.1f} ({min(d99):+.1f} to {max(d99):+.1f}) | {med(r50):.2f}x | {med(rps):.2f}x |")
+    L.append("")
+    if heads:
+        L.append(f"The settle-phase charge adds {' and '.join(heads)}; p99 differences are within the rounds' noise "
+                 "on this shared machine unless their range excludes 0. "
+                 f"Counters: ours-usage allowed {d['charged']['ours-usage'][0]:,} requests and charged "
+                 f"{d['charged']['ours-usage'][1]:,} units from responses (1 per response; asserted equal but for the "
+                 f"requests wrk left in flight at the end of its runs, at most {d['in_flight_bound']}).\n")
+    return L
+
+
 def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, elapsed: float) -> str:
     L: list[str] = []
     L.append("# Benchmarks: ratelimit-wasm vs Envoy's native filters\n")
@@ -1084,9 +1372,12 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                  f"({params['others_cpu'] / max(elapsed * (os.cpu_count() or 1), 1) * 100:.0f}% of its capacity; "
                  "a quiet run is near 0%)")
     L.append(f"- Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['mem_gib']} GiB, Linux {mach['kernel']}")
-    L.append(f"- ratelimit-wasm: commit {mach['git']}")
+    L.append(f"- ratelimit-wasm: commit {mach['git']}" + (f" (module {params['wasm']}, from RATELIMIT_WASM)" if "wasm" in params else ""))
+    if skipped := params.get("skipped"):
+        L.append(f"- Sections skipped in this run: {', '.join(skipped)}")
     L.append(f"- Envoy {mach['envoy']} (V8 Wasm runtime); load generators h2load (HTTP/1.1) and wrk, on the same machine\n")
 
+    speed_start = len(L)
     L.append("## Speed: Envoy CPU per request and throughput\n")
     L.append(f"{params['rounds']} rounds x {params['requests']:,} requests per variant, h2load `--h1 -c {params['clients']} -t 2`, "
              f"one `x-key` value for every request (`{HOT_KEY}`; the 429 rows use a key exhausted beforehand). "
@@ -1241,6 +1532,8 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                      f"{sh.get('[kernel.kallsyms]', 0):.1f}% | {sh.get('[JIT] (wasm)', 0):.1f}% "
                      f"({sh.get('[JIT] (wasm)', 0) / 100 * d['us_per_req']:.1f} us) | {sh.get('libc.so.6', 0):.1f}% | {other:.1f}% |")
         L.append("")
+    if "speed" in params.get("skipped", ()):
+        del L[speed_start:]
 
     if rss := params.get("rss_start"):
         L.append("## Memory\n")
@@ -1309,6 +1602,11 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                      f"{x['p99']:.1f} | {x['max']:.1f} |")
         L.append("")
 
+    if d := params.get("idempotency"):
+        L.extend(render_idempotency(d))
+    if d := params.get("settle"):
+        L.extend(render_settle(d))
+
     if g := params.get("global"):
         L.extend(render_global(g))
     elif err := params.get("global_error"):
@@ -1321,7 +1619,8 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
                  "skipped in this run (`--skip global`).")
     L.append("- Latency percentiles of the local filters: on a 2-CPU machine shared by Envoy, its upstream and the load "
              "generator they mostly measure scheduling; CPU per request is the figure to compare. (The Global section "
-             "reports latency because there the request waits for a network call, which dominates.)\n")
+             "reports latency because there the request waits for a network call, which dominates; the Settle section "
+             "compares two variants of ours run interleaved, where only the difference means something.)\n")
     L.append("## How it was measured\n")
     L.append("- One upstream Envoy process (direct_response 200 \"ok\", 2 workers) behind every filtered Envoy. Each "
              "variant is its own Envoy process with listener -> [filter] -> router -> cluster `upstream`, started once, "
@@ -1343,6 +1642,9 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
     return "\n".join(L) + "\n"
 
 
+SECTIONS = ("speed", "memory", "accuracy", "delay", "idempotency", "settle", "global")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -1350,8 +1652,10 @@ def main() -> int:
     ap.add_argument("--requests", type=int)
     ap.add_argument("--flood-keys", type=int)
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,memory,accuracy,delay,global")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: " + ",".join(SECTIONS))
     ap.add_argument("--skip-global", action="store_true", help="same as --skip global")
+    ap.add_argument("--only", default="", help="comma-separated sections to run, the others skipped (e.g. "
+                    "idempotency,settle); write such a partial run elsewhere (--out /tmp/x.md), not over BENCHMARKS.md")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 9)
     requests = args.requests or (5000 if args.quick else 10000)
@@ -1359,6 +1663,13 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     if args.skip_global:
         skip.add("global")
+    if args.only:
+        only = set(filter(None, args.only.split(",")))
+        if only - set(SECTIONS):
+            ap.error(f"--only: unknown section(s) {','.join(sorted(only - set(SECTIONS)))}; sections: {','.join(SECTIONS)}")
+        skip |= set(SECTIONS) - only
+    if unknown := skip - set(SECTIONS):
+        ap.error(f"--skip: unknown section(s) {','.join(sorted(unknown))}; sections: {','.join(SECTIONS)}")
     t_start = time.monotonic()
     busy0, own0 = busy_seconds(), own_seconds()
 
@@ -1367,18 +1678,22 @@ def main() -> int:
             log(f"missing {p}: run `make setup build` first")
             return 1
     ensure_tools()
-    build_noop()
-    build_ours_end()
-    build_ours_o3()
-
     workdir = Path(tempfile.mkdtemp(prefix="ratelimit-bench-"))
-    try:
-        cc = callcounts(workdir)
-    except (subprocess.CalledProcessError, ValueError) as e:  # the core's API moved: report, don't abort
-        log(f"callcount failed, its table is skipped: {getattr(e, 'stderr', '') or e}")
-        cc = {}
+    cc = {}
+    if "speed" not in skip:  # the probe and variant builds and the host-call counts are the speed section's
+        build_noop()
+        build_ours_end()
+        build_ours_o3()
+        try:
+            cc = callcounts(workdir)
+        except (subprocess.CalledProcessError, ValueError) as e:  # the core's API moved: report, don't abort
+            log(f"callcount failed, its table is skipped: {getattr(e, 'stderr', '') or e}")
+            cc = {}
     upstream = Envoy("upstream", upstream_config(), 2, workdir, cpu=LOAD_CPU).wait_ready()
-    params: dict = {"rounds": rounds, "requests": requests, "clients": 32, "workers": [1, 2], "callcount": cc}
+    params: dict = {"rounds": rounds, "requests": requests, "clients": 32, "workers": [1, 2], "callcount": cc,
+                    "skipped": sorted(skip)}
+    if "RATELIMIT_WASM" in os.environ:
+        params["wasm"] = str(WASM)
     res: dict = {}
     mem = None
     acc: dict = {}
@@ -1402,6 +1717,14 @@ def main() -> int:
             log("delay: lateness of held requests against their turns")
             params["delay"] = [delay_lateness(workdir, upstream, rounds=2 if args.quick else 5, waiting=20, workers=w)
                                for w in (1, 2)]
+        if "idempotency" not in skip:
+            log("idempotency: CPU per request, every request a new Idempotency-Key")
+            params["idempotency"] = idempotency_section(workdir, upstream, rounds=2 if args.quick else 5,
+                                                        n=5000 if args.quick else 10000, clients=params["clients"])
+        if "settle" not in skip:
+            log("settle: latency of a cost charged from the response")
+            params["settle"] = settle_section(workdir, upstream, rounds=2 if args.quick else 6,
+                                              seconds=2, concurrencies=[1, 16])
         if "global" not in skip:
             log("global: building ratelimit-service and its load client")
             try:
