@@ -801,12 +801,6 @@ fn compile_rule_itself(
         },
     )?;
     let cost = limits::compile_cost(path, raw.cost, &limits)?;
-    if raw.global && matches!(cost, Cost::Response { .. }) {
-        return Err(ConfigError::at(
-            format!("{path}.cost.response_header"),
-            "a global rule cannot be charged from the response (that needs a second call to the service after it); use a local rule",
-        ));
-    }
     let lease = lease::compile_for(path, raw.lease, raw.global)?;
     let global = match (raw.global, global, raw.failure_mode) {
         (false, _, Some(_)) => {

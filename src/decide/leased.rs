@@ -2,13 +2,14 @@
 //! call for that rule; a lease running low is refreshed in the background (one call per key at a
 //! time across the Envoy's workers), and an empty one is refilled by the request's own call.
 
+use super::background::Background;
 use super::{Env, Limiter};
 use crate::config::Lease;
 use crate::global::answer::{read_answer, CallError, Grant};
-use crate::global::descriptors::prepare_refresh;
+use crate::global::descriptors::prepare_charge;
 use crate::global::GlobalCall;
 use crate::lease::records::{give_back, granted, spend, Part, Record, Spend};
-use crate::lease::{deadline, slot_key};
+use crate::lease::{deadline, slot_key, ASK_HEADER, VALIDITY_HEADER};
 use crate::report::metrics::Metric;
 use crate::report::Observer;
 use crate::request::keys::request_key;
@@ -54,13 +55,6 @@ pub struct LeaseAsk {
 pub struct Refresh {
     pub ask: LeaseAsk,
     pub call: GlobalCall,
-}
-
-/// What the glue sends with a call that asks for a lease (gRPC metadata, see `lease`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeaseRequest {
-    pub units: u32,
-    pub validity_ms: u32,
 }
 
 impl Limiter {
@@ -121,8 +115,9 @@ impl Limiter {
             };
             if matches!(u.spend, Spend::Short { .. }) && alone == Some(u.rule) {
                 riding = Some(ask);
-            } else if let Some(call) = prepare_refresh(&self.config, env.request, u.rule) {
-                self.refreshes().push(Refresh { ask: LeaseAsk { own_hit: true, ..ask }, call });
+            } else if let Some(call) = prepare_charge(&self.config, env.request, u.rule, 1) {
+                let refresh = Refresh { ask: LeaseAsk { own_hit: true, ..ask }, call };
+                self.background().push(Background::Refresh(refresh));
             }
         }
         riding
@@ -164,7 +159,7 @@ impl Limiter {
     }
 
     /// A background refresh was answered, or failed.
-    pub fn refreshed(
+    pub(super) fn refreshed(
         &self,
         store: &dyn SharedStore,
         now: u64,
@@ -181,20 +176,12 @@ impl Limiter {
         self.lease_answered(store, now, &refresh.ask, grant.as_ref(), observer);
     }
 
-    pub fn has_refreshes(&self) -> bool {
-        !self.refreshes().is_empty()
-    }
-
-    /// The refreshes requests asked for since the last call, for the glue to start.
-    pub fn take_refreshes(&self) -> Vec<Refresh> {
-        std::mem::take(&mut *self.refreshes())
-    }
-
-    /// What a call asking for rule `rule`'s lease sends along.
-    pub fn lease_request(&self, rule: usize) -> Option<LeaseRequest> {
-        let lease = self.lease_of(rule)?;
-        let validity_ms = u32::try_from(lease.validity_nanos / NANOS_PER_MS).unwrap_or(u32::MAX);
-        Some(LeaseRequest { units: lease.size, validity_ms })
+    /// The gRPC metadata of a call that asks for rule `rule`'s lease: the units and the longest
+    /// validity (see `lease`).
+    pub fn lease_metadata(&self, rule: usize) -> Vec<(&'static str, String)> {
+        let Some(lease) = self.lease_of(rule) else { return Vec::new() };
+        let validity_ms = lease.validity_nanos / NANOS_PER_MS;
+        vec![(ASK_HEADER, lease.size.to_string()), (VALIDITY_HEADER, validity_ms.to_string())]
     }
 
     fn lease_of(&self, rule: usize) -> Option<Lease> {

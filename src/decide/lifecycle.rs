@@ -3,7 +3,7 @@
 
 use super::holdings::Hold;
 use super::idempotent::{BodyWanted, Claim};
-use super::leased::{LeaseAsk, LeaseRequest, LeaseUse};
+use super::leased::{LeaseAsk, LeaseUse};
 use super::local::{Consumed, Turn, Verdict};
 use super::{Env, Limiter};
 use crate::config::{Cost, FailureMode};
@@ -43,6 +43,8 @@ pub struct Exchange {
     key: Option<Claim>,
     /// The lease its call to the service asks for, on the way.
     lease_ask: Option<LeaseAsk>,
+    /// Global rules that admitted it on an estimate, to charge with the usage its response states.
+    metered_global: Vec<usize>,
 }
 
 impl Exchange {
@@ -116,8 +118,8 @@ pub struct Ask<'a> {
     pub target: &'a [u8],
     pub timeout_ms: u32,
     pub message: Vec<u8>,
-    /// The lease to ask for along with it.
-    pub lease: Option<LeaseRequest>,
+    /// gRPC metadata to send with it (a lease request).
+    pub metadata: Vec<(&'static str, String)>,
 }
 
 impl Limiter {
@@ -145,11 +147,13 @@ impl Limiter {
         match prepared {
             Ok(None) => {
                 exchange.report = passed.report.take();
+                exchange.metered_global = self.metered_global(None, &passed.leases);
                 self.admit(env, exchange, passed)
             }
             Ok(Some(call)) => {
-                let lease = exchange.lease_ask.as_ref().and_then(|a| self.lease_request(a.rule));
-                self.ask(exchange, Awaiting::Decision { call, passed }, lease)
+                let metadata =
+                    exchange.lease_ask.as_ref().map_or(Vec::new(), |a| self.lease_metadata(a.rule));
+                self.ask(exchange, Awaiting::Decision { call, passed }, metadata)
             }
             Err(refusal) => {
                 self.give_back(env, &passed.consumed);
@@ -192,6 +196,7 @@ impl Limiter {
             return Next::Reply(reply.with_service_headers(verdict.response_headers));
         }
         exchange.report = most_restrictive(passed.report.take(), verdict.report);
+        exchange.metered_global = self.metered_global(Some(&call), &passed.leases);
         exchange.service_headers = verdict.response_headers;
         exchange.upstream_headers = verdict.request_headers;
         self.admit(env, exchange, passed)
@@ -263,6 +268,13 @@ impl Limiter {
         if !metered.is_empty() {
             report = self.charge_usage(env, &metered, response, report);
         }
+        let metered_global = std::mem::take(&mut exchange.metered_global);
+        for (rule, extra) in self.charge_global_usage(env, &metered_global, response) {
+            // The service will count it: its figures, less the charge.
+            if let Some(r) = report.as_mut().filter(|r| r.limit.rule == rule) {
+                r.remaining = r.remaining.saturating_sub(extra);
+            }
+        }
         let report = report.map(|r| r.view(&self.config));
         let mut limit = render(self.config.headers, report.as_ref(), None);
         let mut service = std::mem::take(&mut exchange.service_headers);
@@ -327,14 +339,35 @@ impl Limiter {
         self.queue().due(now)
     }
 
+    /// The global rules with a cost from the response that admitted the request: those its call
+    /// asked about, and those its leases decided.
+    fn metered_global(&self, call: Option<&GlobalCall>, leases: &[LeaseUse]) -> Vec<usize> {
+        let asked = call.into_iter().flat_map(|c| c.origins.iter().map(|o| o.rule));
+        let leased = leases.iter().filter(|u| u.decided()).map(|u| u.rule);
+        let mut rules: Vec<usize> = asked
+            .chain(leased)
+            .filter(|r| {
+                self.config.rules.get(*r).is_some_and(|rule| matches!(rule.cost, Cost::Response { .. }))
+            })
+            .collect();
+        rules.sort_unstable();
+        rules.dedup();
+        rules
+    }
+
     fn ask_status(&self, env: &Env<'_>, exchange: &mut Exchange) -> Next<'_> {
         match prepare(&self.config, env.request, Purpose::Status) {
-            Ok(Some(call)) => self.ask(exchange, Awaiting::Status(call), None),
+            Ok(Some(call)) => self.ask(exchange, Awaiting::Status(call), Vec::new()),
             _ => Next::Reply(self.status_reply(env, None)),
         }
     }
 
-    fn ask(&self, exchange: &mut Exchange, mut awaiting: Awaiting, lease: Option<LeaseRequest>) -> Next<'_> {
+    fn ask(
+        &self,
+        exchange: &mut Exchange,
+        mut awaiting: Awaiting,
+        metadata: Vec<(&'static str, String)>,
+    ) -> Next<'_> {
         let Some(service) = &self.config.global else { return Next::Continue };
         let call = match &mut awaiting {
             Awaiting::Decision { call, .. } | Awaiting::Status(call) => call,
@@ -342,7 +375,13 @@ impl Limiter {
         let message = std::mem::take(&mut call.message);
         exchange.awaiting = Some(awaiting);
         let target = &self.call_target;
-        Next::Ask(Ask { cluster: &service.cluster, target, timeout_ms: service.timeout_ms, message, lease })
+        Next::Ask(Ask {
+            cluster: &service.cluster,
+            target,
+            timeout_ms: service.timeout_ms,
+            message,
+            metadata,
+        })
     }
 
     fn deny(

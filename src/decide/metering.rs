@@ -13,7 +13,7 @@ use crate::state::store::StoreError;
 
 /// The usage a response states in `header`: a whole number, at most `max`; `None` when the header
 /// is missing or not a number (then the estimate stands).
-fn usage(response: &dyn Response, header: &str, max: u64) -> Option<u64> {
+pub(super) fn usage(response: &dyn Response, header: &str, max: u64) -> Option<u64> {
     let value = response.header(header)?;
     let text = std::str::from_utf8(&value).ok()?.trim();
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {

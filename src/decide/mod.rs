@@ -11,6 +11,7 @@
 //! What a request carries from one moment to the next is its [`Exchange`], owned by the HTTP
 //! context; every moment runs in an [`Env`]: the store, the request, the clock and the observer.
 
+mod background;
 mod holdings;
 mod idempotent;
 mod leased;
@@ -24,8 +25,9 @@ use std::cell::Cell;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+pub use background::Background;
 pub use idempotent::BodyWanted;
-pub use leased::{LeaseRequest, Refresh};
+pub use leased::Refresh;
 pub use lifecycle::{Ask, Exchange, Next, ResponseHeaders};
 pub use local::{Consumed, Turn, Verdict};
 
@@ -93,8 +95,8 @@ pub struct Limiter {
     queue: Mutex<Queue>,
     /// Idempotency keys claimed so far, to make each claim's owner token unique.
     claims: AtomicU64,
-    /// Lease refreshes this worker's requests claimed, for the glue to start.
-    refreshes: Mutex<Vec<Refresh>>,
+    /// Calls this worker's requests asked for that no request waits for, for the glue to start.
+    background: Mutex<Vec<Background>>,
     /// Where calls to the rate limit service go, as the host takes it.
     call_target: Vec<u8>,
 }
@@ -113,7 +115,7 @@ impl Limiter {
             holdings: Mutex::new(Holdings::default()),
             queue: Mutex::new(Queue::default()),
             claims: AtomicU64::new(0),
-            refreshes: Mutex::new(Vec::new()),
+            background: Mutex::new(Vec::new()),
         }
     }
 
@@ -128,8 +130,8 @@ impl Limiter {
         self.holdings.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn refreshes(&self) -> MutexGuard<'_, Vec<Refresh>> {
-        self.refreshes.lock().unwrap_or_else(PoisonError::into_inner)
+    fn background(&self) -> MutexGuard<'_, Vec<Background>> {
+        self.background.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {

@@ -1617,7 +1617,7 @@ mod idempotency {
 
 mod leases {
     use super::*;
-    use crate::decide::{LeaseRequest, Refresh};
+    use crate::decide::Background;
     use crate::global::protocol::{DescriptorStatus, Quota, RateLimitResponse, Timestamp};
     use prost::Message;
 
@@ -1649,18 +1649,22 @@ mod leases {
         .encode_to_vec()
     }
 
-    /// Decides a request: `None` when it was decided without a call, else the lease its call asks for.
+    /// What a call asks for along with it (gRPC metadata), as (name, value) pairs.
+    type Asked = Vec<(&'static str, String)>;
+
+    /// Decides a request: `Ok` when it was decided without a call, else its exchange and the lease
+    /// its call asks for.
     fn arrive(
         l: &Limiter,
         store: &MemoryStore,
         req: &TestRequest,
         now: u64,
         m: &Counts,
-    ) -> Result<(), Box<(Exchange, Option<LeaseRequest>)>> {
+    ) -> Result<(), Box<(Exchange, Asked)>> {
         let mut exchange = Exchange::default();
         match l.decide(&Env::at(store, req, now, m), &mut exchange) {
             Next::Continue => Ok(()),
-            Next::Ask(ask) => Err(Box::new((exchange, ask.lease))),
+            Next::Ask(ask) => Err(Box::new((exchange, ask.metadata))),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -1681,20 +1685,21 @@ mod leases {
         let (l, store) = limiter(LEASED);
         let m = Counts::default();
         let (exchange, lease) = *arrive(&l, &store, &user("u"), T0, &m).unwrap_err();
-        assert_eq!(lease, Some(LeaseRequest { units: 10, validity_ms: 10_000 }));
+        let expected = [("x-ratelimit-wasm-lease", "10"), ("x-ratelimit-wasm-lease-validity-ms", "10000")];
+        assert_eq!(lease, expected.map(|(n, v)| (n, v.to_owned())));
         assert!(settle_call(&l, &store, exchange, &answer(Some(10), false), T0, &m));
         // 10 units leased: 7 requests leave 3, the refresh threshold; that one claims a refresh.
         for i in 0..7 {
             assert!(arrive(&l, &store, &user("u"), T0 + i, &m).is_ok(), "request {i}");
-            assert_eq!(l.take_refreshes().len(), usize::from(i == 6), "request {i}");
+            assert_eq!(l.take_background().len(), usize::from(i == 6), "request {i}");
         }
         for i in 7..10 {
             assert!(arrive(&l, &store, &user("u"), T0 + i, &m).is_ok(), "request {i}");
         }
-        assert!(l.take_refreshes().is_empty(), "one refresh per key at a time");
+        assert!(l.take_background().is_empty(), "one refresh per key at a time");
         // Spent, and the refresh still under way: the request asks, without a lease of its own.
         let (_, lease) = *arrive(&l, &store, &user("u"), T0 + 20, &m).unwrap_err();
-        assert_eq!(lease, None);
+        assert!(lease.is_empty());
         assert_eq!(m.get(Metric::LeaseServed(0)), 10);
     }
 
@@ -1707,9 +1712,9 @@ mod leases {
         for i in 0..4 {
             arrive(&l, &store, &user("u"), T0 + i, &m).unwrap();
         }
-        let refreshes: Vec<Refresh> = l.take_refreshes();
+        let refreshes: Vec<Background> = l.take_background();
         assert_eq!(refreshes.len(), 1);
-        l.refreshed(&store, T0 + 5, &refreshes[0], Ok(&answer(Some(10), false)), &m);
+        l.background_answered(&store, T0 + 5, &refreshes[0], Ok(&answer(Some(10), false)), &m);
         // 3 left + 10 granted + the refresh's own hit.
         let served = (0..20).take_while(|i| arrive(&l, &store, &user("u"), T0 + 10 + i, &m).is_ok()).count();
         assert_eq!(served, 14);
@@ -1774,4 +1779,67 @@ mod leases {
             assert_eq!(served.load(Ordering::SeqCst), 50, "round {round}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Usage charged to a global rule after its response.
+
+#[test]
+fn a_global_rule_charges_the_usage_beyond_its_estimate_by_a_background_call() {
+    use crate::decide::Background;
+    use crate::global::protocol::{
+        CurrentLimit, DescriptorStatus, ProtoDuration, RateLimitRequest, RateLimitResponse,
+    };
+    use prost::Message;
+    let json = r#"{"headers":"x-ratelimit","global":{"cluster":"rls","domain":"d"},"rules":[
+      {"name":"tokens","global":true,"key":[{"source":"header","name":"x-user"}],
+       "cost":{"response_header":"x-usage-tokens","max":100000,"estimate":2},
+       "limit":{"algorithm":"fixed_window","requests":1000,"window":"day"}}]}"#;
+    let (l, store) = limiter(json);
+    let m = Counts::default();
+    let request = TestRequest::get("/").with_header("x-user", "u");
+    let env = Env::at(&store, &request, T0, &m);
+    let mut exchange = Exchange::default();
+    let Next::Ask(ask) = l.decide(&env, &mut exchange) else { panic!("no call") };
+    let asked = RateLimitRequest::decode(ask.message.as_slice()).unwrap();
+    assert_eq!(asked.descriptors[0].hits_addend.as_ref().map(|h| h.value), Some(2), "the estimate");
+    let answer = RateLimitResponse {
+        overall_code: 1,
+        statuses: vec![DescriptorStatus {
+            code: 1,
+            current_limit: Some(CurrentLimit { requests_per_unit: 1000, unit: 4, name: String::new() }),
+            limit_remaining: 998,
+            duration_until_reset: Some(ProtoDuration { seconds: 3600, nanos: 0 }),
+            quota: None,
+        }],
+        ..RateLimitResponse::default()
+    }
+    .encode_to_vec();
+    assert_eq!(l.answered(&env, &mut exchange, Ok(&answer)), Next::Continue);
+    let response = TestRequest::default().with_header("x-usage-tokens", "300");
+    let headers = l.settle(&env, &mut exchange, &response);
+    assert!(headers.limit.contains(&("x-ratelimit-remaining", "700".to_owned())), "{:?}", headers.limit);
+    let background = l.take_background();
+    let [Background::Usage { rule: 0, call }] = background.as_slice() else { panic!("{background:?}") };
+    let charge = RateLimitRequest::decode(call.message.as_slice()).unwrap();
+    assert_eq!(
+        charge.descriptors,
+        asked
+            .descriptors
+            .iter()
+            .cloned()
+            .map(|mut d| {
+                d.hits_addend = Some(crate::global::protocol::UInt64Value { value: 298 });
+                d
+            })
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(l.background_metadata(&background[0]), vec![("x-ratelimit-wasm-charge", "1".to_owned())]);
+    assert_eq!(m.get(Metric::Charged(0)), 298);
+    // A usage at or under the estimate charges nothing more (a service cannot take hits back).
+    let mut exchange = Exchange::default();
+    assert!(matches!(l.decide(&env, &mut exchange), Next::Ask(_)));
+    l.answered(&env, &mut exchange, Ok(&answer));
+    l.settle(&env, &mut exchange, &TestRequest::default().with_header("x-usage-tokens", "1"));
+    assert!(l.take_background().is_empty());
 }

@@ -57,19 +57,21 @@ pub fn prepare_except(
     Ok(Some(GlobalCall { message: request.encode_to_vec(), origins, deny_on_failure }))
 }
 
-/// The call a lease refresh makes for rule `index` alone: its descriptors for this request, with
-/// one hit each (the service counts the call itself as a request; the unit joins the lease).
-pub fn prepare_refresh(config: &Config, request: &dyn Request, index: usize) -> Option<GlobalCall> {
+/// A call about rule `index` alone, no request waits for: its descriptors for this request with
+/// `hits` each. A lease refresh asks with one hit (the unit joins the lease); a usage charge with
+/// the usage beyond the estimate.
+pub fn prepare_charge(config: &Config, request: &dyn Request, index: usize, hits: u64) -> Option<GlobalCall> {
     let service = config.global.as_ref()?;
     let rule = config.rules.get(index)?;
     let mut asked = ask_about(index, rule, request, Purpose::Decide).ok()??;
-    asked.hits = 1;
+    asked.hits = hits;
     let (limits, descriptors): (Vec<_>, Vec<_>) = asked.descriptors().into_iter().unzip();
     let origins = limits
         .into_iter()
         .map(|limit| LimitRef { rule: index, plan: asked.chosen.plan_index(), limit })
         .collect();
-    let request = RateLimitRequest { domain: service.domain.clone(), descriptors, hits_addend: 1 };
+    let hits_addend = u32::try_from(hits).unwrap_or(u32::MAX);
+    let request = RateLimitRequest { domain: service.domain.clone(), descriptors, hits_addend };
     Some(GlobalCall { message: request.encode_to_vec(), origins, deny_on_failure: false })
 }
 

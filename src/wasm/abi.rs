@@ -127,8 +127,8 @@ pub extern "C" fn proxy_on_response_trailers(context_id: u32, _num_trailers: usi
 pub extern "C" fn proxy_on_grpc_receive(context_id: u32, token_id: u32, response_size: usize) {
     let answer = answer_size(response_size).map(host::grpc_response_body);
     let Some(owner) = with_contexts(|c| c.calls.remove(&token_id)).flatten() else {
-        // A root context's call: a lease refresh.
-        with_root(context_id, false, |root| root.on_refresh_answer(token_id, answer));
+        // A root context's call: a lease refresh or a usage charge.
+        with_root(context_id, false, |root| root.on_background_answer(token_id, answer));
         return;
     };
     with_filter(owner, (), |f| f.on_global_answer(owner, answer));
@@ -139,7 +139,7 @@ pub extern "C" fn proxy_on_grpc_close(context_id: u32, token_id: u32, status_cod
     // A unary call that already delivered its message is not in `calls` (or the root's) any more.
     let error = CallError::Status { code: status_code, message: host::grpc_status_message() };
     let Some(owner) = with_contexts(|c| c.calls.remove(&token_id)).flatten() else {
-        with_root(context_id, false, |root| root.on_refresh_answer(token_id, Err(error)));
+        with_root(context_id, false, |root| root.on_background_answer(token_id, Err(error)));
         return;
     };
     with_filter(owner, (), |f| f.on_global_answer(owner, Err(error)));

@@ -6,7 +6,6 @@ use std::rc::Rc;
 use crate::decide::{BodyWanted, Env, Exchange, Next};
 use crate::global::answer::CallError;
 use crate::global::protocol::{METHOD, SERVICE};
-use crate::lease::{ASK_HEADER, VALIDITY_HEADER};
 use crate::report::reply::LocalReply;
 use crate::wasm::host::{self, HostClock, HostRequest, HostResponse, HostStore, LogLevel};
 use crate::wasm::root::{Shared, WAITING_TICK_MS};
@@ -46,10 +45,7 @@ impl Filter {
             let next = shared.limiter.decide(env, &mut self.exchange);
             self.carry_out(&shared, env, next)
         });
-        if shared.limiter.has_refreshes() {
-            // The root context starts them on its next tick: make it soon.
-            host::set_tick_period_ms(WAITING_TICK_MS);
-        }
+        soon_if_background(&shared);
         action
     }
 
@@ -80,6 +76,7 @@ impl Filter {
         let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
         shared.limiter.keep_response(&mut self.exchange, &HostResponse, end_of_stream);
         let headers = in_env(&shared, |env| shared.limiter.settle(env, &mut self.exchange, &HostResponse));
+        soon_if_background(&shared);
         for (name, value) in headers.limit {
             host::set_response_header(name, &value);
         }
@@ -123,13 +120,7 @@ impl Filter {
             }
             Next::Ask(ask) => ask,
         };
-        let (units, validity) = ask.lease.map(|l| (l.units.to_string(), l.validity_ms.to_string())).unzip();
-        let metadata: Vec<(&str, &str)> = match (&units, &validity) {
-            (Some(units), Some(validity)) => {
-                vec![(ASK_HEADER, units.as_str()), (VALIDITY_HEADER, validity.as_str())]
-            }
-            _ => Vec::new(),
-        };
+        let metadata: Vec<(&str, &str)> = ask.metadata.iter().map(|(n, v)| (*n, v.as_str())).collect();
         match host::grpc_call(ask.target, SERVICE, METHOD, &ask.message, ask.timeout_ms, &metadata) {
             Ok(token) => {
                 self.new_call = Some(token);
@@ -141,6 +132,13 @@ impl Filter {
                 self.carry_out(shared, env, next)
             }
         }
+    }
+}
+
+/// Calls no request waits for are started by the root context on its next tick: make it soon.
+fn soon_if_background(shared: &Shared) {
+    if shared.limiter.has_background() {
+        host::set_tick_period_ms(WAITING_TICK_MS);
     }
 }
 

@@ -6,10 +6,9 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::config::{self, Config};
-use crate::decide::{Limiter, Refresh};
+use crate::decide::{Background, Limiter};
 use crate::global::answer::CallError;
 use crate::global::protocol::{METHOD, SERVICE};
-use crate::lease::{ASK_HEADER, VALIDITY_HEADER};
 use crate::report::metrics::{counter_names, Metric};
 use crate::report::violations::{LogLimiter, Violation};
 use crate::report::Observer;
@@ -123,8 +122,8 @@ pub struct Root {
     shared: Option<Rc<Shared>>,
     /// When counters were last flushed (the tick may run faster than that).
     flushed_at: u64,
-    /// Lease refreshes under way, by gRPC call token.
-    refreshing: HashMap<u32, Refresh>,
+    /// Calls under way that no request waits for (lease refreshes, usage charges), by token.
+    background: HashMap<u32, Background>,
 }
 
 impl Root {
@@ -171,7 +170,7 @@ impl Root {
     pub fn on_tick(&mut self) {
         let Some(shared) = self.shared.clone() else { return };
         let now = host::now_nanos();
-        self.start_refreshes(&shared, now);
+        self.start_background(&shared, now);
         for context_id in shared.limiter.tick(&HostStore, now, &shared.events) {
             // Its turn has come. A request that ended meanwhile left the queue then.
             if host::set_effective_context(context_id) && !host::resume_request() {
@@ -188,33 +187,32 @@ impl Root {
         }
     }
 
-    /// Starts the lease refreshes requests claimed, as this root context's calls.
-    fn start_refreshes(&mut self, shared: &Shared, now: u64) {
+    /// Starts the calls requests asked for that no request waits for (lease refreshes, usage
+    /// charges), as this root context's calls.
+    fn start_background(&mut self, shared: &Shared, now: u64) {
         let Some(service) = shared.limiter.config().global.clone() else { return };
-        for refresh in shared.limiter.take_refreshes() {
-            let Some(lease) = shared.limiter.lease_request(refresh.ask.rule) else { continue };
-            let (units, validity) = (lease.units.to_string(), lease.validity_ms.to_string());
-            let metadata = [(ASK_HEADER, units.as_str()), (VALIDITY_HEADER, validity.as_str())];
-            let message = &refresh.call.message;
+        for call in shared.limiter.take_background() {
+            let metadata = shared.limiter.background_metadata(&call);
+            let metadata: Vec<(&str, &str)> = metadata.iter().map(|(n, v)| (*n, v.as_str())).collect();
             let target = shared.limiter.call_target();
-            match host::grpc_call(target, SERVICE, METHOD, message, service.timeout_ms, &metadata) {
+            match host::grpc_call(target, SERVICE, METHOD, call.message(), service.timeout_ms, &metadata) {
                 Ok(token) => {
-                    self.refreshing.insert(token, refresh);
+                    self.background.insert(token, call);
                 }
                 Err(host_status) => {
                     let error = CallError::CannotCall { cluster: service.cluster.clone(), host_status };
-                    shared.limiter.refreshed(&HostStore, now, &refresh, Err(error), &shared.events);
+                    shared.limiter.background_answered(&HostStore, now, &call, Err(error), &shared.events);
                 }
             }
         }
     }
 
-    /// A lease refresh's answer (or failure); `false` when `token` is not one of this root's calls.
-    pub fn on_refresh_answer(&mut self, token: u32, answer: Result<Vec<u8>, CallError>) -> bool {
-        let Some(refresh) = self.refreshing.remove(&token) else { return false };
+    /// A background call's answer (or failure); `false` when `token` is not one of this root's calls.
+    pub fn on_background_answer(&mut self, token: u32, answer: Result<Vec<u8>, CallError>) -> bool {
+        let Some(call) = self.background.remove(&token) else { return false };
         if let Some(shared) = &self.shared {
             let answer = answer.as_deref().map_err(Clone::clone);
-            shared.limiter.refreshed(&HostStore, host::now_nanos(), &refresh, answer, &shared.events);
+            shared.limiter.background_answered(&HostStore, host::now_nanos(), &call, answer, &shared.events);
         }
         true
     }
