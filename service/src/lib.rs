@@ -2,6 +2,7 @@
 //! API v3 (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`).
 
 pub mod bounds;
+pub mod charge;
 pub mod config;
 pub mod grpc;
 pub mod http;

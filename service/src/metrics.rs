@@ -22,6 +22,7 @@ const BUCKETS_S: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0
 pub struct Metrics {
     decisions: Mutex<BTreeMap<(String, &'static str), u64>>,
     descriptors: Mutex<BTreeMap<(String, &'static str), u64>>,
+    charges: Mutex<BTreeMap<(String, &'static str), u64>>,
     grpc_errors: Mutex<BTreeMap<&'static str, u64>>,
     latency_buckets: [AtomicU64; BUCKETS_S.len()],
     latency_sum_us: AtomicU64,
@@ -79,6 +80,12 @@ impl Metrics {
     /// `replaced`.
     pub fn descriptor(&self, domain: &str, code: &'static str) {
         bump(&self.descriptors, domain, code);
+    }
+
+    /// One charge (`x-ratelimit-wasm-charge: 1`): `code` is `ok`, or `over_limit` when the
+    /// charge left a descriptor over its limit. Charges are not counted as decisions.
+    pub fn charge(&self, domain: &str, code: &'static str) {
+        bump(&self.charges, domain, code);
     }
 
     pub fn grpc_error(&self, code: &'static str) {
@@ -159,6 +166,12 @@ impl Metrics {
             "descriptors_total",
             "Descriptor results by domain and code (ok, over_limit, shadow_over_limit, unlimited, no_limit, replaced).",
             &self.descriptors,
+        );
+        labeled(
+            &mut o,
+            "charges_total",
+            "ShouldRateLimit charges (x-ratelimit-wasm-charge: usage counted even past the limit) by domain and overall code.",
+            &self.charges,
         );
         let _ = writeln!(o, "# HELP {p}_grpc_errors_total ShouldRateLimit calls answered with a gRPC error, by status.\n# TYPE {p}_grpc_errors_total counter");
         if let Ok(m) = self.grpc_errors.lock() {

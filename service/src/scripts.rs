@@ -17,6 +17,16 @@
 //! current (sub-)window, after which the units can neither be spent nor given back. Without
 //! `ARGV[6]` (or 0) the scripts behave and write exactly as they did before leases.
 //!
+//! Charges: with `ARGV[8] = 1` (and no lease: `ARGV[6] = ARGV[7] = 0`) the hits are usage that has
+//! already happened (a cost stated by the upstream's response), so they are counted whatever the
+//! result, even past the limit: the windows add them to the current count, the token bucket moves
+//! its time forward past the burst (into debt, bounded at `MAX_DEBT_MS` ahead of now). The reply is
+//! `allowed = 0` (remaining 0, `ms_until_reset` = until one more hit fits) when the charge left the
+//! descriptor over its limit, else as for an admitted call. Later calls are then denied until the
+//! window ends or slides past the overdraft, or the bucket has refilled the debt. A charge of 0 hits,
+//! or against a limit of 0, counts nothing and is answered as an ordinary call. Without `ARGV[8]` (or
+//! 0) nothing changes.
+//!
 //! Redis' clock may go back (a failover to a replica whose clock lags): a window script that finds
 //! a stored window later than its own keeps counting in the stored one; the token bucket's state is
 //! an absolute time, so an earlier clock only makes it stricter.
@@ -48,6 +58,11 @@ end
 pub const LEASE_ARGS: &str = r#"
 local lease = tonumber(ARGV[6]) or 0
 local validity = tonumber(ARGV[7]) or 0
+"#;
+
+/// The charge flag of the decision scripts (`ARGV[8]`); absent on an ordinary call.
+pub const CHARGE_ARG: &str = r#"
+local charge = ARGV[8] == '1'
 "#;
 
 /// Calendar helpers (proleptic Gregorian, UTC), after H. Hinnant's civil-from-days algorithms.
@@ -111,6 +126,16 @@ if w and w > start then
   if period > 0 then stop = start + period else start, stop = bounds(w, period) end
 end
 if w == start then cnt = tonumber(h[2]) or 0 end
+if charge and hits > 0 and limit > 0 then
+  -- Usage already spent: counted even past the limit, so that later calls of this window are denied.
+  cnt = cnt + hits
+  redis.call('HSET', KEYS[1], 'w', string.format('%d', start), 'c', string.format('%d', cnt))
+  redis.call('PEXPIRE', KEYS[1], stop - now + margin)
+  if cnt > limit then
+    return {0, 0, stop - now, start, 0, 0}
+  end
+  return {1, limit - cnt, stop - now, start, 0, 0}
+end
 local need = hits
 if need < 1 then need = 1 end
 if cnt + need > limit then
@@ -163,11 +188,9 @@ else
 end
 local weight = (stop - now) / period
 if weight > 1 then weight = 1 end
-local est = prev * weight + cur
-local need = hits
-if need < 1 then need = 1 end
-if est + need > limit then
-  -- When will `need` more fit? Within this window the previous window's share decays.
+-- When will `need` more fit? Within this window the previous window's share decays; in the next
+-- one, this window's count (overdrawn by a charge, possibly) becomes the decaying share.
+local function wait_for(need)
   local wait = stop - now
   local room = limit - cur - need
   if room >= 0 and prev > 0 then
@@ -176,7 +199,24 @@ if est + need > limit then
     wait = math.ceil(stop + period * (1 - (limit - need) / cur) - now)
   end
   if wait < 1 then wait = 1 end
-  return {0, 0, wait, start, 0, 0}
+  return wait
+end
+if charge and hits > 0 and limit > 0 then
+  -- Usage already spent: counted even past the limit; the overdraft also weighs on the next window.
+  cur = cur + hits
+  redis.call('HSET', KEYS[1], 'w', string.format('%d', start), 'c', string.format('%d', cur), 'p', prev)
+  redis.call('PEXPIRE', KEYS[1], stop + period - now + margin)
+  local left = limit - (prev * weight + cur)
+  if left < -1e-9 then
+    return {0, 0, wait_for(1), start, 0, 0}
+  end
+  return {1, math.floor(left + 1e-9), stop - now, start, 0, 0}
+end
+local est = prev * weight + cur
+local need = hits
+if need < 1 then need = 1 end
+if est + need > limit then
+  return {0, 0, wait_for(need), start, 0, 0}
 end
 local granted = 0
 if lease > 0 then
@@ -212,14 +252,34 @@ end
 local interval = period / limit
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
+if charge and hits > 0 then
+  -- Usage already spent: the time moves on by all of it, past the burst into debt if need be, so
+  -- that calls are denied until the bucket has refilled the debt. The debt is bounded so that the
+  -- time, the TTL and the replies stay exact integers-as-doubles (and within what PX accepts).
+  local new_tat = tat + interval * hits
+  if new_tat - now > MAX_DEBT_MS then new_tat = now + MAX_DEBT_MS end
+  local ahead = new_tat - now
+  -- The TTL covers the debt: the key expires only once the bucket is full again.
+  redis.call('SET', KEYS[1], string.format('%.4f', new_tat), 'PX', math.ceil(ahead) + margin)
+  if ahead > period + 1e-6 then
+    return {0, 0, math.ceil(ahead + interval - period), 0, 0, 0}
+  end
+  local remaining = math.floor((period - ahead) / interval + 1e-6)
+  if remaining < 0 then remaining = 0 end
+  return {1, remaining, math.ceil(ahead), 0, 0, 0}
+end
 local need = hits
 if need < 1 then need = 1 end
 local check = tat + interval * need - now
 if check > period + 1e-6 then
   -- A cost above the limit never fits; its wait would overflow Redis' integer reply (2^64-1
-  -- hits gave 0): bound it at one period, as the window scripts bound theirs at the window's end.
+  -- hits gave 0): bound it at one period past any debt a charge left (the time until the bucket
+  -- is back at its burst), as the window scripts bound theirs at the window's end. A cost that
+  -- fits waits for exactly that debt and its own refill, which is never more.
   local wait = math.ceil(check - period)
-  if wait > period then wait = period end
+  local most = period
+  if tat - now > period then most = period + math.ceil(tat - now - period) end
+  if wait > most then wait = most end
   return {0, 0, wait, 0, 0, 0}
 end
 local new_tat = tat + interval * hits
@@ -314,14 +374,19 @@ end
 return r
 "#;
 
+/// The most a charge may put a token bucket into debt, in ms ahead of now (about 317 years): the
+/// time stays well inside a double's exact integers and `PX` accepts the TTL. A bucket charged
+/// further is as good as exhausted for ever anyway.
+pub const MAX_DEBT_MS: u64 = 10_000_000_000_000;
+
 pub fn fixed_window() -> String {
-    format!("{NOW}{DEADLINE}{LEASE_ARGS}{CALENDAR}{FIXED_WINDOW_BODY}")
+    format!("{NOW}{DEADLINE}{LEASE_ARGS}{CHARGE_ARG}{CALENDAR}{FIXED_WINDOW_BODY}")
 }
 
 pub fn sliding_window() -> String {
-    format!("{NOW}{DEADLINE}{LEASE_ARGS}{SLIDING_WINDOW_BODY}")
+    format!("{NOW}{DEADLINE}{LEASE_ARGS}{CHARGE_ARG}{SLIDING_WINDOW_BODY}")
 }
 
 pub fn token_bucket() -> String {
-    format!("{NOW}{DEADLINE}{LEASE_ARGS}{TOKEN_BUCKET_BODY}")
+    format!("{NOW}{DEADLINE}{LEASE_ARGS}{CHARGE_ARG}\nlocal MAX_DEBT_MS = {MAX_DEBT_MS}\n{TOKEN_BUCKET_BODY}")
 }

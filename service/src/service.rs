@@ -190,18 +190,20 @@ impl Limiter {
     }
 
     /// `budget`: how long the caller waits (its gRPC deadline), if it said. `lease`: the units
-    /// the caller asks for on top of its hits.
+    /// the caller asks for on top of its hits. `charge`: the hits are usage already spent, counted
+    /// in every descriptor whatever the result (see `crate::charge`); it takes no lease.
     pub async fn decide(
         &self,
         req: RateLimitRequest,
         budget: Option<std::time::Duration>,
         lease: Option<LeaseAsk>,
+        charge: bool,
     ) -> Result<RateLimitResponse, Status> {
         let plans = self.plans(&req)?;
         // No lease where a limit is in shadow mode: the service never refuses such a request,
         // so units taken for a lease would only charge the key for requests nobody made.
         let shadow = plans.iter().any(|p| matches!(p, Plan::Limit { shadow: true, .. }));
-        let lease = lease.filter(|_| !shadow);
+        let lease = lease.filter(|_| !shadow && !charge);
         let lease_id = lease.map(|_| lease::new_id());
         let lease_args = lease.zip(lease_id.as_deref()).map(|(ask, id)| LeaseArgs {
             id,
@@ -213,7 +215,9 @@ impl Limiter {
         let results = futures_util::future::join_all(plans.iter().map(|p| async move {
             match p {
                 Plan::Pass(_) => Ok(None),
-                Plan::Limit { check, .. } => self.store.check(check, deadline, lease_args).await.map(Some),
+                Plan::Limit { check, .. } => {
+                    self.store.check(check, deadline, lease_args, charge).await.map(Some)
+                }
             }
         }))
         .await;
@@ -234,12 +238,15 @@ impl Limiter {
             if let Some(n) = REDIS_ERROR_LOG.allow() {
                 crate::warn!("redis call failed, answering UNAVAILABLE: {e} ({n} similar errors not logged)");
             }
-            self.refund_all(&plans, &outcomes, lease_id.as_deref()).await;
+            // Also a charge: the caller answered UNAVAILABLE may charge again, and must not be
+            // counted twice.
+            self.refund_all(&plans, &outcomes, lease_id.as_deref(), charge).await;
             return Err(Status::unavailable(format!("rate limit store unavailable: {e}")));
         }
-        if over {
+        if over && !charge {
             // All or nothing: a denied request keeps no hits in the descriptors that allowed it.
-            self.refund_all(&plans, &outcomes, lease_id.as_deref()).await;
+            // A charge keeps them all: the usage has happened whatever the answer.
+            self.refund_all(&plans, &outcomes, lease_id.as_deref(), false).await;
         }
         let quota = match lease_id {
             Some(id) if !over => self.settle_lease(&plans, &mut outcomes, id).await,
@@ -279,10 +286,18 @@ impl Limiter {
                 // Unreachable: a failed call returned UNAVAILABLE above.
                 (Plan::Limit { .. }, None) => continue,
             };
-            self.metrics.descriptor(&req.domain, code);
+            if !charge {
+                self.metrics.descriptor(&req.domain, code);
+            }
             statuses.push(status);
         }
-        self.metrics.decision(&req.domain, if over { "over_limit" } else { "ok" });
+        let overall = if over { "over_limit" } else { "ok" };
+        // A charge decides no admission: counted on its own, not among the decisions.
+        if charge {
+            self.metrics.charge(&req.domain, overall);
+        } else {
+            self.metrics.decision(&req.domain, overall);
+        }
         Ok(RateLimitResponse {
             overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
             statuses,
@@ -352,9 +367,19 @@ impl Limiter {
     }
 
     /// Gives back what a request that is not allowed took: its hits and any lease units.
-    async fn refund_all(&self, plans: &[Plan], outcomes: &[Option<Outcome>], lease_id: Option<&str>) {
+    /// `charge`: the scripts counted the hits also where they answered over the limit (except
+    /// against a limit of 0, which counts nothing).
+    async fn refund_all(
+        &self,
+        plans: &[Plan],
+        outcomes: &[Option<Outcome>],
+        lease_id: Option<&str>,
+        charge: bool,
+    ) {
         let jobs = plans.iter().zip(outcomes).filter_map(|(p, o)| match (p, o) {
-            (Plan::Limit { check, .. }, Some(o)) if o.allowed && (check.hits > 0 || o.granted > 0) => {
+            (Plan::Limit { check, .. }, Some(o))
+                if (o.allowed || (charge && check.limit > 0)) && (check.hits > 0 || o.granted > 0) =>
+            {
                 Some((check, o))
             }
             _ => None,
@@ -387,9 +412,16 @@ impl Limiter {
     /// One call: the decision, or a gRPC error counted by status.
     pub async fn answer(&self, request: Request<RateLimitRequest>) -> Result<RateLimitResponse, Status> {
         let budget = crate::grpc::grpc_timeout(request.metadata());
-        let r = match lease::lease_ask(request.metadata()) {
-            Ok(ask) => self.decide(request.into_inner(), budget, ask).await,
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        let asked = crate::charge::charge_asked(request.metadata())
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+            .and_then(|charge| {
+                lease::lease_ask(request.metadata())
+                    .map(|ask| (ask, charge))
+                    .map_err(|e| Status::invalid_argument(e.to_string()))
+            });
+        let r = match asked {
+            Ok((ask, charge)) => self.decide(request.into_inner(), budget, ask, charge).await,
+            Err(e) => Err(e),
         };
         if let Err(s) = &r {
             self.metrics.grpc_error(match s.code() {

@@ -296,12 +296,14 @@ impl Store {
     }
 
     /// Checks and consumes, atomically in Redis, unless Redis runs the script after `deadline`;
-    /// with `lease`, also takes the lease's units in the same step.
+    /// with `lease`, also takes the lease's units in the same step. With `charge` the hits are
+    /// counted whatever the result, even past the limit (see `scripts`); a charge takes no lease.
     pub async fn check(
         &self,
         c: &Check,
         deadline: Deadline,
         lease: Option<LeaseArgs<'_>>,
+        charge: bool,
     ) -> Result<Outcome, StoreError> {
         let script = match c.algorithm {
             Algorithm::FixedWindow => &self.fixed,
@@ -314,6 +316,9 @@ impl Store {
         // lease arguments.
         if let Some(l) = lease {
             inv.key(lease_key(&c.key, l.id)).arg(l.units).arg(l.validity_ms);
+        } else if charge {
+            // No lease (0 units), then the charge flag; an ordinary call passes none of these.
+            inv.arg(0).arg(0).arg(1);
         }
         let reply: Vec<i64> = match self.conn.clone() {
             Conn::Single(mut conn) => self.timed_until(deadline.at, inv.invoke_async(&mut conn)).await?,
