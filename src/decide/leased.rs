@@ -115,8 +115,8 @@ impl Limiter {
             };
             if matches!(u.spend, Spend::Short { .. }) && alone == Some(u.rule) {
                 riding = Some(ask);
-            } else if let Some(call) = prepare_charge(&self.config, env.request, u.rule, 1) {
-                let refresh = Refresh { ask: LeaseAsk { own_hit: true, ..ask }, call };
+            } else if let Some(charge) = prepare_charge(&self.config, env.request, u.rule) {
+                let refresh = Refresh { ask: LeaseAsk { own_hit: true, ..ask }, call: charge.call(1) };
                 self.background().push(Background::Refresh(refresh));
             }
         }

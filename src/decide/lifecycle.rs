@@ -8,7 +8,7 @@ use super::local::{Consumed, Turn, Verdict};
 use super::{Env, Limiter};
 use crate::config::{Cost, FailureMode};
 use crate::global::answer::{read_answer, CallError};
-use crate::global::descriptors::{prepare, prepare_except};
+use crate::global::descriptors::{prepare, prepare_charge, prepare_except, Charge};
 use crate::global::verdict::verdict;
 use crate::global::{GlobalCall, Purpose};
 use crate::report::headers::render;
@@ -43,8 +43,9 @@ pub struct Exchange {
     key: Option<Claim>,
     /// The lease its call to the service asks for, on the way.
     lease_ask: Option<LeaseAsk>,
-    /// Global rules that admitted it on an estimate, to charge with the usage its response states.
-    metered_global: Vec<usize>,
+    /// Global rules that admitted it on an estimate (with its descriptors), to charge with the
+    /// usage its response states.
+    metered_global: Vec<(usize, Charge)>,
 }
 
 impl Exchange {
@@ -147,7 +148,7 @@ impl Limiter {
         match prepared {
             Ok(None) => {
                 exchange.report = passed.report.take();
-                exchange.metered_global = self.metered_global(None, &passed.leases);
+                exchange.metered_global = self.metered_global(env, None, &passed.leases);
                 self.admit(env, exchange, passed)
             }
             Ok(Some(call)) => {
@@ -196,7 +197,7 @@ impl Limiter {
             return Next::Reply(reply.with_service_headers(verdict.response_headers));
         }
         exchange.report = most_restrictive(passed.report.take(), verdict.report);
-        exchange.metered_global = self.metered_global(Some(&call), &passed.leases);
+        exchange.metered_global = self.metered_global(env, Some(&call), &passed.leases);
         exchange.service_headers = verdict.response_headers;
         exchange.upstream_headers = verdict.request_headers;
         self.admit(env, exchange, passed)
@@ -264,11 +265,16 @@ impl Limiter {
     /// the response are returned.
     pub fn settle(&self, env: &Env<'_>, exchange: &mut Exchange, response: &dyn Response) -> ResponseHeaders {
         let mut report = exchange.report.take();
-        let metered = std::mem::take(&mut exchange.metered);
+        // A usage the headers do not state may come in the trailers.
+        let (metered, later) =
+            self.split_by_usage_stated(std::mem::take(&mut exchange.metered), |c| c.at.rule, response);
+        exchange.metered = later;
         if !metered.is_empty() {
             report = self.charge_usage(env, &metered, response, report);
         }
-        let metered_global = std::mem::take(&mut exchange.metered_global);
+        let (metered_global, later) =
+            self.split_by_usage_stated(std::mem::take(&mut exchange.metered_global), |(r, _)| *r, response);
+        exchange.metered_global = later;
         for (rule, extra) in self.charge_global_usage(env, &metered_global, response) {
             // The service will count it: its figures, less the charge.
             if let Some(r) = report.as_mut().filter(|r| r.limit.rule == rule) {
@@ -283,6 +289,31 @@ impl Limiter {
             limit.retain(|(name, _)| !service.iter().any(|(n, _)| n == name));
         }
         ResponseHeaders { limit, service }
+    }
+
+    /// Response trailers: the usage of costs charged from the response that the headers did not
+    /// state (the headers have gone to the client by then: they showed the estimate).
+    pub fn trailers(&self, env: &Env<'_>, exchange: &mut Exchange, trailers: &dyn Response) {
+        let metered = std::mem::take(&mut exchange.metered);
+        if !metered.is_empty() {
+            self.charge_usage(env, &metered, trailers, None);
+        }
+        let metered_global = std::mem::take(&mut exchange.metered_global);
+        self.charge_global_usage(env, &metered_global, trailers);
+    }
+
+    /// Splits `items` (each of the rule `rule_of` says) into those whose usage `response` states
+    /// and the others.
+    fn split_by_usage_stated<T>(
+        &self,
+        items: Vec<T>,
+        rule_of: impl Fn(&T) -> usize,
+        response: &dyn Response,
+    ) -> (Vec<T>, Vec<T>) {
+        items.into_iter().partition(|item| match self.config.rules.get(rule_of(item)).map(|r| &r.cost) {
+            Some(Cost::Response { name, .. }) => response.header(name).is_some(),
+            _ => true,
+        })
     }
 
     /// Response headers, for a request that holds an idempotency key: what of the response to
@@ -339,9 +370,14 @@ impl Limiter {
         self.queue().due(now)
     }
 
-    /// The global rules with a cost from the response that admitted the request: those its call
-    /// asked about, and those its leases decided.
-    fn metered_global(&self, call: Option<&GlobalCall>, leases: &[LeaseUse]) -> Vec<usize> {
+    /// The global rules with a cost from the response that admitted the request (those its call
+    /// asked about, and those its leases decided), each with its descriptors for a later charge.
+    fn metered_global(
+        &self,
+        env: &Env<'_>,
+        call: Option<&GlobalCall>,
+        leases: &[LeaseUse],
+    ) -> Vec<(usize, Charge)> {
         let asked = call.into_iter().flat_map(|c| c.origins.iter().map(|o| o.rule));
         let leased = leases.iter().filter(|u| u.decided()).map(|u| u.rule);
         let mut rules: Vec<usize> = asked
@@ -352,7 +388,7 @@ impl Limiter {
             .collect();
         rules.sort_unstable();
         rules.dedup();
-        rules
+        rules.into_iter().filter_map(|r| Some((r, prepare_charge(&self.config, env.request, r)?))).collect()
     }
 
     fn ask_status(&self, env: &Env<'_>, exchange: &mut Exchange) -> Next<'_> {

@@ -1297,6 +1297,22 @@ fn a_usage_below_the_estimate_gives_the_difference_back() {
 }
 
 #[test]
+fn a_usage_stated_only_in_the_trailers_is_charged_when_they_arrive() {
+    let (l, store) = limiter(&TOKENS_PER_DAY.replace("ESTIMATE", "1"));
+    let m = Counts::default();
+    let request = keyed("k");
+    let env = Env::at(&store, &request, T0, &m);
+    let mut exchange = Exchange::default();
+    assert_eq!(l.decide(&env, &mut exchange), Next::Continue);
+    // A streamed response: the headers say nothing of the usage, so they show the estimate.
+    let settled = l.settle(&env, &mut exchange, &TestRequest::default());
+    assert!(settled.limit.contains(&("x-ratelimit-remaining", "999".to_owned())), "{:?}", settled.limit);
+    l.trailers(&env, &mut exchange, &TestRequest::default().with_header("x-usage-tokens", "500"));
+    assert_eq!(m.get(Metric::Charged(0)), 499);
+    assert_eq!(metered_request(&l, &store, "300", &m).1.as_deref(), Some("200"));
+}
+
+#[test]
 fn an_overdrawn_token_bucket_refills_from_below_zero() {
     let json = r#"{"table_size":64,"rules":[{"name":"tokens","key":[{"source":"header","name":"x-key"}],
         "cost":{"response_header":"x-usage-tokens","max":100000},
@@ -1817,7 +1833,9 @@ fn a_global_rule_charges_the_usage_beyond_its_estimate_by_a_background_call() {
     .encode_to_vec();
     assert_eq!(l.answered(&env, &mut exchange, Ok(&answer)), Next::Continue);
     let response = TestRequest::default().with_header("x-usage-tokens", "300");
-    let headers = l.settle(&env, &mut exchange, &response);
+    // As in Envoy, the request's headers cannot be read any more when its response arrives.
+    let after = Env::at(&store, &crate::request::HeadersGone, T0, &m);
+    let headers = l.settle(&after, &mut exchange, &response);
     assert!(headers.limit.contains(&("x-ratelimit-remaining", "700".to_owned())), "{:?}", headers.limit);
     let background = l.take_background();
     let [Background::Usage { rule: 0, call }] = background.as_slice() else { panic!("{background:?}") };

@@ -57,22 +57,41 @@ pub fn prepare_except(
     Ok(Some(GlobalCall { message: request.encode_to_vec(), origins, deny_on_failure }))
 }
 
-/// A call about rule `index` alone, no request waits for: its descriptors for this request with
-/// `hits` each. A lease refresh asks with one hit (the unit joins the lease); a usage charge with
-/// the usage beyond the estimate.
-pub fn prepare_charge(config: &Config, request: &dyn Request, index: usize, hits: u64) -> Option<GlobalCall> {
+/// The descriptors of rule `index` alone for this request, to call about later with hits of one's
+/// choosing, when no request waits for the answer: a lease refresh (one hit; the unit joins the
+/// lease), or a usage charge after the response (the usage beyond the estimate). Built while the
+/// request's headers can be read: Envoy lets a filter read them only until it lets them go on.
+pub fn prepare_charge(config: &Config, request: &dyn Request, index: usize) -> Option<Charge> {
     let service = config.global.as_ref()?;
     let rule = config.rules.get(index)?;
-    let mut asked = ask_about(index, rule, request, Purpose::Decide).ok()??;
-    asked.hits = hits;
+    let asked = ask_about(index, rule, request, Purpose::Decide).ok()??;
     let (limits, descriptors): (Vec<_>, Vec<_>) = asked.descriptors().into_iter().unzip();
     let origins = limits
         .into_iter()
         .map(|limit| LimitRef { rule: index, plan: asked.chosen.plan_index(), limit })
         .collect();
-    let hits_addend = u32::try_from(hits).unwrap_or(u32::MAX);
-    let request = RateLimitRequest { domain: service.domain.clone(), descriptors, hits_addend };
-    Some(GlobalCall { message: request.encode_to_vec(), origins, deny_on_failure: false })
+    Some(Charge { domain: service.domain.clone(), descriptors, origins })
+}
+
+/// One rule's descriptors for one request, kept to call about later.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Charge {
+    domain: String,
+    descriptors: Vec<RateLimitDescriptor>,
+    origins: Vec<LimitRef>,
+}
+
+impl Charge {
+    /// The call with `hits` on every descriptor.
+    pub fn call(&self, hits: u64) -> GlobalCall {
+        let mut descriptors = self.descriptors.clone();
+        for d in &mut descriptors {
+            d.hits_addend = Some(UInt64Value { value: hits });
+        }
+        let hits_addend = u32::try_from(hits).unwrap_or(u32::MAX);
+        let request = RateLimitRequest { domain: self.domain.clone(), descriptors, hits_addend };
+        GlobalCall { message: request.encode_to_vec(), origins: self.origins.clone(), deny_on_failure: false }
+    }
 }
 
 /// One global rule as the service will be asked about it.

@@ -25,6 +25,21 @@ pub trait Response {
     fn header(&self, name: &str) -> Option<Vec<u8>>;
 }
 
+/// The request as the moments after its headers went on see it: Envoy lets a filter read the
+/// request's headers only until it lets them go on, so the response's moments (settle, trailers,
+/// end) must have taken what they need before. Reads nothing.
+pub struct HeadersGone;
+
+impl Request for HeadersGone {
+    fn header(&self, _name: &str) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn source_address(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
 /// A request built in memory (built for tests and with the `testing` feature only).
 #[cfg(any(test, feature = "testing"))]
 #[derive(Clone, Debug, Default)]

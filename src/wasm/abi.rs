@@ -112,7 +112,8 @@ pub extern "C" fn proxy_on_response_headers(
 }
 
 /// Exported for idempotency keys, to keep a response for replay; a request that holds no key
-/// returns at once without a host call. (Trailers, below, end a response whose body did not.)
+/// returns at once without a host call. Trailers, below, end a response whose body did not, and
+/// may state a usage to charge.
 #[no_mangle]
 pub extern "C" fn proxy_on_response_body(context_id: u32, body_size: usize, end_of_stream: bool) -> u32 {
     with_filter(context_id, ACTION_CONTINUE, |f| f.on_response_body(body_size, end_of_stream))
@@ -120,7 +121,7 @@ pub extern "C" fn proxy_on_response_body(context_id: u32, body_size: usize, end_
 
 #[no_mangle]
 pub extern "C" fn proxy_on_response_trailers(context_id: u32, _num_trailers: usize) -> u32 {
-    with_filter(context_id, ACTION_CONTINUE, |f| f.on_response_body(0, true))
+    with_filter(context_id, ACTION_CONTINUE, Filter::on_response_trailers)
 }
 
 #[no_mangle]

@@ -14,6 +14,7 @@ const CAS_MISMATCH: u32 = 8;
 
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+const MAP_RESPONSE_TRAILERS: u32 = 3;
 const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 const BUFFER_GRPC_RECEIVE: u32 = 5;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
@@ -412,6 +413,15 @@ pub struct HostResponse;
 impl Response for HostResponse {
     fn header(&self, name: &str) -> Option<Vec<u8>> {
         map_value(MAP_RESPONSE_HEADERS, name)
+    }
+}
+
+/// The response's trailers, read as a response's headers are.
+pub struct HostTrailers;
+
+impl Response for HostTrailers {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        map_value(MAP_RESPONSE_TRAILERS, name)
     }
 }
 

@@ -7,7 +7,8 @@ use crate::decide::{BodyWanted, Env, Exchange, Next};
 use crate::global::answer::CallError;
 use crate::global::protocol::{METHOD, SERVICE};
 use crate::report::reply::LocalReply;
-use crate::wasm::host::{self, HostClock, HostRequest, HostResponse, HostStore, LogLevel};
+use crate::request::HeadersGone;
+use crate::wasm::host::{self, HostClock, HostRequest, HostResponse, HostStore, HostTrailers, LogLevel};
 use crate::wasm::root::{Shared, WAITING_TICK_MS};
 
 const ACTION_CONTINUE: u32 = 0;
@@ -24,6 +25,12 @@ pub struct Filter {
 /// Runs `moment` in this request's environment on the host.
 fn in_env<R>(shared: &Shared, moment: impl FnOnce(&Env<'_>) -> R) -> R {
     moment(&Env::new(&HostStore, &HostRequest, &HostClock, &shared.events))
+}
+
+/// As [`in_env`], for the moments after the request's headers went on, which Envoy no longer lets
+/// a filter read.
+fn after_request<R>(shared: &Shared, moment: impl FnOnce(&Env<'_>) -> R) -> R {
+    moment(&Env::new(&HostStore, &HeadersGone, &HostClock, &shared.events))
 }
 
 impl Filter {
@@ -75,7 +82,8 @@ impl Filter {
     pub fn on_response_headers(&mut self, end_of_stream: bool) -> u32 {
         let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
         shared.limiter.keep_response(&mut self.exchange, &HostResponse, end_of_stream);
-        let headers = in_env(&shared, |env| shared.limiter.settle(env, &mut self.exchange, &HostResponse));
+        let headers =
+            after_request(&shared, |env| shared.limiter.settle(env, &mut self.exchange, &HostResponse));
         soon_if_background(&shared);
         for (name, value) in headers.limit {
             host::set_response_header(name, &value);
@@ -104,10 +112,18 @@ impl Filter {
         ACTION_CONTINUE
     }
 
+    /// The response's trailers: the usage they may state, and the response's end.
+    pub fn on_response_trailers(&mut self) -> u32 {
+        let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
+        after_request(&shared, |env| shared.limiter.trailers(env, &mut self.exchange, &HostTrailers));
+        soon_if_background(&shared);
+        self.on_response_body(0, true)
+    }
+
     /// The stream is over (Envoy deletes the context however the stream ended).
     pub fn on_end(&mut self) {
         let Some(shared) = self.shared.clone() else { return };
-        in_env(&shared, |env| shared.limiter.end(env, &mut self.exchange));
+        after_request(&shared, |env| shared.limiter.end(env, &mut self.exchange));
     }
 
     fn carry_out(&mut self, shared: &Shared, env: &Env<'_>, next: Next<'_>) -> u32 {
