@@ -47,6 +47,19 @@ pub struct Idempotency {
     pub release_on_failure: bool,
     pub table_size: u32,
     pub when_table_full: TableFullPolicy,
+    /// Where keys are kept: this Envoy's shared data, or the rate limit service (every Envoy).
+    pub across: Across,
+    /// With keys kept by the service: what a request does when the service cannot answer.
+    pub when_service_fails: TableFullPolicy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Across {
+    /// This Envoy's shared data: one request per key per Envoy.
+    Envoy,
+    /// The rate limit service (`global.cluster`): one request per key across the fleet.
+    Fleet,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -89,14 +102,27 @@ pub(super) struct RawIdempotency {
     table_size: Option<u32>,
     #[serde(default)]
     when_table_full: Option<TableFullPolicy>,
+    #[serde(default)]
+    across: Option<Across>,
+    #[serde(default)]
+    when_service_fails: Option<TableFullPolicy>,
 }
 
 /// Compiles the `idempotency` list; names are unique among its entries.
-pub(super) fn compile_all(raw: Vec<RawIdempotency>) -> Result<Vec<Idempotency>, ConfigError> {
+pub(super) fn compile_all(
+    raw: Vec<RawIdempotency>,
+    has_service: bool,
+) -> Result<Vec<Idempotency>, ConfigError> {
     let mut compiled: Vec<Idempotency> = Vec::with_capacity(raw.len());
     for (i, entry) in raw.into_iter().enumerate() {
         let path = format!("idempotency[{i}]");
         let entry = compile(&path, entry)?;
+        if entry.across == Across::Fleet && !has_service {
+            return Err(ConfigError::at(
+                format!("{path}.across"),
+                "\"fleet\" keeps keys in the rate limit service: it needs the top-level \"global\" section (cluster, domain)",
+            ));
+        }
         if let Some(j) = compiled.iter().position(|e| e.name == entry.name) {
             return Err(ConfigError::at(
                 format!("{path}.name"),
@@ -165,6 +191,8 @@ fn compile(path: &str, raw: RawIdempotency) -> Result<Idempotency, ConfigError> 
         release_on_failure: raw.release_on_failure.unwrap_or(true),
         table_size,
         when_table_full: raw.when_table_full.unwrap_or(TableFullPolicy::Allow),
+        across: raw.across.unwrap_or(Across::Envoy),
+        when_service_fails: raw.when_service_fails.unwrap_or(TableFullPolicy::Allow),
     })
 }
 

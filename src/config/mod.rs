@@ -14,7 +14,7 @@ mod limits;
 mod table;
 mod unique;
 
-pub use idempotency::{Idempotency, NotStoredPolicy, MAX_BODY_BYTES};
+pub use idempotency::{Across, Idempotency, NotStoredPolicy, MAX_BODY_BYTES};
 pub use lease::Lease;
 pub use limits::{Cost, Delay, Limit, LimitKind, Limits, Plan, PlanSource, Plans};
 use limits::{RawCost, RawLimit, RawPlan, RawPlanSource};
@@ -531,11 +531,12 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
     if raw.rules.is_empty() && raw.idempotency.is_empty() {
         return Err(ConfigError::at("rules", "at least one rule is required"));
     }
-    let idempotency = idempotency::compile_all(raw.idempotency)?;
+
     let global = match raw.global {
         Some(g) => Some(compile_global(g)?),
         None => None,
     };
+    let idempotency = idempotency::compile_all(raw.idempotency, global.is_some())?;
     let when_table_full = raw.when_table_full.unwrap_or(TableFullPolicy::Allow);
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rules.len());
     let mut claims = Vec::with_capacity(raw.rules.len() + 1);

@@ -6,19 +6,25 @@ use std::sync::atomic::Ordering;
 
 use siphasher::sip::SipHasher13;
 
+use super::background::Background;
 use super::{Env, Limiter};
-use crate::config::{Idempotency, NotStoredPolicy, TableFullPolicy};
+use crate::config::{Across, Idempotency, NotStoredPolicy, TableFullPolicy};
+use crate::global::answer::CallError;
+use crate::idempotency::fleet::{claim_message, complete_message, read_claim};
 use crate::idempotency::records::{claim, finish, Ending, Found, Record, Stored};
 use crate::idempotency::slot_key;
 use crate::report::metrics::Metric;
 use crate::report::reply::{self, KeyRefusal, LocalReply};
-use crate::request::keys::{idempotency_key, request_identity};
+use crate::request::keys::{
+    fleet_idempotency_key, fleet_request_identity, idempotency_key, request_identity,
+};
 use crate::request::Response;
 use crate::state::ledger::{self, LedgerError};
 use crate::state::Fingerprint;
 
 /// The longest key accepted; the draft sets no bound, UUIDs take 36.
 const MAX_KEY_LEN: usize = 255;
+const NANOS_PER_MS: u64 = 1_000_000;
 
 /// What a request holds of an idempotency key, from its admission to its end.
 #[derive(Debug)]
@@ -27,6 +33,28 @@ pub(super) struct Claim {
     key: Fingerprint,
     owner: u64,
     response: Option<Capture>,
+    /// For a key kept by the rate limit service: its name there.
+    fleet_key: Option<String>,
+}
+
+/// What admission does about a request's idempotency key.
+#[derive(Debug)]
+pub(super) enum KeyStep {
+    /// Go on, holding the claim if there is one.
+    Go(Option<Claim>),
+    /// Answer the request instead (a replay, 409, 422, 400, 503).
+    Answer(LocalReply<'static>),
+    /// Ask the rate limit service, which keeps the entry's keys.
+    Ask(FleetClaim),
+}
+
+/// A claim asked of the rate limit service, on the way.
+#[derive(Debug)]
+pub(super) struct FleetClaim {
+    entry: usize,
+    key: String,
+    owner: u64,
+    pub message: Vec<u8>,
 }
 
 /// What a request needs of its response body.
@@ -50,72 +78,119 @@ struct Capture {
 }
 
 impl Limiter {
-    /// At admission: the request claims its key and goes on (`None`), or is answered from the
-    /// key's record (a replay, 409, 422) or refused (400).
-    pub(super) fn claim_key(&self, env: &Env<'_>, id: u32) -> (Option<Claim>, Option<LocalReply<'static>>) {
+    /// At admission: the request claims its key and goes on, is answered from the key's record
+    /// (a replay, 409, 422) or refused (400), or asks the rate limit service (keys kept there).
+    pub(super) fn claim_key(&self, env: &Env<'_>, id: u32) -> KeyStep {
         let Some((index, entry)) =
             self.config.idempotency.iter().enumerate().find(|(_, e)| e.matcher.matches(env.request))
         else {
-            return (None, None);
-        };
-        let refuse = |metric: fn(usize) -> Metric, refusal: KeyRefusal| {
-            env.observer.count(metric(index));
-            (None, Some(reply::key_refusal(refusal, &entry.header)))
+            return KeyStep::Go(None);
         };
         let value = match env.request.header(&entry.header) {
-            None if !entry.required => return (None, None),
-            None => return refuse(Metric::KeyRefused, KeyRefusal::Missing),
+            None if !entry.required => return KeyStep::Go(None),
+            None => return refuse(env, index, entry, Metric::KeyRefused, KeyRefusal::Missing),
             Some(value) => match well_formed(&value) {
                 Some(v) => v.to_vec(),
-                None => return refuse(Metric::KeyRefused, KeyRefusal::Missing),
+                None => return refuse(env, index, entry, Metric::KeyRefused, KeyRefusal::Missing),
             },
         };
-        let Some(key) = idempotency_key(self.seed, entry, env.request, &value) else { return (None, None) };
-        let request = request_identity(self.seed, env.request);
         let owner = self.owner_token(env.now(), id);
+        if entry.across == Across::Fleet {
+            return self.ask_fleet(env, index, entry, &value, owner);
+        }
+        let Some(key) = idempotency_key(self.seed, entry, env.request, &value) else {
+            return KeyStep::Go(None);
+        };
+        let request = request_identity(self.seed, env.request);
         let slot = slot_key(&self.config.key_prefix, &entry.name, entry.table_size, key);
         let now = env.now();
         let found = ledger::update(env.store, &slot, |records: &Vec<Record>| {
             claim(records, key, request, owner, now, entry.in_flight_nanos)
         });
-        let claimed = Claim { entry: index, key, owner, response: None };
+        let claimed = Claim { entry: index, key, owner, response: None, fleet_key: None };
         match found {
-            Ok(Found::Claimed) => {
-                env.observer.count(Metric::KeyClaimed(index));
-                (Some(claimed), None)
-            }
-            Ok(Found::InFlight) => refuse(Metric::KeyInFlight, KeyRefusal::InUse),
-            Ok(Found::Mismatch) => refuse(Metric::KeyReused, KeyRefusal::Reused),
-            Ok(Found::Completed(Some(stored))) => {
-                env.observer.count(Metric::Replayed(index));
-                (None, Some(reply::replay(stored.status, stored.headers, stored.body)))
-            }
-            Ok(Found::Completed(None)) if entry.when_not_stored == NotStoredPolicy::Pass => {
-                env.observer.count(Metric::ResponseNotKept(index));
-                (None, None)
-            }
-            Ok(Found::Completed(None)) => refuse(Metric::ResponseNotKept, KeyRefusal::InUse),
-            Ok(Found::Full) => self.key_table_full(env, index, entry),
+            Ok(found) => self.found(env, index, found, claimed),
             Err(LedgerError::Store(_) | LedgerError::Exhausted) => {
                 // The key cannot be checked: the request goes on unprotected rather than failing,
                 // as a rule's store error lets a request through.
                 env.observer.count(Metric::KeyStoreError(index));
-                (None, None)
+                KeyStep::Go(None)
             }
         }
     }
 
-    fn key_table_full(
+    /// What a request with a key does about what it found there (`claimed`: its claim, should it
+    /// be the first).
+    fn found(&self, env: &Env<'_>, index: usize, found: Found, claimed: Claim) -> KeyStep {
+        let Some(entry) = self.config.idempotency.get(index) else { return KeyStep::Go(None) };
+        match found {
+            Found::Claimed => {
+                env.observer.count(Metric::KeyClaimed(index));
+                KeyStep::Go(Some(claimed))
+            }
+            Found::InFlight => refuse(env, index, entry, Metric::KeyInFlight, KeyRefusal::InUse),
+            Found::Mismatch => refuse(env, index, entry, Metric::KeyReused, KeyRefusal::Reused),
+            Found::Completed(Some(stored)) => {
+                env.observer.count(Metric::Replayed(index));
+                KeyStep::Answer(reply::replay(stored.status, stored.headers, stored.body))
+            }
+            Found::Completed(None) if entry.when_not_stored == NotStoredPolicy::Pass => {
+                env.observer.count(Metric::ResponseNotKept(index));
+                KeyStep::Go(None)
+            }
+            Found::Completed(None) => refuse(env, index, entry, Metric::ResponseNotKept, KeyRefusal::InUse),
+            Found::Full => {
+                env.observer.count(Metric::KeyTableFull(index));
+                unprotected_or_refused(entry.when_table_full, &entry.header)
+            }
+        }
+    }
+
+    /// A key kept by the rate limit service: the claim to ask it for.
+    fn ask_fleet(
         &self,
         env: &Env<'_>,
         index: usize,
         entry: &Idempotency,
-    ) -> (Option<Claim>, Option<LocalReply<'static>>) {
-        env.observer.count(Metric::KeyTableFull(index));
-        match entry.when_table_full {
-            TableFullPolicy::Allow => (None, None),
-            TableFullPolicy::Deny => (None, Some(reply::key_refusal(KeyRefusal::Full, &entry.header))),
-        }
+        value: &[u8],
+        owner: u64,
+    ) -> KeyStep {
+        let Some(service) = &self.config.global else { return KeyStep::Go(None) };
+        let Some(key) = fleet_idempotency_key(entry, env.request, value) else { return KeyStep::Go(None) };
+        let request = fleet_request_identity(env.request);
+        let in_flight_ms = entry.in_flight_nanos / NANOS_PER_MS;
+        let message = claim_message(&service.domain, &key, &request, owner, in_flight_ms);
+        KeyStep::Ask(FleetClaim { entry: index, key, owner, message })
+    }
+
+    /// The service's answer to a claim (or why there is none).
+    pub(super) fn fleet_answered(
+        &self,
+        env: &Env<'_>,
+        asked: FleetClaim,
+        answer: Result<&[u8], CallError>,
+    ) -> KeyStep {
+        let Some(entry) = self.config.idempotency.get(asked.entry) else { return KeyStep::Go(None) };
+        let found = match answer.map(read_claim) {
+            Ok(Some(found)) => found,
+            failed => {
+                let reason = match failed {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "undecodable answer to Keys/Claim".to_owned(),
+                };
+                env.observer.count(Metric::KeyStoreError(asked.entry));
+                env.observer.global_failure(&format!("idempotency key not checked: {reason}"));
+                return unprotected_or_refused(entry.when_service_fails, &entry.header);
+            }
+        };
+        let claimed = Claim {
+            entry: asked.entry,
+            key: Fingerprint(0),
+            owner: asked.owner,
+            response: None,
+            fleet_key: Some(asked.key),
+        };
+        self.found(env, asked.entry, found, claimed)
     }
 
     /// Tells this request's claim apart from any later claim of the same key (after this one
@@ -185,6 +260,15 @@ impl Limiter {
             Ending::Completed { stored, expires: now.saturating_add(entry.ttl_nanos) }
         };
         let released = ending == Ending::Released;
+        if let (Some(key), Some(service)) = (&claim.fleet_key, &self.config.global) {
+            let ttl_ms = entry.ttl_nanos / NANOS_PER_MS;
+            let message = complete_message(&service.domain, key, claim.owner, ending, ttl_ms);
+            self.background().push(Background::KeyComplete { entry: claim.entry, message });
+            if released {
+                env.observer.count(Metric::KeyReleased(claim.entry));
+            }
+            return;
+        }
         let slot = slot_key(&self.config.key_prefix, &entry.name, entry.table_size, claim.key);
         let result = ledger::update(env.store, &slot, |records: &Vec<_>| {
             let next = finish(records, claim.key, claim.owner, now, ending.clone());
@@ -196,6 +280,26 @@ impl Limiter {
             // The claim stays until its in_flight_timeout, then frees itself.
             Err(_) => env.observer.count(Metric::KeyStoreError(claim.entry)),
         }
+    }
+}
+
+fn refuse(
+    env: &Env<'_>,
+    index: usize,
+    entry: &Idempotency,
+    metric: fn(usize) -> Metric,
+    refusal: KeyRefusal,
+) -> KeyStep {
+    env.observer.count(metric(index));
+    KeyStep::Answer(reply::key_refusal(refusal, &entry.header))
+}
+
+/// A key that cannot be tracked (its slot full, the service unreachable): the request goes on
+/// unprotected, or gets 503, as the entry says.
+fn unprotected_or_refused(policy: TableFullPolicy, header: &str) -> KeyStep {
+    match policy {
+        TableFullPolicy::Allow => KeyStep::Go(None),
+        TableFullPolicy::Deny => KeyStep::Answer(reply::key_refusal(KeyRefusal::Full, header)),
     }
 }
 

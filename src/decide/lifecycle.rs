@@ -2,15 +2,17 @@
 //! them.
 
 use super::holdings::Hold;
-use super::idempotent::{BodyWanted, Claim};
+use super::idempotent::{BodyWanted, Claim, FleetClaim, KeyStep};
 use super::leased::{LeaseAsk, LeaseUse};
 use super::local::{Consumed, Turn, Verdict};
 use super::{Env, Limiter};
 use crate::config::{Cost, FailureMode};
 use crate::global::answer::{read_answer, CallError};
 use crate::global::descriptors::{prepare, prepare_charge, prepare_except, Charge};
+use crate::global::protocol::{METHOD as RLS_METHOD, SERVICE as RLS_SERVICE};
 use crate::global::verdict::verdict;
 use crate::global::{GlobalCall, Purpose};
+use crate::idempotency::protocol::{CLAIM, SERVICE as KEYS_SERVICE};
 use crate::report::headers::render;
 use crate::report::metrics::Metric;
 use crate::report::reply::{self, LocalReply};
@@ -94,6 +96,8 @@ enum Awaiting {
     Decision { call: GlobalCall, passed: Passed },
     /// The standing in its global rules, for the status endpoint.
     Status(GlobalCall),
+    /// The service's word on its idempotency key; then it goes on as admitted.
+    Key { claim: FleetClaim, consumed: Vec<Consumed>, turn: Option<Turn> },
 }
 
 /// What the glue does after a moment.
@@ -117,6 +121,9 @@ pub struct Ask<'a> {
     pub cluster: &'a str,
     /// The call's target for the host (see `global::protocol::call_target`).
     pub target: &'a [u8],
+    /// The gRPC service and method: the Rate Limit Service's `ShouldRateLimit`, or our `Keys`.
+    pub service: &'static str,
+    pub method: &'static str,
     pub timeout_ms: u32,
     pub message: Vec<u8>,
     /// gRPC metadata to send with it (a lease request).
@@ -177,6 +184,10 @@ impl Limiter {
         let (call, mut passed) = match awaiting {
             Awaiting::Status(call) => return Next::Reply(self.status_reply(env, Some((&call, answer)))),
             Awaiting::Decision { call, passed } => (call, passed),
+            Awaiting::Key { claim, consumed, turn } => {
+                let step = self.fleet_answered(env, claim, answer);
+                return self.after_key(env, exchange, step, consumed, turn);
+            }
         };
         let answer = answer.and_then(read_answer);
         let failed = answer.is_err();
@@ -237,16 +248,48 @@ impl Limiter {
         for rule in allowed_by {
             env.observer.count(Metric::Allowed(rule));
         }
-        let (key, answer) = self.claim_key(env, exchange.id);
-        exchange.key = key;
-        if let Some(answer) = answer {
-            // Answered from its key, it never reaches the upstream: it holds nothing, and what
-            // its limits took stays taken (it was a request like any other).
-            exchange.report = None;
-            let held: Vec<Consumed> = consumed.into_iter().filter(|c| c.algorithm.is_concurrency()).collect();
-            self.give_back(env, &held);
-            return Next::Reply(answer);
-        }
+        let step = self.claim_key(env, exchange.id);
+        self.after_key(env, exchange, step, consumed, turn)
+    }
+
+    /// Admission, once the request's idempotency key is settled: it goes on (at once or at its
+    /// turn), is answered from its key, or waits for the service that keeps its key.
+    fn after_key(
+        &self,
+        env: &Env<'_>,
+        exchange: &mut Exchange,
+        step: KeyStep,
+        consumed: Vec<Consumed>,
+        turn: Option<Turn>,
+    ) -> Next<'_> {
+        let answer = match step {
+            KeyStep::Go(claim) => {
+                exchange.key = claim;
+                return self.go_on(env, exchange, consumed, turn);
+            }
+            KeyStep::Answer(answer) => answer,
+            KeyStep::Ask(claim) => {
+                let message = claim.message.clone();
+                exchange.awaiting = Some(Awaiting::Key { claim, consumed, turn });
+                return self.call(message, KEYS_SERVICE, CLAIM, Vec::new());
+            }
+        };
+        // Answered from its key, it never reaches the upstream: it holds nothing, and what its
+        // limits took stays taken (it was a request like any other).
+        exchange.report = None;
+        let held: Vec<Consumed> = consumed.into_iter().filter(|c| c.algorithm.is_concurrency()).collect();
+        self.give_back(env, &held);
+        Next::Reply(answer)
+    }
+
+    /// The request goes on, at once or at its turn, holding its concurrency units.
+    fn go_on(
+        &self,
+        env: &Env<'_>,
+        exchange: &mut Exchange,
+        consumed: Vec<Consumed>,
+        turn: Option<Turn>,
+    ) -> Next<'_> {
         let metered = |c: &&Consumed| {
             self.config.rules.get(c.at.rule).is_some_and(|r| matches!(r.cost, Cost::Response { .. }))
         };
@@ -340,9 +383,14 @@ impl Limiter {
     /// local reply): the concurrency units it held are released, and a request still waiting for
     /// the rate limit service gives back what its local limits took (it was never admitted).
     pub fn end(&self, env: &Env<'_>, exchange: &mut Exchange) {
-        if let Some(Awaiting::Decision { passed, .. }) = exchange.awaiting.take() {
-            self.give_back(env, &passed.consumed);
-            self.give_back_leases(env, &passed.leases);
+        match exchange.awaiting.take() {
+            Some(Awaiting::Decision { passed, .. }) => {
+                self.give_back(env, &passed.consumed);
+                self.give_back_leases(env, &passed.leases);
+            }
+            // It never went on; its claim at the service (if made) lapses after in_flight_timeout.
+            Some(Awaiting::Key { consumed, .. }) => self.give_back(env, &consumed),
+            _ => {}
         }
         if let Some(ask) = exchange.lease_ask.take() {
             // Its call never answered: the key may be refreshed again.
@@ -404,17 +452,30 @@ impl Limiter {
         mut awaiting: Awaiting,
         metadata: Vec<(&'static str, String)>,
     ) -> Next<'_> {
-        let Some(service) = &self.config.global else { return Next::Continue };
-        let call = match &mut awaiting {
-            Awaiting::Decision { call, .. } | Awaiting::Status(call) => call,
+        let message = match &mut awaiting {
+            Awaiting::Decision { call, .. } | Awaiting::Status(call) => std::mem::take(&mut call.message),
+            Awaiting::Key { claim, .. } => claim.message.clone(),
         };
-        let message = std::mem::take(&mut call.message);
         exchange.awaiting = Some(awaiting);
+        self.call(message, RLS_SERVICE, RLS_METHOD, metadata)
+    }
+
+    /// A call to the rate limit service's `service`/`method` the request waits for.
+    fn call(
+        &self,
+        message: Vec<u8>,
+        service: &'static str,
+        method: &'static str,
+        metadata: Vec<(&'static str, String)>,
+    ) -> Next<'_> {
+        let Some(global) = &self.config.global else { return Next::Continue };
         let target = &self.call_target;
         Next::Ask(Ask {
-            cluster: &service.cluster,
+            cluster: &global.cluster,
             target,
-            timeout_ms: service.timeout_ms,
+            service,
+            method,
+            timeout_ms: global.timeout_ms,
             message,
             metadata,
         })

@@ -1626,6 +1626,114 @@ mod idempotency {
             assert_eq!(passed.load(Ordering::SeqCst), 1, "round {round}");
         }
     }
+
+    // Keys kept by the rate limit service (`across: "fleet"`).
+
+    const FLEET: &str = r#"{"global":{"cluster":"rls","domain":"edge"},"rules":[],"idempotency":[{"name":"pay",
+        "match":{"methods":["POST"]},"scope":[{"source":"header","name":"x-tenant"}],"across":"fleet",
+        "replay_headers":["content-type"],"ttl":"1h","in_flight_timeout":"30s"WHEN}]}"#;
+
+    fn claim_answer(outcome: i32, stored: Option<(u32, &[u8])>) -> Vec<u8> {
+        use crate::idempotency::protocol::{ClaimResponse, Header, StoredResponse};
+        use prost::Message;
+        ClaimResponse {
+            outcome,
+            stored: stored.map(|(status, body)| StoredResponse {
+                status,
+                headers: vec![Header { name: "content-type".into(), value: "application/json".into() }],
+                body: body.to_vec(),
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    /// Admission of a fleet-keyed request: the claim it sends, and its exchange.
+    fn ask_claim(l: &Limiter, store: &MemoryStore, req: &TestRequest, m: &Counts) -> (Exchange, Vec<u8>) {
+        let mut exchange = Exchange::for_request(1);
+        match l.decide(&Env::at(store, req, T0, m), &mut exchange) {
+            Next::Ask(ask) => {
+                assert_eq!((ask.service, ask.method), ("ratelimitwasm.idempotency.v1.Keys", "Claim"));
+                (exchange, ask.message)
+            }
+            other => panic!("no claim asked: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fleet_key_is_claimed_at_the_service_and_completed_there_with_the_response() {
+        use crate::decide::Background;
+        use crate::idempotency::protocol::{ClaimRequest, CompleteRequest, OUTCOME_CLAIMED};
+        use prost::Message;
+        let (l, store) = limiter(&FLEET.replace("WHEN", ""));
+        let m = Counts::default();
+        let (mut exchange, message) = ask_claim(&l, &store, &post("/pay", "k1", "t"), &m);
+        let claim = ClaimRequest::decode(message.as_slice()).unwrap();
+        assert_eq!((claim.domain.as_str(), claim.in_flight_ms), ("edge", 30_000));
+        assert!(claim.key.starts_with("pay:") && claim.key.len() == 4 + 64, "{}", claim.key);
+        // Another Envoy (another seed) names the same key the same way.
+        let other = Limiter::new(Config::parse(FLEET.replace("WHEN", "").as_bytes()).unwrap(), 7);
+        let (_, again) = ask_claim(&other, &store, &post("/pay", "k1", "t"), &m);
+        assert_eq!(ClaimRequest::decode(again.as_slice()).unwrap().key, claim.key);
+        let request = post("/pay", "k1", "t");
+        let env = Env::at(&store, &request, T0, &m);
+        assert_eq!(l.answered(&env, &mut exchange, Ok(&claim_answer(OUTCOME_CLAIMED, None))), Next::Continue);
+        let after = Env::at(&store, &crate::request::HeadersGone, T0, &m);
+        l.keep_response(&mut exchange, &response("201"), false);
+        l.response_body(&mut exchange, b"{\"id\":1}", true);
+        l.end(&after, &mut exchange);
+        let background = l.take_background();
+        let [Background::KeyComplete { message, .. }] = background.as_slice() else {
+            panic!("{background:?}")
+        };
+        let complete = CompleteRequest::decode(message.as_slice()).unwrap();
+        assert_eq!(
+            (complete.key, complete.owner, complete.release, complete.ttl_ms),
+            (claim.key, claim.owner, false, 3_600_000)
+        );
+        let stored = complete.stored.unwrap();
+        assert_eq!((stored.status, stored.body.as_slice()), (201, &b"{\"id\":1}"[..]));
+    }
+
+    #[test]
+    fn the_services_word_on_a_fleet_key_answers_as_a_local_key_would() {
+        use crate::idempotency::protocol::{OUTCOME_COMPLETED, OUTCOME_IN_FLIGHT, OUTCOME_MISMATCH};
+        let (l, store) = limiter(&FLEET.replace("WHEN", ""));
+        let m = Counts::default();
+        let request = post("/pay", "k1", "t");
+        let env = Env::at(&store, &request, T0, &m);
+        for (answer, status) in [
+            (claim_answer(OUTCOME_IN_FLIGHT, None), 409),
+            (claim_answer(OUTCOME_MISMATCH, None), 422),
+            (claim_answer(OUTCOME_COMPLETED, Some((201, b"done"))), 201),
+            (claim_answer(OUTCOME_COMPLETED, None), 409),
+        ] {
+            let (mut exchange, _) = ask_claim(&l, &store, &post("/pay", "k1", "t"), &m);
+            let Next::Reply(reply) = l.answered(&env, &mut exchange, Ok(&answer)) else {
+                panic!("not answered")
+            };
+            assert_eq!(reply.status, status);
+        }
+        assert_eq!(m.get(Metric::Replayed(0)), 1);
+    }
+
+    #[test]
+    fn a_fleet_key_the_service_cannot_check_goes_unprotected_or_gets_503_as_configured() {
+        for (when, expected) in [("", None), (r#","when_service_fails":"deny""#, Some(503))] {
+            let (l, store) = limiter(&FLEET.replace("WHEN", when));
+            let m = Counts::default();
+            let request = post("/pay", "k1", "t");
+            let env = Env::at(&store, &request, T0, &m);
+            let (mut exchange, _) = ask_claim(&l, &store, &post("/pay", "k1", "t"), &m);
+            let failed = Err(CallError::Status { code: 14, message: String::new() });
+            let status = match l.answered(&env, &mut exchange, failed) {
+                Next::Continue => None,
+                Next::Reply(r) => Some(r.status),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(status, expected, "{when}");
+            assert_eq!(m.get(Metric::KeyStoreError(0)), 1);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

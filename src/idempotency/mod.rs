@@ -6,6 +6,8 @@
 //! fingerprint picks, with at most [`records::WAYS`] records per slot; a record expires on its
 //! own (claim: `in_flight_timeout`; completed: `ttl`), so the table holds only live keys.
 
+pub mod fleet;
+pub mod protocol;
 pub mod records;
 
 use crate::state::Fingerprint;

@@ -4,6 +4,7 @@
 
 use std::hash::Hasher;
 
+use sha2::{Digest, Sha256};
 use siphasher::sip::SipHasher13;
 
 use super::jwt;
@@ -91,6 +92,40 @@ pub fn idempotency_key(
     }
     write_part(&mut hasher, 0xfb, key);
     Some(Fingerprint::from_hash(hasher.finish()))
+}
+
+/// An idempotency key's name in the rate limit service, the same in every Envoy:
+/// `<entry>:<SHA-256 of the scope parts and the key, hex>`. A keyed hash would differ between
+/// Envoys (each has its own seed); SHA-256 lets no client make its key's name another's.
+pub fn fleet_idempotency_key(entry: &Idempotency, request: &dyn Request, key: &[u8]) -> Option<String> {
+    let mut digest = Sha256::new();
+    for part in &entry.scope {
+        let value = match (part_value(part, request), entry.when_scope_missing) {
+            (Some(value), _) => value,
+            (None, MissingKeyPolicy::Empty) => Vec::new(),
+            (None, MissingKeyPolicy::Skip) => return None,
+        };
+        digest.update((value.len() as u64).to_le_bytes());
+        digest.update(&value);
+    }
+    digest.update((key.len() as u64).to_le_bytes());
+    digest.update(key);
+    Some(format!("{}:{}", entry.name, hex(&digest.finalize())))
+}
+
+/// As [`request_identity`], the same in every Envoy: 32 hex digits of SHA-256.
+pub fn fleet_request_identity(request: &dyn Request) -> String {
+    let mut digest = Sha256::new();
+    for name in [":method", ":path"] {
+        let value = request.header(name).unwrap_or_default();
+        digest.update((value.len() as u64).to_le_bytes());
+        digest.update(&value);
+    }
+    hex(&digest.finalize()[..16])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a retry must repeat to be the same request: its method and its path with the query.

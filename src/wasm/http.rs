@@ -5,7 +5,6 @@ use std::rc::Rc;
 
 use crate::decide::{BodyWanted, Env, Exchange, Next};
 use crate::global::answer::CallError;
-use crate::global::protocol::{METHOD, SERVICE};
 use crate::report::reply::LocalReply;
 use crate::request::HeadersGone;
 use crate::wasm::host::{self, HostClock, HostRequest, HostResponse, HostStore, HostTrailers, LogLevel};
@@ -137,7 +136,7 @@ impl Filter {
             Next::Ask(ask) => ask,
         };
         let metadata: Vec<(&str, &str)> = ask.metadata.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        match host::grpc_call(ask.target, SERVICE, METHOD, &ask.message, ask.timeout_ms, &metadata) {
+        match host::grpc_call(ask.target, ask.service, ask.method, &ask.message, ask.timeout_ms, &metadata) {
             Ok(token) => {
                 self.new_call = Some(token);
                 ACTION_PAUSE

@@ -8,7 +8,6 @@ use std::rc::Rc;
 use crate::config::{self, Config};
 use crate::decide::{Background, Limiter};
 use crate::global::answer::CallError;
-use crate::global::protocol::{METHOD, SERVICE};
 use crate::report::metrics::{counter_names, Metric};
 use crate::report::violations::{LogLimiter, Violation};
 use crate::report::Observer;
@@ -194,8 +193,9 @@ impl Root {
         for call in shared.limiter.take_background() {
             let metadata = shared.limiter.background_metadata(&call);
             let metadata: Vec<(&str, &str)> = metadata.iter().map(|(n, v)| (*n, v.as_str())).collect();
-            let target = shared.limiter.call_target();
-            match host::grpc_call(target, SERVICE, METHOD, call.message(), service.timeout_ms, &metadata) {
+            let (target, (grpc_service, method)) = (shared.limiter.call_target(), call.method());
+            match host::grpc_call(target, grpc_service, method, call.message(), service.timeout_ms, &metadata)
+            {
                 Ok(token) => {
                     self.background.insert(token, call);
                 }
