@@ -2,7 +2,8 @@
 //! codec is ours: prost's answers an undecodable request (a non-UTF-8 string, a truncated message)
 //! with INTERNAL and nothing counts it; this one answers INVALID_ARGUMENT, as for any other bad
 //! request, and counts it in `grpc_errors_total`. Our own `ratelimitwasm.lease.v1.Leases/Return`
-//! is served the same way, on the same port.
+//! and `ratelimitwasm.idempotency.v1.Keys/Claim` and `/Complete` are served the same way, on the
+//! same port.
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
@@ -19,6 +20,7 @@ use tonic::metadata::MetadataMap;
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
+use crate::idempotency::{self, ClaimRequest, ClaimResponse, CompleteRequest, CompleteResponse, Keys};
 use crate::lease::{ReturnRequest, ReturnResponse};
 use crate::metrics::Metrics;
 use crate::service::Limiter;
@@ -108,6 +110,81 @@ where
             let codec = MessageCodec::new(limiter.metrics.clone(), max_bytes, count_return_error);
             Ok(tonic::server::Grpc::new(codec).unary(Return(limiter), req).await)
         })
+    }
+}
+
+fn count_claim_error(m: &Metrics) {
+    m.idempotency_claim("invalid_argument");
+}
+
+fn count_complete_error(m: &Metrics) {
+    m.idempotency_completion("invalid_argument");
+}
+
+/// `ratelimitwasm.idempotency.v1.Keys`: `Claim` and `Complete` (see `idempotency`).
+#[derive(Clone)]
+pub struct KeysServer {
+    pub keys: Arc<Keys>,
+    /// As for `RlsServer` (a `Complete` carries up to 16 headers and a 64 KiB body).
+    pub max_request_bytes: usize,
+}
+
+impl NamedService for KeysServer {
+    const NAME: &'static str = idempotency::SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for KeysServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let keys = self.keys.clone();
+        let max_bytes = self.max_request_bytes;
+        match req.uri().path() {
+            idempotency::CLAIM_PATH => Box::pin(async move {
+                let codec = MessageCodec::new(keys.metrics.clone(), max_bytes, count_claim_error);
+                Ok(tonic::server::Grpc::new(codec).unary(Claim(keys), req).await)
+            }),
+            idempotency::COMPLETE_PATH => Box::pin(async move {
+                let codec = MessageCodec::new(keys.metrics.clone(), max_bytes, count_complete_error);
+                Ok(tonic::server::Grpc::new(codec).unary(Complete(keys), req).await)
+            }),
+            _ => Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) }),
+        }
+    }
+}
+
+struct Claim(Arc<Keys>);
+
+impl UnaryService<ClaimRequest> for Claim {
+    type Response = ClaimResponse;
+    type Future = BoxFuture<Response<ClaimResponse>, Status>;
+
+    fn call(&mut self, request: Request<ClaimRequest>) -> Self::Future {
+        let keys = self.0.clone();
+        let budget = grpc_timeout(request.metadata());
+        Box::pin(async move { keys.claim(request.into_inner(), budget).await.map(Response::new) })
+    }
+}
+
+struct Complete(Arc<Keys>);
+
+impl UnaryService<CompleteRequest> for Complete {
+    type Response = CompleteResponse;
+    type Future = BoxFuture<Response<CompleteResponse>, Status>;
+
+    fn call(&mut self, request: Request<CompleteRequest>) -> Self::Future {
+        let keys = self.0.clone();
+        Box::pin(async move { keys.complete(request.into_inner()).await.map(Response::new) })
     }
 }
 

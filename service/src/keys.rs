@@ -13,8 +13,15 @@ use crate::config::{Algorithm, Unit};
 pub const MAX_TAG_BYTES: usize = 256;
 
 fn escape_into(out: &mut String, s: &str) {
+    escape_with(out, s, b"");
+}
+
+/// As `escape_into`, also escaping the bytes of `extra`.
+fn escape_with(out: &mut String, s: &str, extra: &[u8]) {
     for b in s.bytes() {
-        let plain = b.is_ascii_graphic() && !matches!(b, b'%' | b'{' | b'}' | b'|' | b'=' | b'#');
+        let plain = b.is_ascii_graphic()
+            && !matches!(b, b'%' | b'{' | b'}' | b'|' | b'=' | b'#')
+            && !extra.contains(&b);
         if plain {
             out.push(b as char);
         } else {
@@ -63,6 +70,20 @@ pub fn key<'a>(
     unit: Unit,
 ) -> String {
     format!("{prefix}:{{{}}}:{}:{}", tag(domain, entries), algorithm.tag(), unit.tag())
+}
+
+/// The record of an idempotency key: `<prefix>:idem:{<domain>:<key>}`, the braces a Redis Cluster
+/// hash tag. The domain is escaped as descriptor parts are, and its `:` too, so that the first
+/// bare `:` in the tag ends the domain (`a:b` + `c` and `a` + `b:c` are different records); an
+/// escaped domain longer than `MAX_TAG_BYTES` is replaced by `#` and its SHA-1. `key` is one of
+/// the idempotency key's own characters (`A-Z a-z 0-9 . _ : -`), checked by the caller.
+pub fn idempotency_key(prefix: &str, domain: &str, key: &str) -> String {
+    let mut d = String::new();
+    escape_with(&mut d, domain, b":");
+    if d.len() > MAX_TAG_BYTES {
+        d = format!("#{}", sha1_smol::Sha1::from(domain).digest());
+    }
+    format!("{prefix}:idem:{{{d}:{key}}}")
 }
 
 #[cfg(test)]
@@ -120,5 +141,15 @@ mod tests {
         let b = key("rl", "d", [("k", "v")], Algorithm::SlidingWindow, Unit::Second);
         let c = key("rl", "d", [("k", "v")], Algorithm::FixedWindow, Unit::Minute);
         assert!(a != b && a != c && b != c);
+    }
+
+    #[test]
+    fn idempotency_keys_are_hash_tagged_and_unambiguous() {
+        assert_eq!(idempotency_key("rl", "edge", "k-1"), "rl:idem:{edge:k-1}");
+        assert_ne!(idempotency_key("rl", "a:b", "c"), idempotency_key("rl", "a", "b:c"));
+        assert_eq!(idempotency_key("rl", "a:b}{", "c"), "rl:idem:{a%3Ab%7D%7B:c}");
+        let long = idempotency_key("rl", &"x".repeat(1000), "k");
+        assert!(long.starts_with("rl:idem:{#") && long.ends_with(":k}") && long.len() < 60, "{long}");
+        assert_ne!(long, idempotency_key("rl", &"x".repeat(1001), "k"));
     }
 }

@@ -6,6 +6,7 @@ pub mod charge;
 pub mod config;
 pub mod grpc;
 pub mod http;
+pub mod idempotency;
 pub mod keys;
 pub mod lease;
 pub mod log;
@@ -26,7 +27,8 @@ use tokio::sync::watch;
 
 use crate::bounds::Bounds;
 use crate::config::{Algorithm, Config};
-use crate::grpc::{LeaseServer, RlsServer};
+use crate::grpc::{KeysServer, LeaseServer, RlsServer};
+use crate::idempotency::Keys;
 use crate::metrics::Metrics;
 use crate::service::Limiter;
 use crate::store::{RedisOptions, Store};
@@ -82,7 +84,8 @@ pub struct Args {
     /// (envoyproxy/ratelimit's SHADOW_MODE).
     #[arg(long, env = "SHADOW_MODE")]
     pub shadow_mode: bool,
-    /// Largest ShouldRateLimit request message, in bytes; a larger one is refused undecoded.
+    /// Largest request message (ShouldRateLimit, Leases/Return, Keys/Claim and Keys/Complete), in
+    /// bytes; a larger one is refused undecoded.
     #[arg(long, env = "RATELIMIT_MAX_REQUEST_BYTES", default_value_t = 262_144)]
     pub max_request_bytes: usize,
     /// Most descriptors one ShouldRateLimit request may carry.
@@ -226,6 +229,13 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
         bounds: args.bounds(),
     });
 
+    let keys = Arc::new(Keys {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        key_prefix: args.key_prefix.clone(),
+        max_domain_bytes: args.max_value_bytes,
+    });
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<RlsServer>().await;
 
@@ -306,6 +316,7 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
         .add_service(health_service)
         .add_service(RlsServer { limiter: limiter.clone(), max_request_bytes: args.max_request_bytes })
         .add_service(LeaseServer { limiter, max_request_bytes: args.max_request_bytes })
+        .add_service(KeysServer { keys, max_request_bytes: args.max_request_bytes })
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|v| *v).await;
         })

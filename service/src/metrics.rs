@@ -34,6 +34,8 @@ pub struct Metrics {
     lease_units_granted: AtomicU64,
     lease_units_refunded: AtomicU64,
     lease_returns: Mutex<BTreeMap<&'static str, u64>>,
+    idempotency_claims: Mutex<BTreeMap<&'static str, u64>>,
+    idempotency_completions: Mutex<BTreeMap<&'static str, u64>>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
 }
@@ -135,6 +137,21 @@ impl Metrics {
         }
     }
 
+    /// One idempotency `Claim`: `claimed`, `in_flight`, `mismatch`, `completed`,
+    /// `invalid_argument`, `unavailable`, `other`.
+    pub fn idempotency_claim(&self, outcome: &'static str) {
+        if let Ok(mut m) = self.idempotency_claims.lock() {
+            *m.entry(outcome).or_insert(0) += 1;
+        }
+    }
+
+    /// One idempotency `Complete`: `done`, `not_owner`, `invalid_argument`, `unavailable`, `other`.
+    pub fn idempotency_completion(&self, outcome: &'static str) {
+        if let Ok(mut m) = self.idempotency_completions.lock() {
+            *m.entry(outcome).or_insert(0) += 1;
+        }
+    }
+
     pub fn reload(&self, ok: bool) {
         if ok {
             self.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -210,6 +227,22 @@ impl Metrics {
         if let Ok(m) = self.lease_returns.lock() {
             for (c, v) in m.iter() {
                 let _ = writeln!(o, "{p}_lease_returns_total{{outcome=\"{c}\"}} {v}");
+            }
+        }
+        let by_outcome = [
+            ("idempotency_claims_total", "Idempotency Keys/Claim calls by outcome.", &self.idempotency_claims),
+            (
+                "idempotency_completions_total",
+                "Idempotency Keys/Complete calls by outcome (done: completed or released; not_owner: nothing changed).",
+                &self.idempotency_completions,
+            ),
+        ];
+        for (name, help, m) in by_outcome {
+            let _ = writeln!(o, "# HELP {p}_{name} {help}\n# TYPE {p}_{name} counter");
+            if let Ok(m) = m.lock() {
+                for (c, v) in m.iter() {
+                    let _ = writeln!(o, "{p}_{name}{{outcome=\"{c}\"}} {v}");
+                }
             }
         }
         let _ = writeln!(o, "# HELP {p}_config_reloads_total Configuration reloads after a file change, by result.\n# TYPE {p}_config_reloads_total counter");

@@ -390,3 +390,62 @@ pub fn sliding_window() -> String {
 pub fn token_bucket() -> String {
     format!("{NOW}{DEADLINE}{LEASE_ARGS}{CHARGE_ARG}\nlocal MAX_DEBT_MS = {MAX_DEBT_MS}\n{TOKEN_BUCKET_BODY}")
 }
+
+/// Idempotency `Claim`. `KEYS[1]` the record (a hash: `state` = `in_flight` | `completed`,
+/// `request`, `owner`, and once completed with a kept response `status`, `headers`, `body`),
+/// `ARGV = request, owner, in_flight_ms, deadline_ms` (0: none). No record: creates an in-flight
+/// one owned by `owner`, expiring after `in_flight_ms`. Returns
+/// `{outcome, kept (1|0), status, headers, body}`: outcome 1 claimed, 2 in flight, 3 another
+/// request's record (whatever its state), 4 completed (with the kept response, if any); -1 when
+/// run after the deadline (nothing changed); -2 for a record this script did not write.
+pub const IDEM_CLAIM: &str = r#"
+local deadline = tonumber(ARGV[4]) or 0
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
+    return {-1, 0, 0, '', ''}
+  end
+end
+local h = redis.call('HMGET', KEYS[1], 'state', 'request', 'status', 'headers', 'body')
+if not h[1] then
+  -- No record (a hash without a state is not one of ours: replaced whole).
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'request', ARGV[1], 'owner', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {1, 0, 0, '', ''}
+end
+if h[2] ~= ARGV[1] then
+  return {3, 0, 0, '', ''}
+end
+if h[1] == 'in_flight' then
+  return {2, 0, 0, '', ''}
+end
+if h[1] ~= 'completed' then
+  return {-2, 0, 0, '', ''}
+end
+if h[3] then
+  return {4, 1, tonumber(h[3]) or 0, h[4] or '', h[5] or ''}
+end
+return {4, 0, 0, '', ''}
+"#;
+
+/// Idempotency `Complete`. `KEYS[1]` the record, `ARGV = owner, release (1|0), ttl_ms, kept (1|0),
+/// status, headers, body`. Acts only on an in-flight record claimed by `owner`: `release` deletes
+/// it; otherwise it becomes `completed` (with the response when `kept`) and expires after `ttl_ms`.
+/// Returns 1 when it acted, 0 (nothing changed) otherwise.
+pub const IDEM_COMPLETE: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
+if h[1] ~= 'in_flight' or h[2] ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+redis.call('HSET', KEYS[1], 'state', 'completed')
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[5], 'headers', ARGV[6], 'body', ARGV[7])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;

@@ -127,6 +127,8 @@ pub struct Store {
     bucket: std::sync::Arc<Script>,
     refund: std::sync::Arc<Script>,
     lease_return: std::sync::Arc<Script>,
+    idem_claim: std::sync::Arc<Script>,
+    idem_complete: std::sync::Arc<Script>,
     timeout: Duration,
     metrics: std::sync::Arc<Metrics>,
     /// Redis' clock minus ours (ms), from the last quick TIME (at start, then every health check).
@@ -170,6 +172,8 @@ impl Store {
             bucket: std::sync::Arc::new(Script::new(&scripts::token_bucket())),
             refund: std::sync::Arc::new(Script::new(scripts::REFUND)),
             lease_return: std::sync::Arc::new(Script::new(scripts::LEASE_RETURN)),
+            idem_claim: std::sync::Arc::new(Script::new(scripts::IDEM_CLAIM)),
+            idem_complete: std::sync::Arc::new(Script::new(scripts::IDEM_COMPLETE)),
             timeout: opts.timeout,
             metrics,
             offset_ms: Arc::new(AtomicI64::new(0)),
@@ -182,7 +186,16 @@ impl Store {
     /// SCRIPT LOAD of every script (on a cluster: on every master), so the first requests do not
     /// all meet NOSCRIPT at once. Later NOSCRIPTs (a restarted Redis) are handled per call.
     async fn load_scripts(&self) -> Result<(), StoreError> {
-        for s in [&self.fixed, &self.sliding, &self.bucket, &self.refund, &self.lease_return] {
+        let all = [
+            &self.fixed,
+            &self.sliding,
+            &self.bucket,
+            &self.refund,
+            &self.lease_return,
+            &self.idem_claim,
+            &self.idem_complete,
+        ];
+        for s in all {
             let inv = s.prepare_invoke();
             match self.conn.clone() {
                 Conn::Single(mut c) => self.timed(inv.load_async(&mut c)).await?,
@@ -372,6 +385,94 @@ impl Store {
             Conn::Cluster(mut conn) => self.timed(inv.invoke_async::<i64>(&mut conn)).await?,
         };
         Ok(())
+    }
+}
+
+/// A response kept with a completed idempotency record, as the scripts store it: `headers` is
+/// `name:value` lines joined by `\n` (names are HTTP tokens and values hold no line break, so
+/// the split is exact).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeptResponse {
+    pub status: u32,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+/// What `Claim` found (see `scripts::IDEM_CLAIM`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    Claimed,
+    InFlight,
+    Mismatch,
+    Completed(Option<KeptResponse>),
+}
+
+/// An idempotency `Complete`: the record's claim `owner` releases it, or completes it for `ttl_ms`
+/// with the response `kept`, if any.
+#[derive(Clone, Copy, Debug)]
+pub enum Completion<'a> {
+    Release,
+    Complete { ttl_ms: u64, kept: Option<&'a KeptResponse> },
+}
+
+impl Store {
+    /// Claims idempotency record `key` for `owner` unless it exists (see `scripts::IDEM_CLAIM`);
+    /// changes nothing if Redis runs the script after `deadline`.
+    pub async fn idem_claim(
+        &self,
+        key: &str,
+        request: &str,
+        owner: &str,
+        in_flight_ms: u64,
+        deadline: Deadline,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let mut inv = self.idem_claim.prepare_invoke();
+        inv.key(key).arg(request).arg(owner).arg(in_flight_ms).arg(deadline.redis_ms);
+        let reply: (i64, i64, i64, Vec<u8>, Vec<u8>) = match self.conn.clone() {
+            Conn::Single(mut conn) => self.timed_until(deadline.at, inv.invoke_async(&mut conn)).await?,
+            Conn::Cluster(mut conn) => self.timed_until(deadline.at, inv.invoke_async(&mut conn)).await?,
+        };
+        let (outcome, kept, status, headers, body) = reply;
+        Ok(match outcome {
+            1 => ClaimOutcome::Claimed,
+            2 => ClaimOutcome::InFlight,
+            3 => ClaimOutcome::Mismatch,
+            4 if kept == 1 => {
+                let status =
+                    u32::try_from(status).map_err(|_| StoreError::Reply(format!("status {status}")))?;
+                let headers =
+                    String::from_utf8(headers).map_err(|_| StoreError::Reply("headers not UTF-8".into()))?;
+                ClaimOutcome::Completed(Some(KeptResponse { status, headers, body }))
+            }
+            4 => ClaimOutcome::Completed(None),
+            -1 => return Err(StoreError::Expired),
+            -2 => return Err(StoreError::Reply(format!("{key} is not an idempotency record"))),
+            n => return Err(StoreError::Reply(format!("claim outcome {n}"))),
+        })
+    }
+
+    /// Releases or completes idempotency record `key` if it is in flight and `owner`'s claim (see
+    /// `scripts::IDEM_COMPLETE`). Returns whether it did.
+    pub async fn idem_complete(
+        &self,
+        key: &str,
+        owner: &str,
+        what: Completion<'_>,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.idem_complete.prepare_invoke();
+        inv.key(key).arg(owner);
+        match what {
+            Completion::Release => inv.arg(1).arg(0).arg(0),
+            Completion::Complete { ttl_ms, kept: None } => inv.arg(0).arg(ttl_ms).arg(0),
+            Completion::Complete { ttl_ms, kept: Some(k) } => {
+                inv.arg(0).arg(ttl_ms).arg(1).arg(k.status).arg(&k.headers).arg(&k.body[..])
+            }
+        };
+        let done: i64 = match self.conn.clone() {
+            Conn::Single(mut conn) => self.timed(inv.invoke_async(&mut conn)).await?,
+            Conn::Cluster(mut conn) => self.timed(inv.invoke_async(&mut conn)).await?,
+        };
+        Ok(done == 1)
     }
 }
 
