@@ -24,7 +24,27 @@ pub struct Lease {
     pub validity_nanos: u64,
     /// Slots of the rule's lease table (4 keys each).
     pub table_size: u32,
+    /// Ask for what the key's recent rate would spend over `validity`, instead of `size` each time.
+    pub adaptive: bool,
 }
+
+impl Lease {
+    /// The units to ask for, for a key whose requests wanted `units` over the last `over_nanos`:
+    /// `size`, or (adaptive) what that rate would spend over a lease's `validity`, within
+    /// `refresh_below + 1 ..= size`.
+    pub fn ask_for(&self, units: u64, over_nanos: u64) -> u64 {
+        let size = u64::from(self.size);
+        if !self.adaptive {
+            return size;
+        }
+        let over = u128::from(over_nanos.max(MIN_SPAN_NANOS));
+        let at_rate = u128::from(units) * u128::from(self.validity_nanos) / over;
+        u64::try_from(at_rate).unwrap_or(u64::MAX).clamp(u64::from(self.refresh_below) + 1, size)
+    }
+}
+
+/// A rate measured over less than this is taken over this (a key's first requests).
+const MIN_SPAN_NANOS: u64 = 1_000_000_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +56,8 @@ pub(super) struct RawLease {
     validity: Option<Duration>,
     #[serde(default)]
     table_size: Option<u32>,
+    #[serde(default)]
+    adaptive: bool,
 }
 
 /// The lease of rule `path`, which must be global.
@@ -79,5 +101,5 @@ fn compile(path: &str, raw: RawLease) -> Result<Lease, ConfigError> {
             format!("must be between {MIN_TABLE_SIZE} and {MAX_LEASE_SLOTS}, got {table_size}"),
         ));
     }
-    Ok(Lease { size: raw.size, refresh_below, validity_nanos, table_size })
+    Ok(Lease { size: raw.size, refresh_below, validity_nanos, table_size, adaptive: raw.adaptive })
 }

@@ -48,6 +48,8 @@ pub struct LeaseAsk {
     sent_at: u64,
     /// The call's own hit joins the lease too (a refresh asks in no request's name).
     own_hit: bool,
+    /// The units asked for.
+    units: u64,
 }
 
 /// A background refresh for the glue to start from its root context.
@@ -75,7 +77,7 @@ impl Limiter {
                 spend(records, key, cost, now, below, claim)
             });
             // A lease that cannot be read decides nothing: the request asks the service.
-            let spend = spent.unwrap_or(Spend::Short { ask: false });
+            let spend = spent.unwrap_or(Spend::Short { ask: None });
             if matches!(spend, Spend::Spent { .. }) {
                 env.observer.count(Metric::LeaseServed(index));
             }
@@ -103,15 +105,14 @@ impl Limiter {
                 Spend::Spent { refresh, .. } => refresh,
                 Spend::Short { ask } => ask,
             };
-            if !claimed {
-                continue;
-            }
+            let (Some(demand), Some(lease)) = (claimed, self.lease_of(u.rule)) else { continue };
             let ask = LeaseAsk {
                 rule: u.rule,
                 key: u.key,
                 slot: u.slot.clone(),
                 sent_at: env.now(),
                 own_hit: false,
+                units: lease.ask_for(demand.units, demand.over_nanos),
             };
             if matches!(u.spend, Spend::Short { .. }) && alone == Some(u.rule) {
                 riding = Some(ask);
@@ -176,12 +177,12 @@ impl Limiter {
         self.lease_answered(store, now, &refresh.ask, grant.as_ref(), observer);
     }
 
-    /// The gRPC metadata of a call that asks for rule `rule`'s lease: the units and the longest
-    /// validity (see `lease`).
-    pub fn lease_metadata(&self, rule: usize) -> Vec<(&'static str, String)> {
-        let Some(lease) = self.lease_of(rule) else { return Vec::new() };
+    /// The gRPC metadata of a call that asks for a lease: the units and the longest validity (see
+    /// `lease`).
+    pub(super) fn lease_metadata(&self, ask: &LeaseAsk) -> Vec<(&'static str, String)> {
+        let Some(lease) = self.lease_of(ask.rule) else { return Vec::new() };
         let validity_ms = lease.validity_nanos / NANOS_PER_MS;
-        vec![(ASK_HEADER, lease.size.to_string()), (VALIDITY_HEADER, validity_ms.to_string())]
+        vec![(ASK_HEADER, ask.units.to_string()), (VALIDITY_HEADER, validity_ms.to_string())]
     }
 
     fn lease_of(&self, rule: usize) -> Option<Lease> {

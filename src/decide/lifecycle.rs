@@ -159,8 +159,7 @@ impl Limiter {
                 self.admit(env, exchange, passed)
             }
             Ok(Some(call)) => {
-                let metadata =
-                    exchange.lease_ask.as_ref().map_or(Vec::new(), |a| self.lease_metadata(a.rule));
+                let metadata = exchange.lease_ask.as_ref().map_or(Vec::new(), |a| self.lease_metadata(a));
                 self.ask(exchange, Awaiting::Decision { call, passed }, metadata)
             }
             Err(refusal) => {

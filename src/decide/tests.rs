@@ -1845,6 +1845,27 @@ mod leases {
     }
 
     #[test]
+    fn an_adaptive_lease_asks_for_what_the_keys_rate_spends_over_its_validity() {
+        let json = LEASED
+            .replace(r#""size":10"#, r#""size":100"#)
+            .replace(r#""validity":"10s""#, r#""validity":"10s","adaptive":true"#);
+        let (l, store) = limiter(&json);
+        let m = Counts::default();
+        let asked = |metadata: &Asked| metadata.first().map(|(_, v)| v.clone());
+        // A new key has no rate yet: 1 unit over the minimum span of 1 s, times 10 s.
+        let (exchange, first) = *arrive(&l, &store, &user("u"), T0, &m).unwrap_err();
+        assert_eq!(asked(&first).as_deref(), Some("10"));
+        assert!(settle_call(&l, &store, exchange, &answer(Some(10), false), T0, &m));
+        // 2 requests a second for 3.5 s take it to refresh_below (3): 7 units in 3.5 s is 20 over 10 s.
+        for i in 0..7 {
+            assert!(arrive(&l, &store, &user("u"), T0 + S / 2 * (i + 1), &m).is_ok());
+        }
+        let background = l.take_background();
+        assert_eq!(background.len(), 1);
+        assert_eq!(l.background_metadata(&background[0])[0], ("x-ratelimit-wasm-lease", "20".to_owned()));
+    }
+
+    #[test]
     fn a_service_that_grants_nothing_is_asked_on_every_request() {
         let (l, store) = limiter(LEASED);
         let m = Counts::default();

@@ -9,7 +9,7 @@ use crate::state::Fingerprint;
 pub const WAYS: usize = 4;
 /// Grants one key keeps at once: the one being spent and the refresh that followed it.
 const PARTS: usize = 2;
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 const MAX_ID_LEN: usize = 128;
 
 /// Units of one grant, spendable until `deadline`.
@@ -25,6 +25,10 @@ pub struct Record {
     pub key: Fingerprint,
     /// Until then a call that may grant units for this key is under way: nobody else asks.
     pub refreshing_until: u64,
+    /// Units requests wanted since `since` (spent, or found short), and when that count began
+    /// (the last grant): the key's recent rate, which an adaptive lease asks for.
+    pub demand: u64,
+    pub since: u64,
     pub parts: Vec<Part>,
 }
 
@@ -39,11 +43,19 @@ impl Record {
 pub enum Spend {
     /// The units were taken (from the parts named, for giving back); `left` remain. `refresh`:
     /// this request claimed the key's next refresh, to start in the background.
-    Spent { taken: Vec<(String, u64)>, left: u64, refresh: bool },
+    Spent { taken: Vec<(String, u64)>, left: u64, refresh: Option<Demand> },
     /// Not enough units: the request must ask the service. `ask`: it claimed the key's next
     /// grant, so its call may carry the lease request (else one is under way, or the slot is
     /// full).
-    Short { ask: bool },
+    Short { ask: Option<Demand> },
+}
+
+/// The units a key's requests wanted since its last grant, and over how long, when a request
+/// claims the next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Demand {
+    pub units: u64,
+    pub over_nanos: u64,
 }
 
 /// Spend `cost` units of `key`'s lease at `now`; a request that leaves the lease at or below
@@ -59,25 +71,28 @@ pub fn spend(
     let mut next: Vec<Record> = slot.iter().filter(|r| r.is_live(now)).cloned().collect();
     let Some(record) = next.iter_mut().find(|r| r.key == key) else {
         if next.len() >= WAYS {
-            return (Spend::Short { ask: false }, None);
+            return (Spend::Short { ask: None }, None);
         }
-        next.push(Record { key, refreshing_until: now.saturating_add(claim_nanos), parts: Vec::new() });
-        return (Spend::Short { ask: true }, Some(next));
+        let refreshing_until = now.saturating_add(claim_nanos);
+        next.push(Record { key, refreshing_until, demand: cost, since: now, parts: Vec::new() });
+        return (Spend::Short { ask: Some(Demand { units: cost, over_nanos: 0 }) }, Some(next));
     };
     record.parts.retain(|p| p.deadline > now && p.units > 0);
     record.parts.sort_by_key(|p| p.deadline);
+    record.demand = record.demand.saturating_add(cost);
     let total: u64 = record.parts.iter().map(|p| p.units).sum();
-    let may_claim = record.refreshing_until <= now;
+    let demand = Demand { units: record.demand, over_nanos: now.saturating_sub(record.since) };
+    let claim = (record.refreshing_until <= now).then_some(demand);
     if total < cost {
-        if may_claim {
+        if claim.is_some() {
             record.refreshing_until = now.saturating_add(claim_nanos);
         }
-        return (Spend::Short { ask: may_claim }, may_claim.then_some(next));
+        return (Spend::Short { ask: claim }, Some(next));
     }
     let taken = take(&mut record.parts, cost);
     let left = total - cost;
-    let refresh = may_claim && left <= refresh_below;
-    if refresh {
+    let refresh = claim.filter(|_| left <= refresh_below);
+    if refresh.is_some() {
         record.refreshing_until = now.saturating_add(claim_nanos);
     }
     (Spend::Spent { taken, left, refresh }, Some(next))
@@ -104,7 +119,7 @@ pub fn granted(slot: &[Record], key: Fingerprint, part: Option<Part>, now: u64) 
     let position = match next.iter().position(|r| r.key == key) {
         Some(i) => i,
         None if part.is_some() && next.len() < WAYS => {
-            next.push(Record { key, refreshing_until: 0, parts: Vec::new() });
+            next.push(Record { key, refreshing_until: 0, demand: 0, since: now, parts: Vec::new() });
             next.len() - 1
         }
         // No room for the grant: its units go unspent (fewer requests admitted, never more).
@@ -113,6 +128,10 @@ pub fn granted(slot: &[Record], key: Fingerprint, part: Option<Part>, now: u64) 
     let record = next.get_mut(position)?;
     record.refreshing_until = 0;
     record.parts.retain(|p| p.deadline > now && p.units > 0);
+    if part.is_some() {
+        record.demand = 0;
+        record.since = now;
+    }
     if let Some(part) = part.filter(|p| p.deadline > now && p.units > 0 && p.id.len() <= MAX_ID_LEN) {
         if record.parts.len() >= PARTS {
             // Keep the larger grants; the units dropped are simply not spent.
@@ -145,7 +164,7 @@ pub fn give_back(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Encoding: FORMAT, count, then per record: key, refreshing_until (u64 LE), part count, and per
+// Encoding: FORMAT, count, then per record: key, refreshing_until, demand, since (u64 LE), part count, and per
 // part: deadline, units (u64 LE), id (u8 length + bytes).
 
 impl Records for Vec<Record> {
@@ -158,6 +177,8 @@ impl Records for Vec<Record> {
         for record in self {
             out.extend_from_slice(&record.key.0.to_le_bytes());
             out.extend_from_slice(&record.refreshing_until.to_le_bytes());
+            out.extend_from_slice(&record.demand.to_le_bytes());
+            out.extend_from_slice(&record.since.to_le_bytes());
             out.push(record.parts.len() as u8);
             for part in &record.parts {
                 out.extend_from_slice(&part.deadline.to_le_bytes());
@@ -181,6 +202,8 @@ fn decode(bytes: &[u8]) -> Option<Vec<Record>> {
     for _ in 0..count {
         let key = Fingerprint(u64_at(&mut rest)?);
         let refreshing_until = u64_at(&mut rest)?;
+        let demand = u64_at(&mut rest)?;
+        let since = u64_at(&mut rest)?;
         let (&n, after) = rest.split_first()?;
         rest = after;
         if usize::from(n) > PARTS {
@@ -195,7 +218,7 @@ fn decode(bytes: &[u8]) -> Option<Vec<Record>> {
             rest = after.get(usize::from(len)..)?;
             parts.push(Part { id: String::from_utf8(id.to_vec()).ok()?, units, deadline });
         }
-        records.push(Record { key, refreshing_until, parts });
+        records.push(Record { key, refreshing_until, demand, since, parts });
     }
     rest.is_empty().then_some(records)
 }
@@ -225,9 +248,9 @@ mod tests {
     #[test]
     fn a_new_key_is_short_and_its_first_request_claims_the_grant() {
         let (outcome, next) = spend(&[], KEY, 1, 0, 2, CLAIM);
-        assert_eq!(outcome, Spend::Short { ask: true });
+        assert_eq!(outcome, Spend::Short { ask: Some(Demand { units: 1, over_nanos: 0 }) });
         // A second request meanwhile finds the grant under way.
-        assert_eq!(spend(&next.unwrap(), KEY, 1, 1, 2, CLAIM).0, Spend::Short { ask: false });
+        assert_eq!(spend(&next.unwrap(), KEY, 1, 1, 2, CLAIM).0, Spend::Short { ask: None });
     }
 
     #[test]
@@ -238,20 +261,21 @@ mod tests {
             let (outcome, next) = spend(&slot, KEY, 1, 10, 2, CLAIM);
             let Spend::Spent { left, refresh, .. } = outcome else { panic!("{outcome:?}") };
             assert_eq!(left, expected_left);
-            refreshes += usize::from(refresh);
+            refreshes += usize::from(refresh.is_some());
             slot = next.unwrap();
         }
         assert_eq!(refreshes, 1);
-        assert_eq!(spend(&slot, KEY, 1, 10, 2, CLAIM).0, Spend::Short { ask: false });
-        // The claim lapses: the next short request asks again.
-        assert_eq!(spend(&slot, KEY, 1, 10 + CLAIM, 2, CLAIM).0, Spend::Short { ask: true });
+        assert_eq!(spend(&slot, KEY, 1, 10, 2, CLAIM).0, Spend::Short { ask: None });
+        // The claim lapses: the next short request asks again, for what the key wanted since.
+        let demand = Demand { units: 6, over_nanos: 10 + CLAIM - 1 };
+        assert_eq!(spend(&slot, KEY, 1, 10 + CLAIM, 2, CLAIM).0, Spend::Short { ask: Some(demand) });
     }
 
     #[test]
     fn units_are_not_spent_after_their_deadline() {
         let slot = with_lease(5, 1_000);
         assert!(matches!(spend(&slot, KEY, 1, 999, 0, CLAIM).0, Spend::Spent { .. }));
-        assert_eq!(spend(&slot, KEY, 1, 1_000, 0, CLAIM).0, Spend::Short { ask: true });
+        assert!(matches!(spend(&slot, KEY, 1, 1_000, 0, CLAIM).0, Spend::Short { ask: Some(_) }));
     }
 
     #[test]
@@ -261,7 +285,7 @@ mod tests {
         let (outcome, _) = spend(&slot, KEY, 3, 20, 0, CLAIM);
         assert_eq!(
             outcome,
-            Spend::Spent { taken: vec![("a".into(), 2), ("b".into(), 1)], left: 9, refresh: false }
+            Spend::Spent { taken: vec![("a".into(), 2), ("b".into(), 1)], left: 9, refresh: None }
         );
     }
 
@@ -280,7 +304,7 @@ mod tests {
         for k in 0..WAYS as u64 {
             slot = spend(&slot, Fingerprint(100 + k), 1, 0, 0, CLAIM).1.unwrap();
         }
-        assert_eq!(spend(&slot, KEY, 1, 1, 0, CLAIM), (Spend::Short { ask: false }, None));
+        assert_eq!(spend(&slot, KEY, 1, 1, 0, CLAIM), (Spend::Short { ask: None }, None));
     }
 
     #[test]

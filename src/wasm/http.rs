@@ -16,6 +16,8 @@ const ACTION_PAUSE: u32 = 1;
 pub struct Filter {
     /// `None` when the plugin is not configured: the filter then lets everything through.
     shared: Option<Rc<Shared>>,
+    /// This HTTP context's id.
+    id: u32,
     exchange: Exchange,
     /// A gRPC call started by the last callback, for the ABI layer to route its answer here.
     new_call: Option<u32>,
@@ -34,7 +36,7 @@ fn after_request<R>(shared: &Shared, moment: impl FnOnce(&Env<'_>) -> R) -> R {
 
 impl Filter {
     pub fn new(shared: Option<Rc<Shared>>, context_id: u32) -> Filter {
-        Filter { shared, exchange: Exchange::for_request(context_id), new_call: None }
+        Filter { shared, id: context_id, exchange: Exchange::for_request(context_id), new_call: None }
     }
 
     pub fn inert() -> Filter {
@@ -51,7 +53,7 @@ impl Filter {
             let next = shared.limiter.decide(env, &mut self.exchange);
             self.carry_out(&shared, env, next)
         });
-        soon_if_background(&shared);
+        shared.start_background(host::now_nanos(), Some(self.id));
         action
     }
 
@@ -83,7 +85,7 @@ impl Filter {
         shared.limiter.keep_response(&mut self.exchange, &HostResponse, end_of_stream);
         let headers =
             after_request(&shared, |env| shared.limiter.settle(env, &mut self.exchange, &HostResponse));
-        soon_if_background(&shared);
+        shared.start_background(host::now_nanos(), Some(self.id));
         for (name, value) in headers.limit {
             host::set_response_header(name, &value);
         }
@@ -115,7 +117,7 @@ impl Filter {
     pub fn on_response_trailers(&mut self) -> u32 {
         let Some(shared) = self.shared.clone() else { return ACTION_CONTINUE };
         after_request(&shared, |env| shared.limiter.trailers(env, &mut self.exchange, &HostTrailers));
-        soon_if_background(&shared);
+        shared.start_background(host::now_nanos(), Some(self.id));
         self.on_response_body(0, true)
     }
 
@@ -123,6 +125,8 @@ impl Filter {
     pub fn on_end(&mut self) {
         let Some(shared) = self.shared.clone() else { return };
         after_request(&shared, |env| shared.limiter.end(env, &mut self.exchange));
+        // The context is going: its idempotency key's completion is a call of the root's.
+        shared.start_background(host::now_nanos(), None);
     }
 
     fn carry_out(&mut self, shared: &Shared, env: &Env<'_>, next: Next<'_>) -> u32 {
@@ -147,13 +151,6 @@ impl Filter {
                 self.carry_out(shared, env, next)
             }
         }
-    }
-}
-
-/// Calls no request waits for are started by the root context on its next tick: make it soon.
-fn soon_if_background(shared: &Shared) {
-    if shared.limiter.has_background() {
-        host::set_tick_period_ms(WAITING_TICK_MS);
     }
 }
 

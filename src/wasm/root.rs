@@ -112,6 +112,49 @@ impl Observer for Events {
 pub struct Shared {
     pub limiter: Limiter,
     pub events: Events,
+    /// The root context's id: calls no request waits for are made in its name, so their answers
+    /// come back to it whatever became of the request that asked for them.
+    root_id: u32,
+    /// Those calls under way (lease refreshes, usage charges, idempotency completions), by token.
+    background: RefCell<HashMap<u32, Background>>,
+}
+
+impl Shared {
+    /// Starts the calls requests asked for that no request waits for, as the root context's calls.
+    /// From a request's callback it borrows the root's identity for the calls, then gives the
+    /// request's back (`context_id`), so they start at once rather than on the next tick.
+    pub fn start_background(&self, now: u64, context_id: Option<u32>) {
+        if !self.limiter.has_background() || !host::set_effective_context(self.root_id) {
+            return;
+        }
+        let Some(service) = self.limiter.config().global.as_ref() else { return };
+        for call in self.limiter.take_background() {
+            let metadata = self.limiter.background_metadata(&call);
+            let metadata: Vec<(&str, &str)> = metadata.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let (target, (grpc_service, method)) = (self.limiter.call_target(), call.method());
+            match host::grpc_call(target, grpc_service, method, call.message(), service.timeout_ms, &metadata)
+            {
+                Ok(token) => {
+                    self.background.borrow_mut().insert(token, call);
+                }
+                Err(host_status) => {
+                    let error = CallError::CannotCall { cluster: service.cluster.clone(), host_status };
+                    self.limiter.background_answered(&HostStore, now, &call, Err(error), &self.events);
+                }
+            }
+        }
+        if let Some(id) = context_id {
+            host::set_effective_context(id);
+        }
+    }
+
+    /// A background call's answer (or failure); `false` when `token` is not one of these calls.
+    fn background_answered(&self, token: u32, answer: Result<Vec<u8>, CallError>) -> bool {
+        let Some(call) = self.background.borrow_mut().remove(&token) else { return false };
+        let answer = answer.as_deref().map_err(Clone::clone);
+        self.limiter.background_answered(&HostStore, host::now_nanos(), &call, answer, &self.events);
+        true
+    }
 }
 
 #[derive(Default)]
@@ -121,8 +164,6 @@ pub struct Root {
     shared: Option<Rc<Shared>>,
     /// When counters were last flushed (the tick may run faster than that).
     flushed_at: u64,
-    /// Calls under way that no request waits for (lease refreshes, usage charges), by token.
-    background: HashMap<u32, Background>,
 }
 
 impl Root {
@@ -157,7 +198,9 @@ impl Root {
                 )
             })),
         };
-        self.shared = Some(Rc::new(Shared { limiter: Limiter::new(config, seed), events }));
+        let limiter = Limiter::new(config, seed);
+        let background = RefCell::new(HashMap::new());
+        self.shared = Some(Rc::new(Shared { limiter, events, root_id: self.id, background }));
         host::set_tick_period_ms(TICK_MS);
         true
     }
@@ -169,7 +212,7 @@ impl Root {
     pub fn on_tick(&mut self) {
         let Some(shared) = self.shared.clone() else { return };
         let now = host::now_nanos();
-        self.start_background(&shared, now);
+        shared.start_background(now, None);
         for context_id in shared.limiter.tick(&HostStore, now, &shared.events) {
             // Its turn has come. A request that ended meanwhile left the queue then.
             if host::set_effective_context(context_id) && !host::resume_request() {
@@ -186,35 +229,9 @@ impl Root {
         }
     }
 
-    /// Starts the calls requests asked for that no request waits for (lease refreshes, usage
-    /// charges), as this root context's calls.
-    fn start_background(&mut self, shared: &Shared, now: u64) {
-        let Some(service) = shared.limiter.config().global.clone() else { return };
-        for call in shared.limiter.take_background() {
-            let metadata = shared.limiter.background_metadata(&call);
-            let metadata: Vec<(&str, &str)> = metadata.iter().map(|(n, v)| (*n, v.as_str())).collect();
-            let (target, (grpc_service, method)) = (shared.limiter.call_target(), call.method());
-            match host::grpc_call(target, grpc_service, method, call.message(), service.timeout_ms, &metadata)
-            {
-                Ok(token) => {
-                    self.background.insert(token, call);
-                }
-                Err(host_status) => {
-                    let error = CallError::CannotCall { cluster: service.cluster.clone(), host_status };
-                    shared.limiter.background_answered(&HostStore, now, &call, Err(error), &shared.events);
-                }
-            }
-        }
-    }
-
     /// A background call's answer (or failure); `false` when `token` is not one of this root's calls.
     pub fn on_background_answer(&mut self, token: u32, answer: Result<Vec<u8>, CallError>) -> bool {
-        let Some(call) = self.background.remove(&token) else { return false };
-        if let Some(shared) = &self.shared {
-            let answer = answer.as_deref().map_err(Clone::clone);
-            shared.limiter.background_answered(&HostStore, host::now_nanos(), &call, answer, &shared.events);
-        }
-        true
+        self.shared.as_ref().is_some_and(|shared| shared.background_answered(token, answer))
     }
 
     pub fn new_filter(&self, context_id: u32) -> Filter {

@@ -9,6 +9,8 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from conftest import counter, do_request, fresh_key, loopback_http_server, run_parallel, wait_for
+from processes import Redis, Service
+from test_global import service_bin, stack  # noqa: F401 (fixtures)
 
 PREFIX = "idem"
 
@@ -162,3 +164,54 @@ def test_a_key_is_forgotten_after_its_ttl(envoy_factory, upstream):
         return upstream.count(key) == 2
 
     wait_for(reaches_the_upstream_again, "a request after the TTL to reach the upstream again", timeout=10)
+
+
+def fleet_config() -> dict:
+    entry = {**config()["idempotency"][0], "across": "fleet"}
+    return {"key_prefix": PREFIX, "global": {"cluster": "ratelimit_service", "domain": "pay", "timeout": "1s"},
+            "rules": [], "idempotency": [entry]}
+
+
+def test_keys_kept_by_the_service_hold_across_two_envoys(envoy_factory, upstream, stack, tmp_path, report):
+    redis = stack(Redis(tmp_path / "redis"))
+    service = stack(Service(tmp_path / "service", redis.url))
+    envoys = [envoy_factory(fleet_config(), concurrency=2, external_upstream=upstream.port,
+                            rls_port=service.grpc_port) for _ in range(2)]
+    key = fresh_key("fleet")
+    upstream.hold.clear()
+    refused = threading.Semaphore(0)
+    results: list = []
+    lock = threading.Lock()
+
+    def client(envoy):
+        def work(_i, conn):
+            r = post(conn, key)
+            if r.status == 409:
+                refused.release()
+            return [r]
+        got = run_parallel(50, work, envoy, timeout=60)
+        with lock:
+            results.extend(got)
+
+    runners = [threading.Thread(target=client, args=(e,)) for e in envoys]
+    for t in runners:
+        t.start()
+    try:
+        for _ in range(99):
+            assert refused.acquire(timeout=30), "fewer than 99 duplicates were refused"
+    finally:
+        upstream.hold.set()
+        for t in runners:
+            t.join(timeout=60)
+    statuses = sorted(r.status for r in results)
+    report(f"idempotency across the fleet: 100 concurrent POSTs with one key, 50 on each of 2 Envoys (2 workers "
+           f"each): {statuses.count(201)} x 201, {statuses.count(409)} x 409; the upstream saw {upstream.count(key)}")
+    assert statuses == [201] + [409] * 99
+    assert upstream.count(key) == 1
+    first = next(r for r in results if r.status == 201)
+    # Completed: either Envoy replays it.
+    for envoy in envoys:
+        wait_for(lambda: post(envoy.connect(), key).status != 409, "the key to complete at the service")
+        retry = post(envoy.connect(), key)
+        assert retry.status == 201 and retry.body == first.body and retry.headers["idempotent-replayed"] == "true"
+    assert upstream.count(key) == 1

@@ -16,7 +16,7 @@ def leased_rule(limit: int, window: str = "day", failure_mode: str = "deny", siz
     return {"name": "api", "global": True, "failure_mode": failure_mode,
             "key": [{"source": "header", "name": "x-key"}],
             "limit": {"algorithm": "fixed_window", "requests": limit, "window": window},
-            "lease": {"size": size, "refresh_below": size // 4, "validity": "30s"}}
+            "lease": {"size": size, "refresh_below": size // 2, "validity": "30s"}}
 
 
 def drive(envoys, key: str, per_envoy_conns: int, per_conn: int) -> list[int]:
