@@ -6,8 +6,8 @@ use serde::Deserialize;
 
 use super::duration::Duration;
 use super::{
-    compile_key_part, compile_match, header_name, is_name, ConfigError, KeyPart, Matcher, MissingKeyPolicy,
-    RawKeyPart, RawMatch, TableFullPolicy, MAX_NAME_LEN, MIN_TABLE_SIZE,
+    check_name, compile_key_part, compile_optional_match, header_name, ConfigError, KeyPart, Matcher,
+    MissingKeyPolicy, RawKeyPart, RawMatch, TableFullPolicy, MIN_TABLE_SIZE,
 };
 use crate::algorithm::time::NANOS_PER_SECOND;
 
@@ -135,16 +135,8 @@ pub(super) fn compile_all(
 }
 
 fn compile(path: &str, raw: RawIdempotency) -> Result<Idempotency, ConfigError> {
-    if !is_name(&raw.name, "") {
-        return Err(ConfigError::at(
-            format!("{path}.name"),
-            format!("must be 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -, got {:?}", raw.name),
-        ));
-    }
-    let matcher = match raw.matcher {
-        Some(m) => compile_match(&format!("{path}.match"), m)?,
-        None => Matcher::default(),
-    };
+    check_name(path, &raw.name)?;
+    let matcher = compile_optional_match(path, raw.matcher)?;
     let header = match raw.header {
         Some(h) => header_name(&format!("{path}.header"), &h)?,
         None => DEFAULT_IDEMPOTENCY_HEADER.to_owned(),

@@ -769,16 +769,8 @@ fn compile_rule_itself(
     global: Option<&GlobalService>,
     when_table_full: TableFullPolicy,
 ) -> Result<Rule, ConfigError> {
-    if !is_name(&raw.name, "") {
-        return Err(ConfigError::at(
-            format!("{path}.name"),
-            format!("must be 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -, got {:?}", raw.name),
-        ));
-    }
-    let matcher = match raw.matcher {
-        Some(m) => compile_match(&format!("{path}.match"), m)?,
-        None => Matcher::default(),
-    };
+    check_name(path, &raw.name)?;
+    let matcher = compile_optional_match(path, raw.matcher)?;
     if raw.key.is_empty() {
         return Err(ConfigError::at(
             format!("{path}.key"),
@@ -885,6 +877,22 @@ fn local_table_field(table_size: Option<u32>, when_full: Option<TableFullPolicy>
     } else {
         None
     }
+}
+
+/// A rule's (or an idempotency entry's) `name`.
+fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
+    if is_name(name, "") {
+        return Ok(());
+    }
+    Err(ConfigError::at(
+        format!("{path}.name"),
+        format!("must be 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -, got {name:?}"),
+    ))
+}
+
+/// A `match` that may be absent (then every request matches).
+fn compile_optional_match(path: &str, raw: Option<RawMatch>) -> Result<Matcher, ConfigError> {
+    raw.map_or(Ok(Matcher::default()), |m| compile_match(&format!("{path}.match"), m))
 }
 
 fn compile_match(path: &str, raw: RawMatch) -> Result<Matcher, ConfigError> {

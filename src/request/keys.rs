@@ -52,12 +52,8 @@ impl RuleKey {
 pub fn request_key(seed: u64, rule: &Rule, request: &dyn Request) -> Option<RuleKey> {
     let mut hasher = SipHasher13::new_with_keys(seed, KEY_DOMAIN);
     write_part(&mut hasher, 0xff, rule.name.as_bytes());
-    for (tag, part) in rule.key.iter().enumerate() {
-        match (part_value(part, request), rule.when_key_missing) {
-            (Some(value), _) => write_part(&mut hasher, tag as u8, &value),
-            (None, MissingKeyPolicy::Empty) => write_part(&mut hasher, tag as u8, b""),
-            (None, MissingKeyPolicy::Skip) => return None,
-        }
+    for (tag, value) in part_values(&rule.key, rule.when_key_missing, request)?.iter().enumerate() {
+        write_part(&mut hasher, tag as u8, value);
     }
     Some(RuleKey { hasher })
 }
@@ -83,12 +79,8 @@ pub fn idempotency_key(
 ) -> Option<Fingerprint> {
     let mut hasher = SipHasher13::new_with_keys(seed, KEY_DOMAIN);
     write_part(&mut hasher, 0xfc, entry.name.as_bytes());
-    for (tag, part) in entry.scope.iter().enumerate() {
-        match (part_value(part, request), entry.when_scope_missing) {
-            (Some(value), _) => write_part(&mut hasher, tag as u8, &value),
-            (None, MissingKeyPolicy::Empty) => write_part(&mut hasher, tag as u8, b""),
-            (None, MissingKeyPolicy::Skip) => return None,
-        }
+    for (tag, value) in part_values(&entry.scope, entry.when_scope_missing, request)?.iter().enumerate() {
+        write_part(&mut hasher, tag as u8, value);
     }
     write_part(&mut hasher, 0xfb, key);
     Some(Fingerprint::from_hash(hasher.finish()))
@@ -99,12 +91,7 @@ pub fn idempotency_key(
 /// Envoys (each has its own seed); SHA-256 lets no client make its key's name another's.
 pub fn fleet_idempotency_key(entry: &Idempotency, request: &dyn Request, key: &[u8]) -> Option<String> {
     let mut digest = Sha256::new();
-    for part in &entry.scope {
-        let value = match (part_value(part, request), entry.when_scope_missing) {
-            (Some(value), _) => value,
-            (None, MissingKeyPolicy::Empty) => Vec::new(),
-            (None, MissingKeyPolicy::Skip) => return None,
-        };
+    for value in part_values(&entry.scope, entry.when_scope_missing, request)? {
         digest.update((value.len() as u64).to_le_bytes());
         digest.update(&value);
     }
@@ -150,6 +137,19 @@ pub fn key_text(rule: &Rule, request: &dyn Request) -> String {
         }
     }
     text
+}
+
+/// The values of `parts` for `request`, a missing one empty; `None` when one is missing and
+/// `missing` says to skip such requests.
+fn part_values(parts: &[KeyPart], missing: MissingKeyPolicy, request: &dyn Request) -> Option<Vec<Vec<u8>>> {
+    parts
+        .iter()
+        .map(|part| match (part_value(part, request), missing) {
+            (Some(value), _) => Some(value),
+            (None, MissingKeyPolicy::Empty) => Some(Vec::new()),
+            (None, MissingKeyPolicy::Skip) => None,
+        })
+        .collect()
 }
 
 /// The value of one key part, `None` when the request lacks it.
