@@ -356,7 +356,7 @@ const STRICT_SPAN: u64 = 4 * 3600 * S;
 const IN_FLIGHT_MAX: usize = 2;
 
 /// The request target's configurations, chosen by the first byte. Rule 0 is always `strict`.
-const REQUEST_CONFIGS: [&str; 5] = [
+const REQUEST_CONFIGS: [&str; 6] = [
     // Token bucket; plans from a JWT claim, a header cost, an XFF key in its own full-denying
     // share, a shadow rule, the status endpoint, raw keys in the log, requests held for their turn.
     r#"{"table_size":72,"status_path":"/rl","status_limit":{"capacity":3,"refill_period":"1h"},
@@ -426,6 +426,19 @@ const REQUEST_CONFIGS: [&str; 5] = [
        "limit":{"algorithm":"concurrency","max_in_flight":2,"lease":"24h"}},
       {"name":"remote","global":true,"match":{"path_prefix":"/api/"},"key":[{"source":"client_address"}],
        "limit":{"algorithm":"fixed_window","requests":100,"window":"1h"}}]}"#,
+    // A leased global rule charged from the response, and idempotency keys: kept here in a tiny
+    // table, and kept by the service (whose answers are fuzzed like any other).
+    r#"{"table_size":32,"global":{"cluster":"outbound|81||rls.ns","domain":"l"},"rules":[
+      {"name":"strict","key":[{"source":"header","name":"x-key"}],"limit":{"capacity":5,"refill_period":"24h"}},
+      {"name":"leased","global":true,"key":[{"source":"header","name":"x-key"}],
+       "limit":{"algorithm":"fixed_window","requests":50,"window":"1h"},
+       "lease":{"size":5,"refresh_below":2,"validity":"10s","adaptive":true},
+       "cost":{"response_header":"x-usage","max":500,"estimate":1}}],
+     "idempotency":[
+      {"name":"pay","match":{"methods":["POST"]},"scope":[{"source":"header","name":"x-key"}],"required":true,
+       "table_size":8,"max_body_bytes":16,"when_table_full":"deny"},
+      {"name":"fleet","match":{"path_prefix":"/api/"},"scope":[{"source":"client_address"}],"across":"fleet",
+       "when_service_fails":"deny"}]}"#,
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "HEAD", "PUT"];
@@ -446,6 +459,7 @@ const USAGES: &[&str] = &["0", "1", "300", "501", "18446744073709551616", "x", "
 /// The longest a request is held for its turn (`paced`'s `max_delay`).
 const MAX_DELAY: u64 = S;
 const KEYS: &[&str] = &["a", "b", "c", "d"];
+const IDEMPOTENCY_KEYS: &[&str] = &["k1", "\"k1\"", "k2", "a,b", "", " ", "\"", "\"\"", "x\ty"];
 const PLANS: &[&str] = &["free", "pro", "internal", "vip", "basic"];
 const COSTS: &[&str] = &["1", "2", "7", "0", "-1", " 3 ", "51", "18446744073709551616", ""];
 const CLAIM_VALUES: &[&str] = &[
@@ -493,6 +507,9 @@ fn fuzz_request(input: &mut Choices<'_>) -> (TestRequest, Option<Vec<u8>>) {
     }
     if present & 64 != 0 {
         request = request.with_header("x-tier", input.text(&["gold", "silver"]));
+    }
+    if present & 128 != 0 {
+        request = request.with_header("idempotency-key", input.text(IDEMPOTENCY_KEYS));
     }
     (request, key)
 }
@@ -755,9 +772,32 @@ impl Run<'_> {
         }
         let clock = FakeClock::at(self.now);
         let env = Env::new(self.store, &pending.request, &clock, self.observer);
+        response = response.with_header(":status", input.text(&["200", "201", "503", "99", "x", ""]));
+        self.limiter.keep_response(&mut pending.exchange, &response, input.byte() % 4 == 0);
         let settled = self.limiter.settle(&env, &mut pending.exchange, &response);
         check_passed(&settled, &mut pending.exchange);
+        // A body in pieces, perhaps trailers, perhaps cut short, as Envoy hands them over.
+        for _ in 0..input.below(3) {
+            let chunk = input.text(&["{}", "0123456789abcdef", ""]);
+            self.limiter.response_body(&mut pending.exchange, &chunk, input.byte() % 2 == 0);
+        }
+        if input.byte() % 4 == 0 {
+            self.limiter.trailers(
+                &env,
+                &mut pending.exchange,
+                &TestRequest::default().with_header("x-usage", input.text(USAGES)),
+            );
+        }
         self.limiter.end(&env, &mut pending.exchange);
+        // The calls no request waits for, answered (the service's answers fuzzed) or failed.
+        for call in self.limiter.take_background() {
+            let answer = fuzz_answer(input);
+            let answer = match &answer {
+                Ok(body) => Ok(body.as_slice()),
+                Err(e) => Err(e.clone()),
+            };
+            self.limiter.background_answered(self.store, self.now, &call, answer, self.observer);
+        }
     }
 
     /// A stream ends early (reset by the client or the upstream): one waiting for the service, one
