@@ -14,13 +14,16 @@ that split the cost of a wasm filter, its host calls, and ratelimit-wasm's own w
 ratelimit-service with a redis-server; the service's decisions per second on one CPU, driven by
 service/examples/rls_load.rs), idempotency (CPU per request when every POST claims a new
 Idempotency-Key, vs the same requests without the entry; wrk with bench/idem.lua), settle (added
-latency p50/p99 of a cost charged from the response, vs a constant cost; wrk --latency).
+latency p50/p99 of a cost charged from the response, vs a constant cost; wrk --latency), leases
+(one rule local, global with a call per request, and global with quota leases: Envoy CPU per
+request, latency p50/p99, service calls per 1,000 requests, against issue 13's targets).
 
 Only Python's standard library is used. Options: --quick (fewer rounds/requests, for trying it),
 --out FILE (default BENCHMARKS.md at the repository root; "-" for none), --skip SECTIONS,
 --skip-global, --only SECTIONS (run just these, e.g. `--only idempotency,settle --out /tmp/x.md`;
 the probe builds and host-call counts are done only with speed). Environment: RATELIMIT_WASM (the
-module to measure, default target/wasm32-wasip1/release/ratelimit_wasm.wasm), ENVOY_BIN.
+module to measure, default target/wasm32-wasip1/release/ratelimit_wasm.wasm), RATELIMIT_SERVICE_DIR
+(prebuilt ratelimit-service and rls_load, instead of building them), ENVOY_BIN.
 """
 
 from __future__ import annotations
@@ -270,6 +273,8 @@ def filtered_config(kind: str, upstream_port: int, **kw) -> dict:
         filters = [wasm_filter(NOOP_WASM, kw["steps"], "probe")]
     elif kind == "ours-global":
         filters = [wasm_filter(WASM, json.dumps(ours_global_config()), "ratelimit")]
+    elif kind == "ours-json":  # a whole config of ours, as a dict
+        filters = [wasm_filter(kw.get("wasm", WASM), json.dumps(kw["config"]), "ratelimit")]
     elif kind == "native-global":
         filters = [native_global_filter()]
         route["rate_limits"] = NATIVE_ROUTE_RATE_LIMITS
@@ -932,8 +937,11 @@ def settle_section(workdir: Path, upstream: Envoy, rounds: int, seconds: int, co
 # global: ratelimit-service (Redis) behind ours' global rule and behind Envoy's native ratelimit filter
 
 SERVICE_TARGET = REPO / "target" / "bench-service"
-SERVICE_BIN = SERVICE_TARGET / "release" / "ratelimit-service"
-RLS_LOAD_BIN = SERVICE_TARGET / "release" / "examples" / "rls_load"
+# RATELIMIT_SERVICE_DIR: a directory holding prebuilt `ratelimit-service` and `rls_load` binaries
+# (e.g. copies, so a change under service/ during the run changes nothing); no build then.
+SERVICE_DIR = os.environ.get("RATELIMIT_SERVICE_DIR")
+SERVICE_BIN = Path(SERVICE_DIR) / "ratelimit-service" if SERVICE_DIR else SERVICE_TARGET / "release" / "ratelimit-service"
+RLS_LOAD_BIN = Path(SERVICE_DIR) / "rls_load" if SERVICE_DIR else SERVICE_TARGET / "release" / "examples" / "rls_load"
 # The root [profile.release] (lto, 1 codegen unit) is for the wasm filter and takes minutes for the
 # service; these overrides apply to this build only, in its own target dir.
 SERVICE_BUILD_ENV = {"CARGO_PROFILE_RELEASE_LTO": "false", "CARGO_PROFILE_RELEASE_CODEGEN_UNITS": "16"}
@@ -941,6 +949,11 @@ SERVICE_BUILD_ENV = {"CARGO_PROFILE_RELEASE_LTO": "false", "CARGO_PROFILE_RELEAS
 
 def build_service() -> float:
     """Builds ratelimit-service and the load client (service/examples/rls_load.rs); returns seconds."""
+    if SERVICE_DIR:
+        for b in (SERVICE_BIN, RLS_LOAD_BIN):
+            if not b.exists():
+                raise RuntimeError(f"RATELIMIT_SERVICE_DIR: {b} not found")
+        return 0.0
     t0 = time.monotonic()
     subprocess.run(
         ["cargo", "build", "-q", "--release", "-p", "ratelimit-service", "--bin", "ratelimit-service",
@@ -1032,6 +1045,25 @@ def wrk_latency(envoy: Envoy, clients: int, threads: int, seconds: int, key: str
             "non2xx": int(bad.group(1)) if bad else 0, "socket_errors": sum(map(int, errs.groups())) if errs else 0}
 
 
+def rls_cluster_stats(e: Envoy) -> dict:
+    """The service's cluster as this Envoy saw it: connections opened, calls, and the calls' latency
+    (`upstream_rq_time`, ms, cumulative over the Envoy's life: P50, P99, P99.9 and the largest)."""
+    data = json.loads(urllib.request.urlopen(e.admin + "/stats?format=json&filter=" +
+                                             urllib.parse.quote("^cluster\\.ratelimit_service\\."), timeout=10).read())
+    out: dict = {}
+    for st in data.get("stats", []):
+        name = st.get("name", "")
+        if name.rsplit(".", 1)[-1] in ("upstream_cx_total", "upstream_rq_total", "upstream_cx_destroy"):
+            out[name.rsplit(".", 1)[-1]] = int(st.get("value", 0))
+        if "histograms" in st:
+            qs = st["histograms"].get("supported_quantiles", [])
+            for h in st["histograms"].get("computed_quantiles", []):
+                if h.get("name", "").endswith("upstream_rq_time"):
+                    cum = {q: v.get("cumulative") for q, v in zip(qs, h.get("values", []))}
+                    out["rq_time_ms"] = {k: cum.get(q) for k, q in (("p50", 50), ("p99", 99), ("p999", 99.9), ("max", 100))}
+    return out
+
+
 GLOBAL_VARIANTS = [("plain", "plain"), ("ours-global", "ours-global"), ("native-global", "native-global")]
 
 
@@ -1084,6 +1116,8 @@ def global_section(workdir: Path, upstream: Envoy, rounds: int, seconds: int, co
                 runs[name][c].append(res)
             log(f"global: latency round {r + 1}/{rounds} done")
         out["latency"] = runs
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            out["cluster"] = {name: rls_cluster_stats(e) for name, e in envoys.items() if name != "plain"}
         for e in envoys.values():
             e.stop()
         svc.stop()
@@ -1121,6 +1155,129 @@ def global_section(workdir: Path, upstream: Envoy, rounds: int, seconds: int, co
             e.stop()
         for p in reversed(procs):
             p.stop()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# leases: one rule decided locally, by the service on every request, and from quota leases (issue 13's bench)
+
+LEASE_SPEC = {"size": 100, "refresh_below": 25, "validity": "10s"}
+# Never reached in a run: a window of a minute, so a lease is cut by the window's end at most once a minute.
+LEASE_LIMIT = {"algorithm": "fixed_window", "requests": BIG, "window": "1m"}
+LEASE_VARIANTS = ("plain", "local", "global", "hybrid")
+
+
+def ours_lease_config(mode: str) -> dict:
+    """The same rule (rule `g`, one key per x-key, LEASE_LIMIT) decided locally (`local`), by the
+    service on every request (`global`), or from leases of LEASE_SPEC (`hybrid`)."""
+    rule: dict = {"name": "g", "key": [{"source": "header", "name": "x-key"}], "limit": LEASE_LIMIT}
+    cfg: dict = {"key_prefix": "bench", "headers": "x-ratelimit", "rules": [rule]}
+    if mode in ("global", "hybrid"):
+        # deny on failure: a failed call shows up as a non-2xx reply in wrk's count, not as a fast "allow".
+        cfg["global"] = {"cluster": "ratelimit_service", "domain": GLOBAL_DOMAIN, "timeout": "1s", "failure_mode": "deny"}
+        rule["global"] = True
+    if mode == "hybrid":
+        rule["lease"] = LEASE_SPEC
+    return cfg
+
+
+LEASE_COUNTERS = {"served": "lease_served_total", "granted": "lease_granted_units_total",
+                  "refreshes": "lease_refreshes_total"}
+
+
+def lease_counters(e: Envoy) -> dict:
+    c = {k: e.stat(wasm_stat(m, "g")) for k, m in LEASE_COUNTERS.items()}
+    c["allowed"] = e.stat(wasm_stat("requests_total", "g", "allowed"))
+    c["failures"] = e.stat(wasm_stat("global_failures_total"))
+    c["requests"] = e.stat("http.ingress.downstream_rq_total")
+    return c
+
+
+def lease_run(e: Envoy, clients: int, seconds: int, http_port: int) -> dict:
+    """wrk_latency plus the Envoy's CPU per request, the service's decisions (calls) and the filter's
+    lease counters over the run."""
+    c0, dec0, cpu0 = lease_counters(e), service_decisions(http_port), e.cpu_seconds()
+    res = wrk_latency(e, clients, min(2, clients), seconds, HOT_KEY)
+    time.sleep(0.1)  # the requests wrk left in flight end
+    cpu1 = e.cpu_seconds()
+    time.sleep(0.3)  # the filter adds its counts to Envoy's counters every 100 ms
+    res["calls"] = service_decisions(http_port) - dec0
+    c1 = lease_counters(e)
+    res.update({k: c1[k] - c0[k] for k in c1})
+    res["us_per_req"] = (cpu1 - cpu0) / max(res["requests"], 1) * 1e6
+    return res
+
+
+def leases_section(workdir: Path, upstream: Envoy, rounds: int, seconds: int, concurrencies: list[int]) -> dict:
+    if not shutil.which("redis-server"):
+        raise RuntimeError("redis-server not found (`make setup-redis` installs it)")
+    t_start = time.monotonic()
+    out: dict = {"rounds": rounds, "seconds": seconds, "concurrencies": concurrencies, "build_s": build_service(),
+                 "lease": LEASE_SPEC, "limit": LEASE_LIMIT}
+    ldir = workdir / "leases"
+    ldir.mkdir(parents=True, exist_ok=True)
+    limits = ldir / "limits.yaml"
+    limits.write_text(SERVICE_LIMITS_YAML)
+    procs: list = []
+    envoys: dict[str, Envoy] = {}
+    try:
+        redis, redis_port = start_redis(ldir)
+        procs.append(redis)
+        svc, grpc, http_ = start_service("service-leases", ldir, redis_port, limits, None)
+        procs.append(svc)
+        for name in LEASE_VARIANTS:
+            cfg = (filtered_config("plain", upstream.port) if name == "plain" else
+                   filtered_config("ours-json", upstream.port, config=ours_lease_config(name), rls_port=grpc))
+            envoys[name] = Envoy(f"leases-{name}", cfg, 1, ldir, cpu="0")
+        for e in envoys.values():
+            e.wait_ready()
+        # Each variant does what it says: local and plain never call, global calls on every request,
+        # hybrid calls for its first request (which brings a lease) and then spends the lease.
+        checks = {}
+        for name, e in envoys.items():
+            before = service_decisions(http_)
+            first = [request(e, HOT_KEY) for _ in range(1)]
+            asked_first = service_decisions(http_) - before
+            rest = [request(e, HOT_KEY) for _ in range(9)]
+            time.sleep(0.3)
+            asked = service_decisions(http_) - before
+            checks[name] = (first + rest, asked_first, asked)
+            want = {"plain": (0, 0), "local": (0, 0), "global": (1, 10), "hybrid": (1, 1)}[name]
+            if any(s != 200 for s in first + rest) or (asked_first, asked) != want:
+                raise RuntimeError(f"leases {name}: statuses {first + rest}, service calls {asked_first} for the first "
+                                   f"request and {asked} for 10 (want {want}); Envoy log {e.log_path}")
+        out["checks"] = checks
+        log("leases: warm-up")
+        for e in envoys.values():
+            wrk_latency(e, max(concurrencies), 2, 2, HOT_KEY)
+        time.sleep(0.4)  # the warm-up's counts reach Envoy's counters before the first run reads them
+        order = [(n, c) for n in LEASE_VARIANTS for c in concurrencies]
+        rng = random.Random(13)
+        runs: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in concurrencies} for n in LEASE_VARIANTS}
+        for r in range(rounds):
+            rng.shuffle(order)
+            for name, c in order:
+                res = lease_run(envoys[name], c, seconds, http_)
+                if res["non2xx"] or res["socket_errors"] or res["failures"]:
+                    raise RuntimeError(f"leases {name} -c {c}: {res}")
+                if name in ("plain", "local") and res["calls"]:
+                    raise RuntimeError(f"leases {name} -c {c}: {res['calls']} service calls")
+                if name == "hybrid" and not res["served"]:
+                    raise RuntimeError(f"leases hybrid -c {c}: no request served from a lease: {res}")
+                res["round"] = r
+                runs[name][c].append(res)
+            log(f"leases: round {r + 1}/{rounds} done")
+        out["latency"] = runs
+        out["counters"] = {n: lease_counters(e) for n, e in envoys.items() if n != "plain"}
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            out["cluster"] = {n: rls_cluster_stats(envoys[n]) for n in ("global", "hybrid")}
+    finally:
+        for e in envoys.values():
+            e.stop()
+        for p in reversed(procs):
+            p.stop()
+    out["elapsed_s"] = time.monotonic() - t_start
+    log(f"leases: done in {out['elapsed_s']:.0f} s")
     return out
 
 
@@ -1227,6 +1384,17 @@ def render_global(g: dict) -> list[str]:
         for n in names:
             L.append(f"- {n}, {c} connection(s): " + ", ".join(f"{r['p50']:.3f} / {r['p99']:.3f}" for r in lat[n][c]))
     L.append("")
+    if cl := g.get("cluster"):
+        L.append("The service's cluster as each Envoy saw it over its life (warm-up included): Envoy's "
+                 "`cluster.ratelimit_service.upstream_rq_time` (ms, from the call's start to its answer) and the "
+                 "connections it opened. A tail near 40 ms is the signature of Nagle's algorithm on one side of a "
+                 "connection meeting delayed ACKs on the other (Linux delays an ACK by at least 40 ms).\n")
+        for n, c in cl.items():
+            t = c.get("rq_time_ms") or {}
+            fmt = lambda v: "-" if v is None else f"{v:.1f}"
+            L.append(f"- {n}: {c.get('upstream_rq_total', 0):,} calls over {c.get('upstream_cx_total', 0)} connection(s); "
+                     f"P50 {fmt(t.get('p50'))}, P99 {fmt(t.get('p99'))}, P99.9 {fmt(t.get('p999'))}, max {fmt(t.get('max'))}")
+        L.append("")
     L.append(f"All of these processes (Envoys, upstream, service, Redis, wrk) share the machine's {os.cpu_count()} CPUs: "
              "the Envoy under test on CPU 0, wrk and the upstream on CPU 1, the service (one tokio worker per CPU) and "
              "Redis unpinned. Absolute latencies include that scheduling; compare the variants of the same run.\n")
@@ -1260,6 +1428,121 @@ def render_global(g: dict) -> list[str]:
                  "time. When the service's core is not fully busy, the measured rate is bounded by the load client "
                  "and Redis on the other CPU, and one core's capacity is the service CPU per decision turned into a "
                  "rate (a machine with more cores would give the client and Redis their own).\n")
+    return L
+
+
+LEASE_TARGETS = {"cpu_ratio": 1.15, "p50_ms": 0.05, "no_call": 0.95}
+
+
+def lease_summary(d: dict) -> dict:
+    """Medians, per-round pairs against local, and the issue's three targets, from leases_section()."""
+    lat, concs = d["latency"], d["concurrencies"]
+    s: dict = {"m": {}, "pairs": {}, "calls": {}, "targets": []}
+    for n in LEASE_VARIANTS:
+        for c in concs:
+            rs = lat[n][c]
+            s["m"][(n, c)] = {k: med([r[k] for r in rs]) for k in ("us_per_req", "p50", "p99", "rps")}
+            req = sum(r["requests"] for r in rs)
+            s["calls"][(n, c)] = {"per_1000": sum(r["calls"] for r in rs) / max(req, 1) * 1000,
+                                  "served": sum(r["served"] for r in rs) / max(req, 1), "requests": req}
+    for n in ("global", "hybrid"):
+        for c in concs:
+            a, b = lat[n][c], lat["local"][c]
+            s["pairs"][(n, c)] = {
+                "cpu": [x["us_per_req"] / y["us_per_req"] for x, y in zip(a, b)],
+                "p50": [x["p50"] - y["p50"] for x, y in zip(a, b)],
+                "p99": [x["p99"] - y["p99"] for x, y in zip(a, b)],
+            }
+    t = LEASE_TARGETS
+    for c in concs:
+        ratio = s["m"][("hybrid", c)]["us_per_req"] / s["m"][("local", c)]["us_per_req"]
+        s["targets"].append((f"hybrid CPU per request within {t['cpu_ratio']:.2f}x of local, {c} connection(s)",
+                             f"{ratio:.2f}x (rounds {min(s['pairs'][('hybrid', c)]['cpu']):.2f}-"
+                             f"{max(s['pairs'][('hybrid', c)]['cpu']):.2f}x)", ratio <= t["cpu_ratio"]))
+    for c in concs:
+        diff = s["m"][("hybrid", c)]["p50"] - s["m"][("local", c)]["p50"]
+        pr = s["pairs"][("hybrid", c)]["p50"]
+        s["targets"].append((f"hybrid p50 within {t['p50_ms']:.2f} ms of local, {c} connection(s)",
+                             f"{diff:+.3f} ms (rounds {min(pr):+.3f} to {max(pr):+.3f})", diff <= t["p50_ms"]))
+    req = sum(s["calls"][("hybrid", c)]["requests"] for c in concs)
+    served = sum(r["served"] for c in concs for r in lat["hybrid"][c]) / max(req, 1)
+    calls = sum(r["calls"] for c in concs for r in lat["hybrid"][c]) / max(req, 1)
+    s["targets"].append((f">= {t['no_call'] * 100:.0f}% of requests without a call (hybrid, every measured run)",
+                         f"{served * 100:.1f}% served from a lease ({calls * 1000:.1f} calls per 1,000 requests, "
+                         f"background refreshes included)", served >= t["no_call"]))
+    return s
+
+
+def render_leases(d: dict) -> list[str]:
+    L: list[str] = []
+    lat, concs = d["latency"], d["concurrencies"]
+    s = lease_summary(d)
+    m = s["m"]
+    L.append("## Quota leases: hybrid vs local vs global-per-request\n")
+    L.append(f"The same rule three ways, each in its own Envoy with 1 worker (pinned to CPU 0), the same route to the "
+             f"upstream: rule `g`, one key per `x-key`, `{json.dumps(d['limit'])}` (never reached in the run), headers "
+             "`x-ratelimit`. One `ratelimit-service` with one `redis-server`, as in the Global section (both unpinned).\n")
+    L.append("- **plain**: no filter (the latency baseline);")
+    L.append("- **local**: the rule as a local limit (shared data);")
+    L.append("- **global**: `\"global\": true`, no lease: one `ShouldRateLimit` call per request (`timeout` 1s, "
+             "`failure_mode` deny);")
+    L.append(f"- **hybrid**: `\"global\": true` and `\"lease\": {json.dumps(d['lease'])}`: requests spend the key's "
+             "lease in shared data; a refresh goes out in the background when it is down to `refresh_below`.\n")
+    L.append(f"Load: wrk `--latency -d {d['seconds']}s` `GET /` with one `x-key` value at "
+             f"{' and '.join(f'`-c {c}`' for c in concs)} connections (closed loop), {d['rounds']} rounds in shuffled "
+             "order after a warm-up; medians over the rounds, ratios and differences paired within each round. CPU = "
+             "utime+stime of the Envoy's PID over the run / requests it received (`downstream_rq_total`). Service "
+             "calls = the service's `ratelimit_service_decisions_total{domain=\"bench\"}` after - before each run "
+             "(every call, background refreshes included); served from a lease = the filter's "
+             "`ratelimit_wasm_lease_served_total{rule=\"g\"}`.\n")
+    L.append("| variant | connections | CPU us/req | vs local | p50 ms | p99 ms | added p50 ms (vs plain) | added p99 ms | "
+             "req/s | service calls per 1,000 requests | served from a lease |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in concs:
+        pl = m[("plain", c)]
+        for n in LEASE_VARIANTS:
+            x, k = m[(n, c)], s["calls"][(n, c)]
+            vs = "-" if n in ("plain", "local") else f"**{x['us_per_req'] / m[('local', c)]['us_per_req']:.2f}x**"
+            add50 = "-" if n == "plain" else f"{x['p50'] - pl['p50']:+.3f}"
+            add99 = "-" if n == "plain" else f"{x['p99'] - pl['p99']:+.3f}"
+            served = f"{k['served'] * 100:.1f}%" if n == "hybrid" else "-"
+            L.append(f"| {n} | {c} | {x['us_per_req']:.1f} | {vs} | {x['p50']:.3f} | {x['p99']:.3f} | {add50} | {add99} | "
+                     f"{x['rps']:,.0f} | {k['per_1000']:.1f} | {served} |")
+    L.append("")
+    L.append("| vs local, paired per round | connections | CPU ratio (median, range) | p50 difference ms | p99 difference ms |")
+    L.append("|---|---:|---:|---:|---:|")
+    for n in ("hybrid", "global"):
+        for c in concs:
+            p = s["pairs"][(n, c)]
+            L.append(f"| {n} / local | {c} | {med(p['cpu']):.2f}x ({min(p['cpu']):.2f}-{max(p['cpu']):.2f}) | "
+                     f"{med(p['p50']):+.3f} ({min(p['p50']):+.3f} to {max(p['p50']):+.3f}) | "
+                     f"{med(p['p99']):+.3f} ({min(p['p99']):+.3f} to {max(p['p99']):+.3f}) |")
+    L.append("")
+    L.append("Issue 13's targets:\n")
+    L.append("| target | measured | met |")
+    L.append("|---|---|---|")
+    for what, val, ok in s["targets"]:
+        L.append(f"| {what} | {val} | {'**yes**' if ok else '**no**'} |")
+    L.append("")
+    L.append("Per round, CPU us/req, p50 / p99 ms, service calls per 1,000 requests:\n")
+    for c in concs:
+        for n in LEASE_VARIANTS:
+            L.append(f"- {n}, {c} connection(s): " + ", ".join(
+                f"{r['us_per_req']:.1f}, {r['p50']:.3f} / {r['p99']:.3f}, {r['calls'] / max(r['requests'], 1) * 1000:.1f}"
+                for r in lat[n][c]))
+    L.append("")
+    if cs := d.get("counters"):
+        h = cs["hybrid"]
+        L.append(f"The hybrid Envoy's counters over its life (checks and warm-up included): {h['requests']:,} requests, "
+                 f"{h['served']:,} served from a lease, {h['granted']:,} units granted, {h['refreshes']:,} background "
+                 f"refreshes, {h['failures']} failed calls"
+                 + "".join(f"; {n}'s calls to the service (Envoy's `upstream_rq_time` over its life): P99 "
+                           f"{c['rq_time_ms']['p99'] or 0:.1f} ms, P99.9 {c['rq_time_ms']['p999'] or 0:.1f} ms, max "
+                           f"{c['rq_time_ms']['max'] or 0:.1f} ms"
+                           for n, c in d.get("cluster", {}).items() if c.get("rq_time_ms"))
+                 + f". All of these processes share the machine's "
+                 f"{os.cpu_count()} CPUs (the Envoy under test on CPU 0, wrk and the upstream on the other); compare the "
+                 "variants of the same run.\n")
     return L
 
 
@@ -1607,6 +1890,12 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
     if d := params.get("settle"):
         L.extend(render_settle(d))
 
+    if d := params.get("leases"):
+        L.extend(render_leases(d))
+    elif err := params.get("leases_error"):
+        L.append("## Quota leases: hybrid vs local vs global-per-request\n")
+        L.append(f"Not measured in this run: {err}\n")
+
     if g := params.get("global"):
         L.extend(render_global(g))
     elif err := params.get("global_error"):
@@ -1642,7 +1931,7 @@ def render(res: dict, mem: dict | None, acc: dict, mach: dict, params: dict, ela
     return "\n".join(L) + "\n"
 
 
-SECTIONS = ("speed", "memory", "accuracy", "delay", "idempotency", "settle", "global")
+SECTIONS = ("speed", "memory", "accuracy", "delay", "idempotency", "settle", "leases", "global")
 
 
 def main() -> int:
@@ -1725,6 +2014,14 @@ def main() -> int:
             log("settle: latency of a cost charged from the response")
             params["settle"] = settle_section(workdir, upstream, rounds=2 if args.quick else 6,
                                               seconds=2, concurrencies=[1, 16])
+        if "leases" not in skip:
+            log("leases: hybrid (global + lease) vs local vs global, CPU, latency and service calls")
+            try:
+                params["leases"] = leases_section(workdir, upstream, rounds=2 if args.quick else 4,
+                                                  seconds=4 if args.quick else 5, concurrencies=[1, 16])
+            except Exception as e:  # report it, keep the other sections' results
+                log(f"leases section failed, skipped: {e}")
+                params["leases_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         if "global" not in skip:
             log("global: building ratelimit-service and its load client")
             try:
