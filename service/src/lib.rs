@@ -306,7 +306,10 @@ pub async fn run(args: Args, mut shutdown: watch::Receiver<bool>) -> Result<(), 
         args.grpc_tls_mode(),
     );
 
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
+    // TCP_NODELAY: answers are small writes; with Nagle, one behind an unacknowledged write waits
+    // for the client's delayed ACK (40 ms on Linux), which made about 1% of calls take 40 ms.
+    // tonic leaves it unset for an incoming built from a listener.
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut stop = shutdown.clone();
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = grpc_tls {

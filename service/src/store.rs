@@ -206,9 +206,13 @@ impl Store {
     }
 
     async fn open(opts: &RedisOptions) -> Result<Conn, String> {
+        // TCP_NODELAY, as on the gRPC port: a script call is a small write, which Nagle would
+        // hold behind an unacknowledged one for Redis' delayed ACK.
+        let no_delay = || redis::io::tcp::TcpSettings::default().set_nodelay(true);
         let err = |e: RedisError| e.to_string();
         if opts.cluster {
             let mut b = redis::cluster::ClusterClientBuilder::new(opts.urls.clone())
+                .tcp_settings(no_delay())
                 .connection_timeout(opts.timeout)
                 .response_timeout(opts.timeout)
                 .retries(1);
@@ -234,7 +238,7 @@ impl Store {
             if let Some(p) = &opts.password {
                 settings = settings.set_password(p);
             }
-            info = info.set_redis_settings(settings);
+            info = info.set_redis_settings(settings).set_tcp_settings(no_delay());
             if opts.tls_insecure {
                 if let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() {
                     info = info.set_addr(redis::ConnectionAddr::TcpTls {
