@@ -149,6 +149,8 @@ impl Limiter {
         };
         passed.leases = self.spend_leases(env);
         let decided: Vec<usize> = passed.leases.iter().filter(|u| u.decided()).map(|u| u.rule).collect();
+        // Its leases admitted it for those rules, as the service would have.
+        passed.allowed_by.extend(&decided);
         let prepared = prepare_except(&self.config, env.request, Purpose::Decide, &decided);
         exchange.lease_ask =
             self.plan_refreshes(env, &passed.leases, prepared.as_ref().ok().and_then(Option::as_ref));

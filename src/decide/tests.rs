@@ -1825,6 +1825,8 @@ mod leases {
         let (_, lease) = *arrive(&l, &store, &user("u"), T0 + 20, &m).unwrap_err();
         assert!(lease.is_empty());
         assert_eq!(m.get(Metric::LeaseServed(0)), 10);
+        // Counted as allowed by the rule, as the service's answers are: 1 by its call, 10 leased.
+        assert_eq!(m.get(Metric::Allowed(0)), 11);
     }
 
     #[test]

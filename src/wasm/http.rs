@@ -69,7 +69,7 @@ impl Filter {
             match shared.limiter.answered(env, &mut self.exchange, answer.as_deref().map_err(Clone::clone)) {
                 Next::Reply(reply) => end_with(&reply),
                 // Still paused: the tick resumes it at its turn.
-                Next::Delay { .. } => host::set_tick_period_ms(WAITING_TICK_MS),
+                Next::Delay { .. } => shared.tick_every(WAITING_TICK_MS),
                 Next::Continue | Next::Ask(_) => {
                     for (name, value) in self.exchange.take_upstream_headers() {
                         host::add_request_header(&name, &value);
@@ -134,7 +134,7 @@ impl Filter {
             Next::Continue => return ACTION_CONTINUE,
             Next::Reply(reply) => return respond(&reply),
             Next::Delay { .. } => {
-                host::set_tick_period_ms(WAITING_TICK_MS);
+                shared.tick_every(WAITING_TICK_MS);
                 return ACTION_PAUSE;
             }
             Next::Ask(ask) => ask,

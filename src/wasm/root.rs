@@ -117,9 +117,20 @@ pub struct Shared {
     root_id: u32,
     /// Those calls under way (lease refreshes, usage charges, idempotency completions), by token.
     background: RefCell<HashMap<u32, Background>>,
+    /// The tick period asked of Envoy last, in ms.
+    tick_ms: Cell<u32>,
 }
 
 impl Shared {
+    /// Asks Envoy to tick every `ms`, only when that changes the period: Envoy re-arms its timer
+    /// on every call, so asking on every request would keep the tick from ever firing under
+    /// steady load (and the requests held for their turn from being resumed).
+    pub fn tick_every(&self, ms: u32) {
+        if self.tick_ms.replace(ms) != ms {
+            host::set_tick_period_ms(ms);
+        }
+    }
+
     /// Starts the calls requests asked for that no request waits for, as the root context's calls.
     /// From a request's callback it borrows the root's identity for the calls, then gives the
     /// request's back (`context_id`), so they start at once rather than on the next tick.
@@ -200,8 +211,9 @@ impl Root {
         };
         let limiter = Limiter::new(config, seed);
         let background = RefCell::new(HashMap::new());
-        self.shared = Some(Rc::new(Shared { limiter, events, root_id: self.id, background }));
-        host::set_tick_period_ms(TICK_MS);
+        let shared = Shared { limiter, events, root_id: self.id, background, tick_ms: Cell::new(0) };
+        shared.tick_every(TICK_MS);
+        self.shared = Some(Rc::new(shared));
         true
     }
 
@@ -221,7 +233,7 @@ impl Root {
         }
         host::set_effective_context(self.id);
         if shared.limiter.waiting() == 0 {
-            host::set_tick_period_ms(TICK_MS);
+            shared.tick_every(TICK_MS);
         }
         if now.saturating_sub(self.flushed_at) >= u64::from(TICK_MS) * 1_000_000 {
             shared.events.counters.flush();
