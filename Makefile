@@ -37,7 +37,7 @@ help:
 	@echo "make test-service      fmt, clippy and tests of the service (starts its own redis-server processes)"
 	@echo "make test              lint, test-native, test-wasm, test-integration, test-service"
 	@echo "make test-compat       the integration tests that matter per version, on the Envoys Istio 1.28-1.31 ship"
-	@echo "make bench             CPU/request, throughput, memory, accuracy and global latency vs Envoy's native filters; writes BENCHMARKS.md (~7 min, ~10 the first time)"
+	@echo "make bench             CPU/request, throughput, memory, accuracy, global latency, leases and idempotency vs Envoy's native filters; writes BENCHMARKS.md (~14 min, more the first time)"
 	@echo "make fuzz              the fuzz targets under cargo-fuzz (nightly), FUZZ_SECONDS each (default 60); prints execs and crashes"
 
 setup:
