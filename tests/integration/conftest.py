@@ -96,6 +96,7 @@ def render_bootstrap(
     ecds: tuple[str, Path] | None = None,
     as_struct: bool = False,
     rls_cluster: str = "ratelimit_service",
+    upstream_trailers: bool = False,
 ) -> dict:
     """Same shape as envoy/demo.yaml: filtered listener -> router -> cluster -> second listener
     (direct_response 200 "ok"), or the server on port `external_upstream` when given. Returned as a
@@ -227,6 +228,12 @@ def render_bootstrap(
                     "name": "upstream",
                     "type": "STATIC",
                     "connect_timeout": "5s",
+                    **({"typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            # HTTP/1.1 trailers are dropped unless asked for.
+                            "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}},
+                        }}} if upstream_trailers else {}),
                     # many client connections in the load tests -> many upstream connections
                     "circuit_breakers": {
                         "thresholds": [

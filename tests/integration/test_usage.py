@@ -3,7 +3,9 @@ upstream states each response's usage in `x-usage-tokens` (here it repeats what 
 to, through Envoy's %REQ()% formatter). A request passes while any of the quota is left; its usage
 is charged when the response arrives, and the headers show what is left after that charge."""
 
-from conftest import clear_of_window_edge, counter, fresh_key, wait_for
+from http.server import BaseHTTPRequestHandler
+
+from conftest import clear_of_window_edge, counter, fresh_key, loopback_http_server, wait_for
 from processes import Redis, Service
 from test_global import service_bin, stack  # noqa: F401 (fixtures)
 
@@ -77,3 +79,44 @@ def test_a_global_daily_token_quota_is_charged_by_a_second_call_after_each_respo
            f"pro 5000: (passed, remaining after each) {results}")
     assert results["free"] == (4, ["700", "400", "100", "0"])
     assert results["pro"][0] == 17 and results["pro"][1][:3] == ["4700", "4400", "4100"]
+
+
+class TrailerUpstream(BaseHTTPRequestHandler):
+    """Streams its body in chunks and states the usage (what the request's x-usage asks) only in a
+    trailer, as a streamed LLM response does."""
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        usage = self.headers.get("x-usage", "0")
+        self.send_response(200)
+        self.send_header("content-type", "text/plain")
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("trailer", "x-usage-tokens")
+        self.end_headers()
+        for piece in (b"hello ", b"world"):
+            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        self.wfile.write(f"0\r\nx-usage-tokens: {usage}\r\n\r\n".encode())
+
+    def log_message(self, *_):
+        pass
+
+
+def test_a_usage_stated_in_the_trailers_is_charged_when_they_arrive(envoy_factory, report):
+    with loopback_http_server(TrailerUpstream) as port:
+        envoy = envoy_factory(config(), concurrency=2, external_upstream=port, upstream_trailers=True)
+        clear_of_window_edge(86400, 120)
+        headers = {"x-key": fresh_key("trailers"), "x-plan": "free", "x-usage": str(USAGE)}
+        statuses = []
+        for _ in range(8):
+            charged = counter(envoy, "charged_units_total", "usage", "tokens") or 0
+            r = envoy.request("/", headers)
+            statuses.append(r.status)
+            if r.status != 200:
+                break
+            assert r.body == b"hello world"
+            # The trailers come after the headers the client saw: wait for the charge to land.
+            wait_for(lambda: counter(envoy, "charged_units_total", "usage", "tokens") == charged + USAGE - 1,
+                     "the usage in the trailers to be charged")
+    report(f"usage in trailers: {USAGE} tokens per response, free plan 1000 a day: statuses {statuses}")
+    # As from headers: free 1000 -> 700, 400, 100, then -200; the 5th is denied.
+    assert statuses == [200, 200, 200, 200, 429]
