@@ -218,7 +218,9 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 MOVED = {("Allowed per rule", "A"), ("Denied per rule", "A"), ("Shadow-denied per rule", "A"),
          ("Denied share per rule", "A"), ("Table full", "A"), ("Slots reclaimed", "A"),
          ("Global call failures", "A"), ("Global call latency", "A"), ("Global call latency", "B"),
-         ("Global calls", "A"), ("Service decisions", "A"), ("Service Redis errors", "A")}
+         ("Global calls", "A"), ("Service decisions", "A"), ("Service Redis errors", "A"),
+         ("Served from leases", "A"), ("Lease refreshes", "A"), ("Lease units", "A"), ("Lease units", "B"),
+         ("Idempotency outcomes", "A"), ("Idempotency table full", "A")}
 
 
 def filter_config(key_prefix: str, cluster: str) -> dict:
@@ -237,7 +239,16 @@ def filter_config(key_prefix: str, cluster: str) -> dict:
              "limit": {"capacity": 1, "refill_period": "100ms"}},
             {"name": "api", "global": True, "match": {"path_prefix": "/api"}, "key": [user],
              "limit": {"algorithm": "fixed_window", "requests": 1000, "window": "1h"}},
+            # A lease of 10 units, refreshed in the background once down to 5: most requests need no call.
+            {"name": "leased", "global": True, "match": {"path_prefix": "/lease"},
+             "key": [{"source": "header", "name": "x-lease"}],
+             "limit": {"algorithm": "fixed_window", "requests": 100000, "window": "1h"},
+             "lease": {"size": 10, "refresh_below": 5}},
         ],
+        # Idempotency keys of POSTs per tenant; 8 slots of 4 keys each, so a tenant's 33rd live key
+        # (or sooner: keys go to the slot their hash picks) finds its slot full.
+        "idempotency": [{"name": "pay", "match": {"methods": ["POST"], "path_prefix": "/pay"},
+                         "scope": [{"source": "header", "name": "x-tenant"}], "table_size": 8}],
     }
 
 
@@ -266,14 +277,43 @@ def processes():
         proc.stop()
 
 
-def drive(envoy) -> None:
-    """Allowed, denied, shadow-denied, table-full and global calls, on one Envoy."""
+def drive(envoy, key_prefix: str) -> None:
+    """Allowed, denied, shadow-denied, table-full and global calls, requests served from a lease and
+    its refreshes, idempotency keys claimed, replayed, reused and not tracked (table full), on one Envoy."""
     user = {"x-user": fresh_key("u")}
     assert [envoy.request("/login", user).status for _ in range(3)] == [200, 200, 429]
     assert [envoy.request("/trial", user).status for _ in range(2)] == [200, 200]  # shadow: never denied
     assert [envoy.request("/api", {"x-user": fresh_key("g")}).status for _ in range(3)] == [200] * 3
     for _ in range(30):  # more fresh keys than the rule's 8 slots
         assert envoy.request("/login", {"x-user": fresh_key("f")}).status == 200  # when_table_full: allow
+
+    # One key's lease: the first request calls, the next ones spend the lease, refreshed on the way.
+    leased = {"x-lease": fresh_key("l")}
+    with contextlib.closing(envoy.connect()) as conn:
+        assert [envoy.request("/lease", leased, conn=conn).status for _ in range(30)] == [200] * 30
+    wait_for(lambda: (conftest.counter(envoy, "lease_refreshes_total", key_prefix, "leased") or 0) > 0
+             and (conftest.counter(envoy, "lease_served_total", key_prefix, "leased") or 0) >= 20,
+             f"requests served from the lease, and its refresh, in {key_prefix}")
+
+    # Idempotency keys: one claimed, then replayed once its first request completed (a retry before
+    # that gets 409, in flight), then reused on another path (422).
+    tenant = fresh_key("t")
+    def pay(key: str, path: str = "/pay"):
+        return envoy.request(path, {"x-tenant": tenant, "idempotency-key": key, "content-length": "0"}, method="POST")
+    key = fresh_key("once")
+    first = pay(key)
+    assert first.status == 200 and "idempotent-replayed" not in first.headers
+    retry = []
+    def completed() -> bool:
+        retry[:] = [pay(key)]
+        return retry[0].status != 409
+    wait_for(completed, f"the first request's key to complete in {key_prefix}")
+    assert retry[0].status == 200 and retry[0].headers.get("idempotent-replayed") == "true", retry[0].headers
+    assert pay(key, "/pay/other").status == 422
+    # 60 more keys of the tenant, 32 places in its 8 slots: some find their slot full (and go on).
+    assert [pay(fresh_key("k")).status for _ in range(60)] == [200] * 60
+    wait_for(lambda: (conftest.counter(envoy, "idempotency_table_full_total", key_prefix, "pay") or 0) > 0,
+             f"an idempotency key finding its slot full in {key_prefix}")
 
 
 def test_every_dashboard_query_returns_series_from_a_real_prometheus(envoy_factory, processes, service_bin,
@@ -308,8 +348,8 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(envoy_facto
         return set(envoys) <= prefixes and len(prom.query("ratelimit_service_decisions_total")) > 0
     wait_for(scraped, "Prometheus's first scrape of both Envoys and the service", timeout=30)
 
-    for envoy in envoys.values():
-        drive(envoy)
+    for prefix, envoy in envoys.items():
+        drive(envoy, prefix)
 
     def reclaimed(envoy, key_prefix) -> bool:
         for _ in range(10):
@@ -334,7 +374,7 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(envoy_facto
     variable_sets = {
         "plain Envoy": {"key_prefix": "mon", "rule": ".*", "rls_cluster": "ratelimit_service",
                         "__rate_interval": RATE_INTERVAL},
-        "Istio": {"key_prefix": "mon-istio", "rule": "login|trial|burst|api", "rls_cluster": istio_cluster,
+        "Istio": {"key_prefix": "mon-istio", "rule": "login|trial|burst|api|leased", "rls_cluster": istio_cluster,
                   "__rate_interval": RATE_INTERVAL},
     }
     queries = dashboard_queries()
@@ -343,8 +383,15 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(envoy_facto
     def results(variables) -> dict[tuple[str, str], list[dict]]:
         return {(title, ref): prom.query(substitute(expr, variables)) for title, ref, expr in queries}
 
+    def zero(res) -> list:
+        """The panels of MOVED still at zero, and the idempotency outcomes the run made but the
+        panel does not show yet."""
+        shown = {s["metric"].get("decision") for s in res[("Idempotency outcomes", "A")] if float(s["value"][1]) > 0}
+        return sorted(q for q in MOVED if not any(float(s["value"][1]) > 0 for s in res[q])) + sorted(
+            f"Idempotency outcomes {d}" for d in {"first", "replayed", "mismatch"} - shown)
+
     def moved(res) -> bool:
-        return all(any(float(s["value"][1]) > 0 for s in res[q]) for q in MOVED)
+        return not zero(res)
 
     last: dict = {}
     for name, variables in variable_sets.items():
@@ -355,7 +402,7 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(envoy_facto
             wait_for(settled, f"the dashboard's panels to show the run ({name})", timeout=20)
         res = last[name]
         empty = [q for q, r in res.items() if not r]
-        still = sorted(q for q in MOVED if not any(float(s["value"][1]) > 0 for s in res[q]))
+        still = zero(res)
         assert not empty and not still, f"{name}: empty {empty}, zero {still}: " + json.dumps(
             {f"{t} {r}": v for (t, r), v in res.items()}, indent=1)[:6000]
         report(f"monitoring ({name}): " + ", ".join(
@@ -364,7 +411,7 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(envoy_facto
     # The dashboard's variables list what the run produced.
     keys = set(prom.api("label/key_prefix/values", **{"match[]": "ratelimit_wasm_requests_total"}))
     rules = set(prom.api("label/rule/values", **{"match[]": 'ratelimit_wasm_requests_total{key_prefix=~"mon.*"}'}))
-    assert set(envoys) <= keys and {"login", "trial", "burst", "api"} <= rules, (keys, rules)
+    assert set(envoys) <= keys and {"login", "trial", "burst", "api", "leased"} <= rules, (keys, rules)
 
     # The alert rules load and evaluate in a real Prometheus over real series.
     def evaluated() -> bool:
