@@ -2,6 +2,7 @@
 //! the month). Every instant in the core is nanoseconds since the Unix epoch, as the host's clock.
 
 pub const NANOS_PER_SECOND: u64 = 1_000_000_000;
+pub const NANOS_PER_MS: u64 = 1_000_000;
 
 /// Whole seconds, rounded up: a header never announces a moment earlier than the real one.
 pub fn ceil_seconds(nanos: u64) -> u64 {

@@ -8,6 +8,7 @@ use siphasher::sip::SipHasher13;
 
 use super::background::Background;
 use super::{Env, Limiter};
+use crate::algorithm::time::NANOS_PER_MS;
 use crate::config::{Across, Idempotency, NotStoredPolicy, TableFullPolicy};
 use crate::global::answer::CallError;
 use crate::idempotency::fleet::{claim_message, complete_message, read_claim};
@@ -24,17 +25,23 @@ use crate::state::Fingerprint;
 
 /// The longest key accepted; the draft sets no bound, UUIDs take 36.
 const MAX_KEY_LEN: usize = 255;
-const NANOS_PER_MS: u64 = 1_000_000;
 
 /// What a request holds of an idempotency key, from its admission to its end.
 #[derive(Debug)]
 pub(super) struct Claim {
     entry: usize,
-    key: Fingerprint,
+    key: KeyAt,
     owner: u64,
     response: Option<Capture>,
-    /// For a key kept by the rate limit service: its name there.
-    fleet_key: Option<String>,
+}
+
+/// Where a claimed key is kept.
+#[derive(Debug)]
+enum KeyAt {
+    /// This Envoy's shared data, under its fingerprint.
+    Here(Fingerprint),
+    /// The rate limit service, under its name there.
+    Service(String),
 }
 
 /// What admission does about a request's idempotency key.
@@ -107,7 +114,7 @@ impl Limiter {
         let found = ledger::update(env.store, &slot, |records: &Vec<Record>| {
             claim(records, key, request, owner, now, entry.in_flight_nanos)
         });
-        let claimed = Claim { entry: index, key, owner, response: None, fleet_key: None };
+        let claimed = Claim { entry: index, key: KeyAt::Here(key), owner, response: None };
         match found {
             Ok(found) => self.found(env, index, found, claimed),
             Err(LedgerError::Store(_) | LedgerError::Exhausted) => {
@@ -183,13 +190,8 @@ impl Limiter {
                 return unprotected_or_refused(entry.when_service_fails, &entry.header);
             }
         };
-        let claimed = Claim {
-            entry: asked.entry,
-            key: Fingerprint(0),
-            owner: asked.owner,
-            response: None,
-            fleet_key: Some(asked.key),
-        };
+        let claimed =
+            Claim { entry: asked.entry, key: KeyAt::Service(asked.key), owner: asked.owner, response: None };
         self.found(env, asked.entry, found, claimed)
     }
 
@@ -260,20 +262,22 @@ impl Limiter {
             Ending::Completed { stored, expires: now.saturating_add(entry.ttl_nanos) }
         };
         let released = ending == Ending::Released;
-        if let (Some(key), Some(service)) = (&claim.fleet_key, &self.config.global) {
-            let ttl_ms = entry.ttl_nanos / NANOS_PER_MS;
-            let message = complete_message(&service.domain, key, claim.owner, ending, ttl_ms);
-            self.background().push(Background::KeyComplete { entry: claim.entry, message });
-            if released {
-                env.observer.count(Metric::KeyReleased(claim.entry));
+        let result = match &claim.key {
+            KeyAt::Service(key) => {
+                let Some(service) = &self.config.global else { return };
+                let ttl_ms = entry.ttl_nanos / NANOS_PER_MS;
+                let message = complete_message(&service.domain, key, claim.owner, ending, ttl_ms);
+                // Its answer is the background call's: a failure is counted there.
+                self.background().push(Background::KeyComplete { entry: claim.entry, message });
+                Ok(())
             }
-            return;
-        }
-        let slot = slot_key(&self.config.key_prefix, &entry.name, entry.table_size, claim.key);
-        let result = ledger::update(env.store, &slot, |records: &Vec<_>| {
-            let next = finish(records, claim.key, claim.owner, now, ending.clone());
-            ((), next)
-        });
+            KeyAt::Here(key) => {
+                let slot = slot_key(&self.config.key_prefix, &entry.name, entry.table_size, *key);
+                ledger::update(env.store, &slot, |records: &Vec<_>| {
+                    ((), finish(records, *key, claim.owner, now, ending.clone()))
+                })
+            }
+        };
         match result {
             Ok(()) if released => env.observer.count(Metric::KeyReleased(claim.entry)),
             Ok(()) => {}

@@ -4,6 +4,7 @@
 
 use super::background::Background;
 use super::{Env, Limiter};
+use crate::algorithm::time::NANOS_PER_MS;
 use crate::config::Lease;
 use crate::global::answer::{read_answer, CallError, Grant};
 use crate::global::descriptors::prepare_charge;
@@ -18,7 +19,6 @@ use crate::state::ledger;
 use crate::state::store::SharedStore;
 use crate::state::Fingerprint;
 
-const NANOS_PER_MS: u64 = 1_000_000;
 /// How long past its timeout a call's claim on a key's refresh lasts, should its answer be lost.
 const CLAIM_MARGIN_NANOS: u64 = 1_000_000_000;
 
@@ -70,7 +70,13 @@ impl Limiter {
             }
             let Some(rule_key) = request_key(self.seed, rule, env.request) else { continue };
             let Ok(cost) = cost_of(rule, env.request) else { continue };
-            let key = rule_key.lease(limits_for(rule, env.request).plan_name());
+            // The checks the call would make (see `global::descriptors`): an unlimited plan is
+            // asked nothing, so it spends nothing either.
+            let chosen = limits_for(rule, env.request);
+            if chosen.unlimited() {
+                continue;
+            }
+            let key = rule_key.lease(chosen.plan_name());
             let slot = slot_key(&self.config.key_prefix, &rule.name, lease.table_size, key);
             let (now, below, claim) = (env.now(), u64::from(lease.refresh_below), self.claim_nanos());
             let spent = ledger::update(env.store, &slot, |records: &Vec<Record>| {

@@ -270,9 +270,7 @@ impl Limiter {
             }
             KeyStep::Answer(answer) => answer,
             KeyStep::Ask(claim) => {
-                let message = claim.message.clone();
-                exchange.awaiting = Some(Awaiting::Key { claim, consumed, turn });
-                return self.call(message, KEYS_SERVICE, CLAIM, Vec::new());
+                return self.ask(exchange, Awaiting::Key { claim, consumed, turn }, Vec::new());
             }
         };
         // Answered from its key, it never reaches the upstream: it holds nothing, and what its
@@ -447,29 +445,22 @@ impl Limiter {
         }
     }
 
+    /// The call a request waits for: the Rate Limit Service's `ShouldRateLimit` for its global
+    /// rules or the status, our `Keys/Claim` for an idempotency key kept by the service.
     fn ask(
         &self,
         exchange: &mut Exchange,
         mut awaiting: Awaiting,
         metadata: Vec<(&'static str, String)>,
     ) -> Next<'_> {
-        let message = match &mut awaiting {
-            Awaiting::Decision { call, .. } | Awaiting::Status(call) => std::mem::take(&mut call.message),
-            Awaiting::Key { claim, .. } => claim.message.clone(),
+        let Some(global) = &self.config.global else { return Next::Continue };
+        let (message, service, method) = match &mut awaiting {
+            Awaiting::Decision { call, .. } | Awaiting::Status(call) => {
+                (std::mem::take(&mut call.message), RLS_SERVICE, RLS_METHOD)
+            }
+            Awaiting::Key { claim, .. } => (std::mem::take(&mut claim.message), KEYS_SERVICE, CLAIM),
         };
         exchange.awaiting = Some(awaiting);
-        self.call(message, RLS_SERVICE, RLS_METHOD, metadata)
-    }
-
-    /// A call to the rate limit service's `service`/`method` the request waits for.
-    fn call(
-        &self,
-        message: Vec<u8>,
-        service: &'static str,
-        method: &'static str,
-        metadata: Vec<(&'static str, String)>,
-    ) -> Next<'_> {
-        let Some(global) = &self.config.global else { return Next::Continue };
         let target = &self.call_target;
         Next::Ask(Ask {
             cluster: &global.cluster,

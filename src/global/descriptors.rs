@@ -123,8 +123,8 @@ fn ask_about<'a>(
         Purpose::Status => 0,
     };
     let chosen = limits_for(rule, request);
-    if chosen.plan.is_some() && chosen.limits.is_empty() {
-        return Ok(None); // an unlimited plan
+    if chosen.unlimited() {
+        return Ok(None);
     }
     Ok(Some(Asked { rule, chosen, parts, hits }))
 }

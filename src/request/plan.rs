@@ -23,6 +23,11 @@ impl<'a> PlanLimits<'a> {
     pub fn plan_index(&self) -> Option<usize> {
         self.plan.map(|(index, _)| index)
     }
+
+    /// The request's plan is unlimited: no rule limits it (a global rule then asks nothing).
+    pub fn unlimited(&self) -> bool {
+        self.plan.is_some() && self.limits.is_empty()
+    }
 }
 
 /// The plan of the request (for a rule with plans) and the limits that apply to it.
