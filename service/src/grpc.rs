@@ -37,88 +37,12 @@ pub struct RlsServer {
     pub max_request_bytes: usize,
 }
 
-impl NamedService for RlsServer {
-    const NAME: &'static str = SERVICE_NAME;
-}
-
-impl<B> Service<http::Request<B>> for RlsServer
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != METHOD_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
-        }
-        let limiter = self.limiter.clone();
-        let max_bytes = self.max_request_bytes;
-        Box::pin(async move {
-            let codec = MessageCodec::new(limiter.metrics.clone(), max_bytes, count_rls_error);
-            Ok(tonic::server::Grpc::new(codec).unary(ShouldRateLimit(limiter), req).await)
-        })
-    }
-}
-
-fn count_rls_error(m: &Metrics) {
-    m.grpc_error("invalid_argument");
-}
-
-fn count_return_error(m: &Metrics) {
-    m.lease_return("invalid_argument");
-}
-
 /// `ratelimitwasm.lease.v1.Leases`: one method, `Return` (see `Limiter::give_back`).
 #[derive(Clone)]
 pub struct LeaseServer {
     pub limiter: Arc<Limiter>,
     /// As for `RlsServer`: a `Return` carries the grant's descriptors.
     pub max_request_bytes: usize,
-}
-
-impl NamedService for LeaseServer {
-    const NAME: &'static str = crate::lease::SERVICE_NAME;
-}
-
-impl<B> Service<http::Request<B>> for LeaseServer
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != crate::lease::RETURN_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
-        }
-        let limiter = self.limiter.clone();
-        let max_bytes = self.max_request_bytes;
-        Box::pin(async move {
-            let codec = MessageCodec::new(limiter.metrics.clone(), max_bytes, count_return_error);
-            Ok(tonic::server::Grpc::new(codec).unary(Return(limiter), req).await)
-        })
-    }
-}
-
-fn count_claim_error(m: &Metrics) {
-    m.idempotency_claim("invalid_argument");
-}
-
-fn count_complete_error(m: &Metrics) {
-    m.idempotency_completion("invalid_argument");
 }
 
 /// `ratelimitwasm.idempotency.v1.Keys`: `Claim` and `Complete` (see `idempotency`).
@@ -129,38 +53,109 @@ pub struct KeysServer {
     pub max_request_bytes: usize,
 }
 
-impl NamedService for KeysServer {
-    const NAME: &'static str = idempotency::SERVICE_NAME;
+/// The answer to one HTTP/2 request of a gRPC call.
+type Answer = BoxFuture<http::Response<tonic::body::Body>, Infallible>;
+
+/// Makes `$server` a tonic service named `$name`, each call answered by its `route` method.
+macro_rules! served_by_hand {
+    ($server:ty, $name:expr) => {
+        impl NamedService for $server {
+            const NAME: &'static str = $name;
+        }
+
+        impl<B> Service<http::Request<B>> for $server
+        where
+            B: Body + Send + 'static,
+            B::Error: Into<StdError> + Send + 'static,
+        {
+            type Response = http::Response<tonic::body::Body>;
+            type Error = Infallible;
+            type Future = Answer;
+
+            fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, req: http::Request<B>) -> Answer {
+                self.route(req)
+            }
+        }
+    };
 }
 
-impl<B> Service<http::Request<B>> for KeysServer
+served_by_hand!(RlsServer, SERVICE_NAME);
+served_by_hand!(LeaseServer, crate::lease::SERVICE_NAME);
+served_by_hand!(KeysServer, idempotency::SERVICE_NAME);
+
+impl RlsServer {
+    fn route<B: Body + Send + 'static>(&self, req: http::Request<B>) -> Answer
+    where
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        match req.uri().path() {
+            METHOD_PATH => {
+                let (metrics, max_bytes) = (self.limiter.metrics.clone(), self.max_request_bytes);
+                let codec = MessageCodec::new(metrics, max_bytes, |m| m.grpc_error("invalid_argument"));
+                unary(codec, ShouldRateLimit(self.limiter.clone()), req)
+            }
+            _ => unknown_method(),
+        }
+    }
+}
+
+impl LeaseServer {
+    fn route<B: Body + Send + 'static>(&self, req: http::Request<B>) -> Answer
+    where
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        match req.uri().path() {
+            crate::lease::RETURN_PATH => {
+                let (metrics, max_bytes) = (self.limiter.metrics.clone(), self.max_request_bytes);
+                let codec = MessageCodec::new(metrics, max_bytes, |m| m.lease_return("invalid_argument"));
+                unary(codec, Return(self.limiter.clone()), req)
+            }
+            _ => unknown_method(),
+        }
+    }
+}
+
+impl KeysServer {
+    fn route<B: Body + Send + 'static>(&self, req: http::Request<B>) -> Answer
+    where
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let (metrics, max_bytes) = (self.keys.metrics.clone(), self.max_request_bytes);
+        match req.uri().path() {
+            idempotency::CLAIM_PATH => {
+                let codec =
+                    MessageCodec::new(metrics, max_bytes, |m| m.idempotency_claim("invalid_argument"));
+                unary(codec, Claim(self.keys.clone()), req)
+            }
+            idempotency::COMPLETE_PATH => {
+                let codec =
+                    MessageCodec::new(metrics, max_bytes, |m| m.idempotency_completion("invalid_argument"));
+                unary(codec, Complete(self.keys.clone()), req)
+            }
+            _ => unknown_method(),
+        }
+    }
+}
+
+/// One unary call: `request` decoded by `codec`, answered by `service`.
+fn unary<E, D, S, B>(codec: MessageCodec<E, D>, service: S, request: http::Request<B>) -> Answer
 where
+    E: Message + Send + 'static,
+    D: Message + Default + Send + 'static,
+    S: UnaryService<D, Response = E> + Send + 'static,
+    S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+    Box::pin(async move { Ok(tonic::server::Grpc::new(codec).unary(service, request).await) })
+}
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let keys = self.keys.clone();
-        let max_bytes = self.max_request_bytes;
-        match req.uri().path() {
-            idempotency::CLAIM_PATH => Box::pin(async move {
-                let codec = MessageCodec::new(keys.metrics.clone(), max_bytes, count_claim_error);
-                Ok(tonic::server::Grpc::new(codec).unary(Claim(keys), req).await)
-            }),
-            idempotency::COMPLETE_PATH => Box::pin(async move {
-                let codec = MessageCodec::new(keys.metrics.clone(), max_bytes, count_complete_error);
-                Ok(tonic::server::Grpc::new(codec).unary(Complete(keys), req).await)
-            }),
-            _ => Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) }),
-        }
-    }
+fn unknown_method() -> Answer {
+    Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) })
 }
 
 struct Claim(Arc<Keys>);
