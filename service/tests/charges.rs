@@ -11,24 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::*;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
 use tonic::transport::Channel;
 
-const ALGORITHMS: [&str; 3] = ["fixed_window", "sliding_window", "token_bucket"];
 const CHARGE: (&str, &str) = ("x-ratelimit-wasm-charge", "1");
-
-async fn call_with(
-    c: &mut RateLimitServiceClient<Channel>,
-    domain: &str,
-    descriptors: Vec<RateLimitDescriptor>,
-    headers: &[(&'static str, &str)],
-) -> Result<RateLimitResponse, tonic::Status> {
-    let mut r = tonic::Request::new(RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 });
-    for (k, v) in headers {
-        r.metadata_mut().insert(*k, v.parse().unwrap());
-    }
-    c.should_rate_limit(r).await.map(|r| r.into_inner())
-}
 
 async fn charge(
     c: &mut RateLimitServiceClient<Channel>,
@@ -46,18 +32,6 @@ fn reset_ms(r: &RateLimitResponse, i: usize) -> i64 {
 fn ms_to_hour_end() -> i64 {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
     3_600_000 - now % 3_600_000
-}
-
-fn services(redis: &RedisServer, extra: &[&str]) -> Vec<(&'static str, Service)> {
-    let url = redis.url();
-    ALGORITHMS
-        .iter()
-        .map(|a| {
-            let mut args = vec!["--redis-url", &url, "--default-algorithm", a, "--redis-timeout-ms", "10000"];
-            args.extend_from_slice(extra);
-            (*a, Service::start(&args))
-        })
-        .collect()
 }
 
 /// Limit 10 an hour, a charge of 15: counted, answered OVER_LIMIT with nothing remaining, and an

@@ -115,13 +115,6 @@ fn response() -> StoredResponse {
     }
 }
 
-fn metric(svc: &Service, line_prefix: &str) -> u64 {
-    let (_, body) = svc.http_get("/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(line_prefix).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {line_prefix} in {body}"))
-}
-
 fn claims(svc: &Service, outcome: &str) -> u64 {
     metric(svc, &format!("ratelimit_service_idempotency_claims_total{{outcome=\"{outcome}\"}}"))
 }
@@ -136,10 +129,6 @@ fn exists(redis: &RedisServer, key: &str) -> bool {
 
 fn pttl(redis: &RedisServer, key: &str) -> i64 {
     redis::cmd("PTTL").arg(key).query(&mut redis.conn()).unwrap()
-}
-
-fn dbsize(redis: &RedisServer) -> i64 {
-    redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,31 +14,15 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::quota::ExpirationSpecifier;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Quota;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
 use ratelimit_service::grpc::MessageCodec;
 use ratelimit_service::lease::{ReturnRequest, ReturnResponse, RETURN_PATH};
 use ratelimit_service::metrics::Metrics;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 
-const ALGORITHMS: [&str; 3] = ["fixed_window", "sliding_window", "token_bucket"];
-
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
-/// A `ShouldRateLimit` call with the lease headers given (name, value).
-async fn call_with(
-    c: &mut RateLimitServiceClient<Channel>,
-    domain: &str,
-    descriptors: Vec<RateLimitDescriptor>,
-    headers: &[(&'static str, &str)],
-) -> Result<RateLimitResponse, tonic::Status> {
-    let mut r = tonic::Request::new(RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 });
-    for (k, v) in headers {
-        r.metadata_mut().insert(*k, v.parse().unwrap());
-    }
-    c.should_rate_limit(r).await.map(|r| r.into_inner())
 }
 
 /// A call asking for a lease of `k` units.
@@ -92,30 +76,6 @@ async fn give_back(
 
 fn lease_keys(redis: &RedisServer) -> Vec<String> {
     redis::cmd("KEYS").arg("*:lease:*").query(&mut redis.conn()).unwrap()
-}
-
-fn dbsize(redis: &RedisServer) -> i64 {
-    redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap()
-}
-
-fn metric(svc: &Service, line_prefix: &str) -> u64 {
-    let (_, body) = svc.http_get("/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(line_prefix).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {line_prefix} in {body}"))
-}
-
-/// One service per algorithm (the default algorithm applies to `limit` overrides).
-fn services(redis: &RedisServer, extra: &[&str]) -> Vec<(&'static str, Service)> {
-    let url = redis.url();
-    ALGORITHMS
-        .iter()
-        .map(|a| {
-            let mut args = vec!["--redis-url", &url, "--default-algorithm", a, "--redis-timeout-ms", "10000"];
-            args.extend_from_slice(extra);
-            (*a, Service::start(&args))
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -402,3 +402,46 @@ pub fn write_file(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// The service's algorithms, for tests that run once per algorithm.
+pub const ALGORITHMS: [&str; 3] = ["fixed_window", "sliding_window", "token_bucket"];
+
+/// One service per algorithm (the default algorithm applies to `limit` overrides).
+pub fn services(redis: &RedisServer, extra: &[&str]) -> Vec<(&'static str, Service)> {
+    let url = redis.url();
+    ALGORITHMS
+        .iter()
+        .map(|a| {
+            let mut args = vec!["--redis-url", &url, "--default-algorithm", a, "--redis-timeout-ms", "10000"];
+            args.extend_from_slice(extra);
+            (*a, Service::start(&args))
+        })
+        .collect()
+}
+
+/// A `ShouldRateLimit` call with request metadata `headers` (name, value).
+pub async fn call_with(
+    c: &mut RateLimitServiceClient<Channel>,
+    domain: &str,
+    descriptors: Vec<RateLimitDescriptor>,
+    headers: &[(&'static str, &str)],
+) -> Result<RateLimitResponse, tonic::Status> {
+    let mut r = tonic::Request::new(RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 });
+    for (k, v) in headers {
+        r.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    c.should_rate_limit(r).await.map(|r| r.into_inner())
+}
+
+/// The value of the `/metrics` line that starts with `line_prefix`.
+pub fn metric(svc: &Service, line_prefix: &str) -> u64 {
+    let (_, body) = svc.http_get("/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(line_prefix).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {line_prefix} in {body}"))
+}
+
+/// Keys in the Redis server.
+pub fn dbsize(redis: &RedisServer) -> i64 {
+    redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap()
+}
