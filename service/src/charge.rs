@@ -55,14 +55,7 @@ pub fn charge_asked(meta: &MetadataMap) -> Result<bool, ChargeHeaderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn meta(pairs: &[(&'static str, &str)]) -> MetadataMap {
-        let mut m = MetadataMap::new();
-        for (k, v) in pairs {
-            m.insert(*k, v.parse().unwrap());
-        }
-        m
-    }
+    use crate::lease::tests::meta;
 
     #[test]
     fn only_the_value_1_asks_for_a_charge() {

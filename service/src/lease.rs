@@ -128,10 +128,11 @@ pub struct ReturnResponse {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn meta(pairs: &[(&'static str, &str)]) -> MetadataMap {
+    /// Request metadata made of `pairs` (name, value), for the header parsers' tests.
+    pub(crate) fn meta(pairs: &[(&'static str, &str)]) -> MetadataMap {
         let mut m = MetadataMap::new();
         for (k, v) in pairs {
             m.insert(*k, v.parse().unwrap());
