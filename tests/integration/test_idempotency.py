@@ -80,28 +80,41 @@ def post(conn, key: str, path: str = "/payments", answer: int | None = None, api
     return do_request(conn, path, headers, method="POST")
 
 
+def duplicates_at_once(upstream, envoys, key: str, per_envoy: int) -> list:
+    """`per_envoy` POSTs with `key` on each Envoy, all at once, while the upstream holds every
+    request it gets: the duplicates are answered before the first can complete. Their responses."""
+    upstream.hold.clear()
+    refused = threading.Semaphore(0)
+    results: list = []
+    lock = threading.Lock()
+
+    def client(envoy):
+        def work(_i, conn):
+            r = post(conn, key)
+            if r.status == 409:
+                refused.release()
+            return [r]
+        got = run_parallel(per_envoy, work, envoy, timeout=60)
+        with lock:
+            results.extend(got)
+
+    runners = [threading.Thread(target=client, args=(e,)) for e in envoys]
+    for t in runners:
+        t.start()
+    try:
+        for _ in range(per_envoy * len(envoys) - 1):
+            assert refused.acquire(timeout=30), "fewer duplicates than sent were refused"
+    finally:
+        upstream.hold.set()
+        for t in runners:
+            t.join(timeout=60)
+    return results
+
+
 def test_a_hundred_duplicates_at_once_reach_the_upstream_exactly_once(envoy_factory, upstream, report):
     envoy = envoy_factory(config(), concurrency=2, external_upstream=upstream.port)
     key = fresh_key("pay")
-    upstream.hold.clear()
-    answered_409 = threading.Semaphore(0)
-
-    def client(_i, conn):
-        r = post(conn, key)
-        if r.status == 409:
-            answered_409.release()
-        return [r]
-
-    results: list = []
-    runner = threading.Thread(target=lambda: results.extend(run_parallel(100, client, envoy, timeout=60)))
-    runner.start()
-    try:
-        # The 99 duplicates are answered while the first is held at the upstream.
-        for _ in range(99):
-            assert answered_409.acquire(timeout=30), "fewer than 99 duplicates were refused"
-    finally:
-        upstream.hold.set()
-        runner.join(timeout=60)
+    results = duplicates_at_once(upstream, [envoy], key, 100)
     statuses = sorted(r.status for r in results)
     report(f"idempotency: 100 concurrent POSTs with one key on 2 workers: statuses {statuses.count(201)} x 201, "
            f"{statuses.count(409)} x 409; the upstream saw {upstream.count(key)}")
@@ -178,31 +191,7 @@ def test_keys_kept_by_the_service_hold_across_two_envoys(envoy_factory, upstream
     envoys = [envoy_factory(fleet_config(), concurrency=2, external_upstream=upstream.port,
                             rls_port=service.grpc_port) for _ in range(2)]
     key = fresh_key("fleet")
-    upstream.hold.clear()
-    refused = threading.Semaphore(0)
-    results: list = []
-    lock = threading.Lock()
-
-    def client(envoy):
-        def work(_i, conn):
-            r = post(conn, key)
-            if r.status == 409:
-                refused.release()
-            return [r]
-        got = run_parallel(50, work, envoy, timeout=60)
-        with lock:
-            results.extend(got)
-
-    runners = [threading.Thread(target=client, args=(e,)) for e in envoys]
-    for t in runners:
-        t.start()
-    try:
-        for _ in range(99):
-            assert refused.acquire(timeout=30), "fewer than 99 duplicates were refused"
-    finally:
-        upstream.hold.set()
-        for t in runners:
-            t.join(timeout=60)
+    results = duplicates_at_once(upstream, envoys, key, 50)
     statuses = sorted(r.status for r in results)
     report(f"idempotency across the fleet: 100 concurrent POSTs with one key, 50 on each of 2 Envoys (2 workers "
            f"each): {statuses.count(201)} x 201, {statuses.count(409)} x 409; the upstream saw {upstream.count(key)}")

@@ -24,6 +24,7 @@ import yaml
 import conftest
 from conftest import REPO, _pdeathsig, _stop, free_port, fresh_key, wait_for
 from processes import SERVICE_BIN, Redis, Service
+from test_global import stack  # noqa: F401 (fixture)
 
 MONITORING = REPO / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
@@ -263,18 +264,6 @@ def service_bin() -> Path:
     return SERVICE_BIN
 
 
-@pytest.fixture
-def processes():
-    """Starts processes and stops every one of them at the end, whatever happened."""
-    started = []
-
-    def add(proc):
-        started.append(proc)
-        return proc.start()
-
-    yield add
-    for proc in reversed(started):
-        proc.stop()
 
 
 def drive(envoy, key_prefix: str) -> None:
@@ -316,14 +305,14 @@ def drive(envoy, key_prefix: str) -> None:
              f"an idempotency key finding its slot full in {key_prefix}")
 
 
-def test_every_dashboard_query_returns_series_from_a_real_prometheus(envoy_factory, processes, service_bin,
+def test_every_dashboard_query_returns_series_from_a_real_prometheus(envoy_factory, stack, service_bin,
                                                                      tmp_path, monkeypatch, report):
     telemetry = yaml.safe_load(TELEMETRY.read_text())
     istio_cluster = istio_rls_cluster(telemetry)
-    redis = processes(Redis(tmp_path / "redis"))
+    redis = stack(Redis(tmp_path / "redis"))
     service = Service(tmp_path / "service", redis.url, "--redis-timeout-ms", "200")
     service.args[0] = str(service_bin)
-    processes(service)
+    stack(service)
 
     plain = envoy_factory(filter_config("mon", "ratelimit_service"), rls_port=service.grpc_port)
     with monkeypatch.context() as m:
@@ -332,7 +321,7 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(envoy_facto
 
     envoys = {"mon": plain, "mon-istio": istio}
     admin = lambda e: e.admin_url.removeprefix("http://")  # noqa: E731
-    prom = processes(Prometheus(
+    prom = stack(Prometheus(
         tmp_path / "prometheus",
         {"envoy": ("/stats/prometheus", [admin(plain), admin(istio)]),
          "ratelimit-service": ("/metrics", [f"127.0.0.1:{service.http_port}"])},
